@@ -1,0 +1,1 @@
+"""OpenCL (.cl) and CUDA (.cu) kernel sources, installed as package data."""

@@ -1,0 +1,28 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="sparkdl-hetero",
+    version="0.1.0",
+    description="Distributed deep learning on Apache Spark with accelerator offload (NumPy, OpenCL, CUDA)",
+    packages=find_packages(include=["sparkdl_hetero", "sparkdl_hetero.*"]) + ["sparkdl_hetero.kernels"],
+    # the OpenCL/CUDA sources live in the top-level kernels/ folder and install as sparkdl_hetero.kernels
+    package_dir={"sparkdl_hetero.kernels": "kernels"},
+    package_data={"sparkdl_hetero.kernels": ["*.cl", "*.cu"]},
+    python_requires=">=3.10",
+    install_requires=[
+        "numpy>=1.26",
+        "scipy>=1.11",
+        "pyspark>=4,<5",
+        "pandas<3",
+        "pyarrow>=15",
+        "tqdm>=4.60",
+        "threadpoolctl>=3.1",
+    ],
+    extras_require={
+        "opencl": ["pyopencl>=2024.1", "pyclblast>=1.4"],
+        "gpu": ["cupy-cuda12x>=13"],
+        "plot": ["matplotlib>=3.7"],
+        "onnx": ["onnx>=1.15", "onnxruntime>=1.17"],
+        "test": ["pytest>=8", "pytest-timeout>=2.2", "hypothesis>=6.90", "ruff>=0.5"],
+    },
+)

@@ -1,0 +1,144 @@
+"""The backend seam: every array operation the engine performs on activations, weights and gradients.
+
+A backend owns its arrays ("device arrays": NumPy arrays, CuPy arrays, pyopencl Arrays). The engine only
+creates them through the backend, slices/reshapes contiguous ones (``a[i:j]``, ``a.reshape(...)``,
+``a.shape``, ``a.dtype``) and passes them back to backend methods. Data crosses to the host only through
+:meth:`Backend.to_host`.
+
+Layout conventions:
+- matrices are row-major, one sample per row;
+- images are NHWC (``(n, h, w, c)``), contiguous;
+- ``im2col`` columns are ordered ``(kh, kw, c)``, rows ``(n, oh, ow)``.
+Backends know nothing of layers: these are plain tensor operations.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any
+
+import numpy as np
+
+Array = Any  # a backend-native array
+
+ACTIVATIONS = ("sigmoid", "tanh", "relu", "leaky_relu", "identity")
+
+
+class Backend(ABC):
+    """Array operations used by the engine. Subclasses implement them for one kind of device."""
+
+    name: str = "abstract"
+
+    # ---- memory --------------------------------------------------------------------------------------
+    @abstractmethod
+    def asarray(self, host: np.ndarray, dtype: Any = None) -> Array:
+        """Copy a host array to the device (contiguous), optionally converting its dtype."""
+
+    @abstractmethod
+    def to_host(self, a: Array) -> np.ndarray:
+        """Copy a device array to a new host NumPy array (never a view of the device array)."""
+
+    @abstractmethod
+    def zeros(self, shape: tuple[int, ...], dtype: Any) -> Array:
+        """A new zero-filled device array."""
+
+    @abstractmethod
+    def copy_into(self, dst: Array, src: Array | np.ndarray) -> None:
+        """Overwrite ``dst`` (a device array, possibly a view) with ``src`` (device or host), same size."""
+
+    @abstractmethod
+    def fill(self, a: Array, value: float) -> None:
+        """Set every element of ``a`` (possibly a view) to ``value``."""
+
+    # ---- linear algebra ------------------------------------------------------------------------------
+    @abstractmethod
+    def gemm(self, a: Array, b: Array, out: Array | None = None, trans_a: bool = False,
+             trans_b: bool = False, alpha: float = 1.0, beta: float = 0.0) -> Array:
+        """``out = alpha * op(a) @ op(b) + beta * out``; allocates ``out`` when None (then beta is ignored)."""
+
+    @abstractmethod
+    def add_row(self, y: Array, b: Array) -> None:
+        """In place: ``y[i, :] += b`` for every row i."""
+
+    @abstractmethod
+    def col_sum(self, x: Array, out: Array, alpha: float = 1.0, beta: float = 0.0) -> None:
+        """In place: ``out = alpha * x.sum(axis=0) + beta * out``."""
+
+    @abstractmethod
+    def axpy(self, y: Array, x: Array, alpha: float) -> None:
+        """In place: ``y += alpha * x``."""
+
+    @abstractmethod
+    def mul(self, a: Array, b: Array) -> Array:
+        """Element-wise product, a new array."""
+
+    @abstractmethod
+    def sum(self, a: Array) -> float:
+        """Sum of all elements, as a host float."""
+
+    # ---- activations and losses ----------------------------------------------------------------------
+    @abstractmethod
+    def activation(self, kind: str, x: Array, alpha: float = 0.01) -> Array:
+        """``f(x)`` for ``kind`` in :data:`ACTIVATIONS` (``alpha`` is the leaky-relu slope), a new array."""
+
+    @abstractmethod
+    def activation_backward(self, kind: str, y: Array, delta: Array, alpha: float = 0.01) -> Array:
+        """``delta * f'(x)`` computed from the forward output ``y = f(x)``, a new array."""
+
+    @abstractmethod
+    def softmax(self, z: Array) -> Array:
+        """Row-wise softmax, numerically stable."""
+
+    @abstractmethod
+    def softmax_xent(self, z: Array, target: Array, scale: float) -> tuple[float, Array]:
+        """Softmax + cross-entropy on logits ``z`` against row targets (one-hot or soft).
+
+        Returns ``(sum over rows of -sum(t * log softmax(z)), (softmax(z) - t) * scale)``; finite even
+        when a probability underflows (computed through log-softmax).
+        """
+
+    @abstractmethod
+    def sigmoid_sq(self, z: Array, target: Array, scale: float) -> tuple[float, Array]:
+        """Sigmoid + squared error: ``o = sigmoid(z)``; returns ``(sum((o - t)^2) / 2,
+        (o - t) * o * (1 - o) * scale)``."""
+
+    # ---- convolution and pooling (NHWC) --------------------------------------------------------------
+    @abstractmethod
+    def im2col(self, x: Array, kh: int, kw: int, stride: int, pad: int) -> Array:
+        """``x`` (n, h, w, c) -> columns (n*oh*ow, kh*kw*c), zero padding ``pad`` on each side."""
+
+    @abstractmethod
+    def col2im(self, cols: Array, x_shape: tuple[int, int, int, int], kh: int, kw: int, stride: int,
+               pad: int) -> Array:
+        """Adjoint of :meth:`im2col`: scatter-add columns back to an (n, h, w, c) array."""
+
+    @abstractmethod
+    def maxpool(self, x: Array, k: int, stride: int) -> tuple[Array, Array]:
+        """Max pooling of (n, h, w, c), floor mode, no padding -> (output, argmax index within window)."""
+
+    @abstractmethod
+    def maxpool_backward(self, dy: Array, idx: Array, x_shape: tuple[int, int, int, int], k: int,
+                         stride: int) -> Array:
+        """Route ``dy`` to the argmax positions; overlapping windows accumulate."""
+
+    @abstractmethod
+    def avgpool(self, x: Array, k: int, stride: int) -> Array:
+        """Average pooling of (n, h, w, c), floor mode, no padding."""
+
+    @abstractmethod
+    def avgpool_backward(self, dy: Array, x_shape: tuple[int, int, int, int], k: int, stride: int) -> Array:
+        """Spread ``dy / k^2`` over each window; overlapping windows accumulate."""
+
+    @abstractmethod
+    def dropout_mask(self, shape: tuple[int, ...], keep: float, rng: np.random.Generator, dtype: Any) -> Array:
+        """A mask of ``1/keep`` (kept, probability ``keep``) and ``0`` values, drawn from ``rng``."""
+
+    # ---- helpers shared by every backend -------------------------------------------------------------
+    def describe(self) -> str:
+        """One line naming the backend and its device, for job logs."""
+        return self.name
+
+
+def pool_out(size: int, k: int, stride: int, pad: int = 0) -> int:
+    """Output length of a window of ``k`` sliding by ``stride`` over ``size`` (+ ``pad`` on each side)."""
+    return (size + 2 * pad - k) // stride + 1

@@ -1,0 +1,223 @@
+"""The reference backend: array-module code written once for NumPy (and reused by CuPy with ``xp=cupy``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from .base import Array, Backend, pool_out
+
+
+class ArrayModuleBackend(Backend):
+    """Implements every op with a NumPy-compatible array module ``xp``."""
+
+    def __init__(self, xp: Any = np) -> None:
+        self.xp = xp
+
+    # ---- memory --------------------------------------------------------------------------------------
+    def asarray(self, host: np.ndarray, dtype: Any = None) -> Array:
+        return self.xp.ascontiguousarray(self.xp.asarray(host, dtype=dtype))
+
+    def to_host(self, a: Array) -> np.ndarray:
+        return np.array(a, copy=True)  # never alias the device array
+
+    def zeros(self, shape: tuple[int, ...], dtype: Any) -> Array:
+        return self.xp.zeros(shape, dtype=dtype)
+
+    def copy_into(self, dst: Array, src: Array | np.ndarray) -> None:
+        dst[...] = self.xp.asarray(src).reshape(dst.shape)
+
+    def fill(self, a: Array, value: float) -> None:
+        a.fill(value)
+
+    # ---- linear algebra ------------------------------------------------------------------------------
+    def gemm(self, a: Array, b: Array, out: Array | None = None, trans_a: bool = False,
+             trans_b: bool = False, alpha: float = 1.0, beta: float = 0.0) -> Array:
+        opa = a.T if trans_a else a
+        opb = b.T if trans_b else b
+        if out is None:
+            r = opa @ opb
+            if alpha != 1.0:
+                r *= alpha
+            return r
+        if beta == 0.0 and alpha == 1.0:
+            self.xp.matmul(opa, opb, out=out)
+            return out
+        r = opa @ opb
+        if alpha != 1.0:
+            r *= alpha
+        if beta == 0.0:
+            out[...] = r
+        else:
+            if beta != 1.0:
+                out *= beta
+            out += r
+        return out
+
+    def add_row(self, y: Array, b: Array) -> None:
+        y += b
+
+    def col_sum(self, x: Array, out: Array, alpha: float = 1.0, beta: float = 0.0) -> None:
+        s = x.sum(axis=0)
+        if alpha != 1.0:
+            s *= alpha
+        if beta == 0.0:
+            out[...] = s
+        else:
+            if beta != 1.0:
+                out *= beta
+            out += s
+
+    def axpy(self, y: Array, x: Array, alpha: float) -> None:
+        if alpha == 1.0:
+            y += x
+        else:
+            y += alpha * x
+
+    def mul(self, a: Array, b: Array) -> Array:
+        return a * b
+
+    def sum(self, a: Array) -> float:
+        return float(a.sum(dtype=self.xp.float64))
+
+    # ---- activations and losses ----------------------------------------------------------------------
+    def _sigmoid(self, x: Array) -> Array:
+        xp = self.xp
+        # exp of a non-positive number never overflows
+        e = xp.exp(-xp.abs(x))
+        return xp.where(x >= 0, 1.0 / (1.0 + e), e / (1.0 + e)).astype(x.dtype, copy=False)
+
+    def activation(self, kind: str, x: Array, alpha: float = 0.01) -> Array:
+        xp = self.xp
+        if kind == "sigmoid":
+            return self._sigmoid(x)
+        if kind == "tanh":
+            return xp.tanh(x)
+        if kind == "relu":
+            return xp.maximum(x, 0)
+        if kind == "leaky_relu":
+            return xp.where(x > 0, x, x * x.dtype.type(alpha))
+        if kind == "identity":
+            return x.copy()
+        raise ValueError(f"unknown activation {kind!r}")
+
+    def activation_backward(self, kind: str, y: Array, delta: Array, alpha: float = 0.01) -> Array:
+        xp = self.xp
+        if kind == "sigmoid":
+            return delta * y * (1 - y)
+        if kind == "tanh":
+            return delta * (1 - y * y)
+        if kind == "relu":
+            return delta * (y > 0)
+        if kind == "leaky_relu":
+            return xp.where(y > 0, delta, delta * delta.dtype.type(alpha))
+        if kind == "identity":
+            return delta.copy()
+        raise ValueError(f"unknown activation {kind!r}")
+
+    def _log_softmax(self, z: Array) -> Array:
+        xp = self.xp
+        s = z - z.max(axis=1, keepdims=True)
+        return s - xp.log(xp.exp(s).sum(axis=1, keepdims=True))
+
+    def softmax(self, z: Array) -> Array:
+        return self.xp.exp(self._log_softmax(z))
+
+    def softmax_xent(self, z: Array, target: Array, scale: float) -> tuple[float, Array]:
+        logp = self._log_softmax(z)
+        loss = -float((target * logp).sum(dtype=self.xp.float64))
+        delta = self.xp.exp(logp)
+        delta -= target
+        delta *= delta.dtype.type(scale)
+        return loss, delta
+
+    def sigmoid_sq(self, z: Array, target: Array, scale: float) -> tuple[float, Array]:
+        o = self._sigmoid(z)
+        err = o - target
+        loss = 0.5 * float((err * err).sum(dtype=self.xp.float64))
+        return loss, err * o * (1 - o) * z.dtype.type(scale)
+
+    # ---- convolution and pooling (NHWC) --------------------------------------------------------------
+    def _pad(self, x: Array, pad: int) -> Array:
+        if pad == 0:
+            return x
+        return self.xp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+
+    def im2col(self, x: Array, kh: int, kw: int, stride: int, pad: int) -> Array:
+        xp = self.xp
+        n, h, w, c = x.shape
+        oh, ow = pool_out(h, kh, stride, pad), pool_out(w, kw, stride, pad)
+        xp_ = xp.ascontiguousarray(self._pad(x, pad))
+        sn, sh, sw, sc = xp_.strides
+        win = xp.lib.stride_tricks.as_strided(
+            xp_, shape=(n, oh, ow, kh, kw, c), strides=(sn, sh * stride, sw * stride, sh, sw, sc))
+        return win.reshape(n * oh * ow, kh * kw * c)
+
+    def col2im(self, cols: Array, x_shape: tuple[int, int, int, int], kh: int, kw: int, stride: int,
+               pad: int) -> Array:
+        n, h, w, c = x_shape
+        oh, ow = pool_out(h, kh, stride, pad), pool_out(w, kw, stride, pad)
+        out = self.xp.zeros((n, h + 2 * pad, w + 2 * pad, c), dtype=cols.dtype)
+        c6 = cols.reshape(n, oh, ow, kh, kw, c)
+        for i in range(kh):
+            for j in range(kw):
+                out[:, i:i + stride * oh:stride, j:j + stride * ow:stride, :] += c6[:, :, :, i, j, :]
+        if pad:
+            out = out[:, pad:pad + h, pad:pad + w, :]
+        return self.xp.ascontiguousarray(out)
+
+    @staticmethod
+    def _window(a: Array, i: int, j: int, oh: int, ow: int, stride: int) -> Array:
+        return a[:, i:i + stride * (oh - 1) + 1:stride, j:j + stride * (ow - 1) + 1:stride, :]
+
+    def maxpool(self, x: Array, k: int, stride: int) -> tuple[Array, Array]:
+        xp = self.xp
+        n, h, w, c = x.shape
+        oh, ow = pool_out(h, k, stride), pool_out(w, k, stride)
+        y = self._window(x, 0, 0, oh, ow, stride).copy()
+        idx = xp.zeros(y.shape, dtype=xp.int8 if k * k < 128 else xp.int32)
+        for p in range(1, k * k):
+            v = self._window(x, p // k, p % k, oh, ow, stride)
+            better = v > y
+            y[better] = v[better]
+            idx[better] = p
+        return y, idx
+
+    def maxpool_backward(self, dy: Array, idx: Array, x_shape: tuple[int, int, int, int], k: int,
+                         stride: int) -> Array:
+        dx = self.xp.zeros(x_shape, dtype=dy.dtype)
+        oh, ow = dy.shape[1], dy.shape[2]
+        for p in range(k * k):
+            self._window(dx, p // k, p % k, oh, ow, stride)[...] += dy * (idx == p)
+        return dx
+
+    def avgpool(self, x: Array, k: int, stride: int) -> Array:
+        n, h, w, c = x.shape
+        oh, ow = pool_out(h, k, stride), pool_out(w, k, stride)
+        y = self._window(x, 0, 0, oh, ow, stride).copy()
+        for p in range(1, k * k):
+            y += self._window(x, p // k, p % k, oh, ow, stride)
+        y *= y.dtype.type(1.0 / (k * k))
+        return y
+
+    def avgpool_backward(self, dy: Array, x_shape: tuple[int, int, int, int], k: int, stride: int) -> Array:
+        dx = self.xp.zeros(x_shape, dtype=dy.dtype)
+        g = dy * dy.dtype.type(1.0 / (k * k))
+        oh, ow = dy.shape[1], dy.shape[2]
+        for p in range(k * k):
+            self._window(dx, p // k, p % k, oh, ow, stride)[...] += g
+        return dx
+
+    def dropout_mask(self, shape: tuple[int, ...], keep: float, rng: np.random.Generator, dtype: Any) -> Array:
+        m = (rng.random(shape) < keep).astype(dtype) * np.asarray(1.0 / keep, dtype=dtype)
+        return self.xp.asarray(m)
+
+
+class NumpyBackend(ArrayModuleBackend):
+    """Plain NumPy on the host CPU (the default)."""
+
+    name = "numpy"
+
+    def __init__(self) -> None:
+        super().__init__(np)

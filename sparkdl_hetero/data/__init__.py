@@ -1,0 +1,1 @@
+"""Dataset readers: IDX (MNIST, Fashion-MNIST) and libsvm text, returning NumPy arrays."""

@@ -1,0 +1,1 @@
+"""Distributed training modes: treeAggregate (driver-side optimizer) and barrier (all-reduce between tasks)."""

@@ -1,0 +1,1 @@
+"""The Spark ML API: DeepClassifier and DeepClassificationModel."""

@@ -1,0 +1,400 @@
+"""Layers (configuration) and layer models (computation over views of one flat weight vector).
+
+As in Spark ML's ``ml.ann``: a :class:`Layer` is stateless configuration -- how many weights it needs, its
+output shape, how its weights are initialized; :meth:`Layer.create_model` binds it to *views* of the model's
+flat weight and gradient vectors and returns a :class:`LayerModel` that runs forward and backward through
+a :class:`~sparkdl_hetero.backends.Backend`. Shapes exclude the batch axis; images are ``(h, w, c)``.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+import numpy as np
+
+from ..backends.base import ACTIVATIONS, Array, Backend, pool_out
+
+Shape = tuple[int, ...]
+
+
+class SpecError(ValueError):
+    """A layer or topology specification that cannot be built."""
+
+
+class LayerModel(ABC):
+    """A layer bound to its weight and gradient views; caches what backward needs from forward."""
+
+    @abstractmethod
+    def forward(self, x: Array, training: bool) -> Array:
+        """The layer's output for a batch ``x``."""
+
+    @abstractmethod
+    def backward(self, dy: Array, need_dx: bool) -> Array | None:
+        """Accumulate this layer's weight gradient for output delta ``dy``; return the input delta."""
+
+
+class Layer(ABC):
+    """Configuration of one layer."""
+
+    def weight_size(self, in_shape: Shape) -> int:
+        return 0
+
+    @abstractmethod
+    def out_shape(self, in_shape: Shape) -> Shape:
+        """Output shape for ``in_shape``; raises :class:`SpecError` when the input does not fit."""
+
+    def init_weights(self, in_shape: Shape, rng: np.random.Generator) -> np.ndarray:
+        return np.zeros(0)
+
+    @abstractmethod
+    def create_model(self, in_shape: Shape, weights: Array, grad: Array, backend: Backend,
+                     rng: np.random.Generator) -> LayerModel:
+        """Bind to the views ``weights`` and ``grad`` (each of :meth:`weight_size` elements); ``rng`` serves
+        layers that draw random numbers while training."""
+
+    @abstractmethod
+    def spec(self) -> str:
+        """The layer in spec-string form (``affine(10)``, ``conv(6,5,stride=1,pad=2)``...)."""
+
+
+def _spark_uniform(size: int, fan_in: int, rng: np.random.Generator) -> np.ndarray:
+    """Spark's initialization: uniform in [-2.4/sqrt(fan_in), 2.4/sqrt(fan_in)]."""
+    return (rng.random(size) * 4.8 - 2.4) / math.sqrt(fan_in)
+
+
+def _flat_size(layer: Layer, in_shape: Shape) -> int:
+    if len(in_shape) != 1:
+        raise SpecError(f"{layer.spec()} needs a flat input but gets shape {in_shape}; add 'flatten' before it")
+    return in_shape[0]
+
+
+# ---- affine -----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Affine(Layer):
+    """``y = W x + b``; in the flat vector W (num_out x num_in) is column-major, then b -- Spark's layout."""
+
+    num_out: int
+
+    def __post_init__(self) -> None:
+        if self.num_out < 1:
+            raise SpecError(f"affine({self.num_out}): the output size must be >= 1")
+
+    def weight_size(self, in_shape: Shape) -> int:
+        return (_flat_size(self, in_shape) + 1) * self.num_out
+
+    def out_shape(self, in_shape: Shape) -> Shape:
+        _flat_size(self, in_shape)
+        return (self.num_out,)
+
+    def init_weights(self, in_shape: Shape, rng: np.random.Generator) -> np.ndarray:
+        return _spark_uniform(self.weight_size(in_shape), in_shape[0], rng)
+
+    def create_model(self, in_shape: Shape, weights: Array, grad: Array, backend: Backend,
+                     rng: np.random.Generator) -> LayerModel:
+        n_in = in_shape[0]
+        k = n_in * self.num_out
+        # column-major (num_out x num_in) read row-major is W transposed: (num_in x num_out)
+        return _AffineModel(backend, weights[:k].reshape(n_in, self.num_out), weights[k:],
+                            grad[:k].reshape(n_in, self.num_out), grad[k:])
+
+    def spec(self) -> str:
+        return f"affine({self.num_out})"
+
+
+class _AffineModel(LayerModel):
+    def __init__(self, be: Backend, wt: Array, b: Array, gwt: Array, gb: Array) -> None:
+        self.be, self.wt, self.b, self.gwt, self.gb = be, wt, b, gwt, gb
+        self.x: Array = None
+
+    def forward(self, x: Array, training: bool) -> Array:
+        self.x = x
+        y = self.be.gemm(x, self.wt)
+        self.be.add_row(y, self.b)
+        return y
+
+    def backward(self, dy: Array, need_dx: bool) -> Array | None:
+        self.be.gemm(self.x, dy, out=self.gwt, trans_a=True, beta=1.0)
+        self.be.col_sum(dy, self.gb, beta=1.0)
+        return self.be.gemm(dy, self.wt, trans_b=True) if need_dx else None
+
+
+# ---- element-wise functions -------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Functional(Layer):
+    """``y = f(x)`` element-wise: sigmoid, tanh, relu, leaky_relu (slope ``alpha``), identity."""
+
+    kind: str
+    alpha: float = 0.01
+
+    def __post_init__(self) -> None:
+        if self.kind not in ACTIVATIONS:
+            raise SpecError(f"unknown activation {self.kind!r}; expected one of {', '.join(ACTIVATIONS)}")
+
+    def out_shape(self, in_shape: Shape) -> Shape:
+        return in_shape
+
+    def create_model(self, in_shape: Shape, weights: Array, grad: Array, backend: Backend,
+                     rng: np.random.Generator) -> LayerModel:
+        return _FunctionalModel(backend, self.kind, self.alpha)
+
+    def spec(self) -> str:
+        return f"leaky_relu({self.alpha})" if self.kind == "leaky_relu" else self.kind
+
+
+class _FunctionalModel(LayerModel):
+    def __init__(self, be: Backend, kind: str, alpha: float) -> None:
+        self.be, self.kind, self.alpha = be, kind, alpha
+        self.y: Array = None
+
+    def forward(self, x: Array, training: bool) -> Array:
+        self.y = self.be.activation(self.kind, x, self.alpha)
+        return self.y
+
+    def backward(self, dy: Array, need_dx: bool) -> Array | None:
+        return self.be.activation_backward(self.kind, self.y, dy, self.alpha) if need_dx else None
+
+
+# ---- convolution ------------------------------------------------------------------------------------------
+def _image(layer: Layer, in_shape: Shape) -> tuple[int, int, int]:
+    if len(in_shape) != 3:
+        raise SpecError(f"{layer.spec()} needs an image input (channels, height, width) but gets shape "
+                        f"{in_shape}")
+    return in_shape  # type: ignore[return-value]
+
+
+def _window_out(layer: Layer, in_shape: Shape, k: int, stride: int, pad: int) -> tuple[int, int, int, int]:
+    h, w, c = _image(layer, in_shape)
+    oh, ow = pool_out(h, k, stride, pad), pool_out(w, k, stride, pad)
+    if oh < 1 or ow < 1:
+        raise SpecError(f"{layer.spec()}: a {k}x{k} window does not fit an input of {h}x{w} "
+                        f"(channels {c}) with padding {pad}")
+    return h, w, oh, ow
+
+
+@dataclass(frozen=True)
+class Conv2D(Layer):
+    """2-D convolution, square kernel; weights (kh, kw, c_in, filters) row-major, then the bias."""
+
+    filters: int
+    kernel: int
+    stride: int = 1
+    pad: int = 0
+
+    def __post_init__(self) -> None:
+        if self.filters < 1 or self.kernel < 1 or self.stride < 1 or self.pad < 0:
+            raise SpecError(f"{self.spec()}: filters, kernel and stride must be >= 1 and pad >= 0")
+
+    def weight_size(self, in_shape: Shape) -> int:
+        c = _image(self, in_shape)[2]
+        return (self.kernel * self.kernel * c + 1) * self.filters
+
+    def out_shape(self, in_shape: Shape) -> Shape:
+        _, _, oh, ow = _window_out(self, in_shape, self.kernel, self.stride, self.pad)
+        return (oh, ow, self.filters)
+
+    def init_weights(self, in_shape: Shape, rng: np.random.Generator) -> np.ndarray:
+        return _spark_uniform(self.weight_size(in_shape), self.kernel * self.kernel * in_shape[2], rng)
+
+    def create_model(self, in_shape: Shape, weights: Array, grad: Array, backend: Backend,
+                     rng: np.random.Generator) -> LayerModel:
+        k = self.kernel * self.kernel * in_shape[2] * self.filters
+        shape = (k // self.filters, self.filters)
+        return _ConvModel(self, backend, self.out_shape(in_shape), weights[:k].reshape(shape), weights[k:],
+                          grad[:k].reshape(shape), grad[k:])
+
+    def spec(self) -> str:
+        return f"conv({self.filters},{self.kernel},stride={self.stride},pad={self.pad})"
+
+
+class _ConvModel(LayerModel):
+    def __init__(self, cfg: Conv2D, be: Backend, out_shape: Shape, w: Array, b: Array, gw: Array,
+                 gb: Array) -> None:
+        self.cfg, self.be, self.out, self.w, self.b, self.gw, self.gb = cfg, be, out_shape, w, b, gw, gb
+        self.cols: Array = None
+        self.x_shape: tuple[int, int, int, int] = (0, 0, 0, 0)
+
+    def forward(self, x: Array, training: bool) -> Array:
+        c = self.cfg
+        self.x_shape = tuple(x.shape)
+        self.cols = self.be.im2col(x, c.kernel, c.kernel, c.stride, c.pad)
+        y = self.be.gemm(self.cols, self.w)
+        self.be.add_row(y, self.b)
+        return y.reshape((x.shape[0],) + self.out)
+
+    def backward(self, dy: Array, need_dx: bool) -> Array | None:
+        c = self.cfg
+        dy2 = dy.reshape(dy.shape[0] * self.out[0] * self.out[1], c.filters)
+        self.be.gemm(self.cols, dy2, out=self.gw, trans_a=True, beta=1.0)
+        self.be.col_sum(dy2, self.gb, beta=1.0)
+        if not need_dx:
+            return None
+        dcols = self.be.gemm(dy2, self.w, trans_b=True)
+        return self.be.col2im(dcols, self.x_shape, c.kernel, c.kernel, c.stride, c.pad)
+
+
+# ---- pooling, flatten, dropout ----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Pool2D(Layer):
+    """Max or average pooling over ``size`` x ``size`` windows (stride defaults to the size), no padding."""
+
+    size: int
+    stride: int = 0
+    mode: str = "max"
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("max", "avg"):
+            raise SpecError(f"unknown pooling {self.mode!r}; expected 'max' or 'avg'")
+        if self.size < 1 or self.stride < 0:
+            raise SpecError(f"{self.spec()}: the window must be >= 1 and the stride >= 1")
+
+    @property
+    def step(self) -> int:
+        return self.stride or self.size
+
+    def out_shape(self, in_shape: Shape) -> Shape:
+        _, _, oh, ow = _window_out(self, in_shape, self.size, self.step, 0)
+        return (oh, ow, in_shape[2])
+
+    def create_model(self, in_shape: Shape, weights: Array, grad: Array, backend: Backend,
+                     rng: np.random.Generator) -> LayerModel:
+        return _PoolModel(self, backend)
+
+    def spec(self) -> str:
+        return f"{self.mode}pool({self.size},stride={self.step})"
+
+
+class _PoolModel(LayerModel):
+    def __init__(self, cfg: Pool2D, be: Backend) -> None:
+        self.cfg, self.be = cfg, be
+        self.idx: Array = None
+        self.x_shape: tuple[int, int, int, int] = (0, 0, 0, 0)
+
+    def forward(self, x: Array, training: bool) -> Array:
+        self.x_shape = tuple(x.shape)
+        if self.cfg.mode == "avg":
+            return self.be.avgpool(x, self.cfg.size, self.cfg.step)
+        y, self.idx = self.be.maxpool(x, self.cfg.size, self.cfg.step)
+        return y
+
+    def backward(self, dy: Array, need_dx: bool) -> Array | None:
+        if not need_dx:
+            return None
+        if self.cfg.mode == "avg":
+            return self.be.avgpool_backward(dy, self.x_shape, self.cfg.size, self.cfg.step)
+        return self.be.maxpool_backward(dy, self.idx, self.x_shape, self.cfg.size, self.cfg.step)
+
+
+@dataclass(frozen=True)
+class Flatten(Layer):
+    """An image (h, w, c) as one vector, in (h, w, c) order."""
+
+    def out_shape(self, in_shape: Shape) -> Shape:
+        return (int(np.prod(in_shape)),)
+
+    def create_model(self, in_shape: Shape, weights: Array, grad: Array, backend: Backend,
+                     rng: np.random.Generator) -> LayerModel:
+        return _ReshapeModel(in_shape)
+
+    def spec(self) -> str:
+        return "flatten"
+
+
+class _ReshapeModel(LayerModel):
+    def __init__(self, in_shape: Shape) -> None:
+        self.in_shape = in_shape
+
+    def forward(self, x: Array, training: bool) -> Array:
+        return x.reshape(x.shape[0], -1)
+
+    def backward(self, dy: Array, need_dx: bool) -> Array | None:
+        return dy.reshape((dy.shape[0],) + self.in_shape) if need_dx else None
+
+
+@dataclass(frozen=True)
+class Dropout(Layer):
+    """Zeroes each input with probability ``rate`` while training (inverted dropout); identity otherwise."""
+
+    rate: float
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.rate < 1.0:
+            raise SpecError(f"dropout({self.rate}): the rate must be in [0, 1)")
+
+    def out_shape(self, in_shape: Shape) -> Shape:
+        return in_shape
+
+    def create_model(self, in_shape: Shape, weights: Array, grad: Array, backend: Backend,
+                     rng: np.random.Generator) -> LayerModel:
+        return _DropoutModel(self.rate, backend, rng)
+
+    def spec(self) -> str:
+        return f"dropout({self.rate})"
+
+
+class _DropoutModel(LayerModel):
+    def __init__(self, rate: float, be: Backend, rng: np.random.Generator) -> None:
+        self.rate, self.be, self.rng = rate, be, rng
+        self.mask: Array = None
+
+    def forward(self, x: Array, training: bool) -> Array:
+        if not training or self.rate == 0.0:
+            self.mask = None
+            return x
+        self.mask = self.be.dropout_mask(tuple(x.shape), 1.0 - self.rate, self.rng, x.dtype)
+        return self.be.mul(x, self.mask)
+
+    def backward(self, dy: Array, need_dx: bool) -> Array | None:
+        if not need_dx:
+            return None
+        return dy if self.mask is None else self.be.mul(dy, self.mask)
+
+
+# ---- losses -----------------------------------------------------------------------------------------------
+class LossLayer(Layer):
+    """The top layer: turns the last output into predictions and (loss, delta) against targets."""
+
+    def out_shape(self, in_shape: Shape) -> Shape:
+        _flat_size(self, in_shape)
+        return in_shape
+
+    def create_model(self, in_shape: Shape, weights: Array, grad: Array, backend: Backend,
+                     rng: np.random.Generator) -> LayerModel:
+        raise SpecError(f"{self.spec()} is a loss layer; the model applies it through loss()")
+
+    @abstractmethod
+    def output(self, be: Backend, z: Array) -> Array:
+        """Predictions (probabilities) from the last layer's output ``z``."""
+
+    @abstractmethod
+    def loss(self, be: Backend, z: Array, target: Array, scale: float) -> tuple[float, Array]:
+        """(summed loss, delta w.r.t. ``z`` multiplied by ``scale``)."""
+
+
+@dataclass(frozen=True)
+class SoftmaxCrossEntropy(LossLayer):
+    """Softmax on top, cross-entropy loss (Spark's ``softmaxOnTop=true``)."""
+
+    def output(self, be: Backend, z: Array) -> Array:
+        return be.softmax(z)
+
+    def loss(self, be: Backend, z: Array, target: Array, scale: float) -> tuple[float, Array]:
+        return be.softmax_xent(z, target, scale)
+
+    def spec(self) -> str:
+        return "softmax"
+
+
+@dataclass(frozen=True)
+class SigmoidSquaredError(LossLayer):
+    """Sigmoid on top, squared error loss (Spark's ``softmaxOnTop=false``)."""
+
+    def output(self, be: Backend, z: Array) -> Array:
+        return be.activation("sigmoid", z)
+
+    def loss(self, be: Backend, z: Array, target: Array, scale: float) -> tuple[float, Array]:
+        return be.sigmoid_sq(z, target, scale)
+
+    def spec(self) -> str:
+        return "sigmoid_mse"
+

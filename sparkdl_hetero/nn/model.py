@@ -1,0 +1,149 @@
+"""FeedForwardModel: one flat weight vector, one flat gradient vector, forward and backward over a topology."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from ..backends import Backend, get_backend
+from ..backends.base import Array
+from .topology import FeedForwardTopology
+
+
+def one_hot(labels: np.ndarray, num_classes: int, dtype: Any = np.float32) -> np.ndarray:
+    """Rows of zeros with a one at each label; labels must be integers in [0, num_classes)."""
+    labels = np.asarray(labels)
+    idx = labels.astype(np.int64)
+    if labels.ndim != 1 or np.any(idx != labels) or (idx.size and (idx.min() < 0 or idx.max() >= num_classes)):
+        bad = labels[(idx != labels) | (idx < 0) | (idx >= num_classes)] if labels.ndim == 1 else labels
+        raise ValueError(f"labels must be integers in [0, {num_classes}); got {bad.ravel()[:5].tolist()}")
+    out = np.zeros((idx.size, num_classes), dtype=dtype)
+    out[np.arange(idx.size), idx] = 1
+    return out
+
+
+class FeedForwardModel:
+    """A topology bound to weights on a backend.
+
+    ``weights`` and ``gradient`` are flat device vectors; every layer model holds views into them, so a
+    whole-model update is one vector operation and nothing is copied per layer.
+    """
+
+    def __init__(self, topology: FeedForwardTopology, weights: np.ndarray | None = None, *,
+                 seed: int | None = None, dtype: Any = np.float32, backend: str | Backend = "numpy") -> None:
+        self.topology = topology
+        self.dtype = np.dtype(dtype)
+        self.backend = get_backend(backend)
+        self.rng = np.random.default_rng(seed)
+        n = topology.num_weights
+        if weights is None:
+            weights = self.initial_weights(topology, self.rng)
+        weights = np.asarray(weights)
+        if weights.shape != (n,):
+            raise ValueError(f"weights must be a vector of {n} values for {topology.spec!r}, "
+                             f"got shape {weights.shape}")
+        be = self.backend
+        self.weights: Array = be.asarray(weights, dtype=self.dtype)
+        self.gradient: Array = be.zeros((n,), self.dtype)
+        offs = topology.offsets
+        self.layer_models = [
+            layer.create_model(topology.shapes[i], self.weights[offs[i]:offs[i + 1]],
+                               self.gradient[offs[i]:offs[i + 1]], be, self.rng)
+            for i, layer in enumerate(topology.layers[:-1])
+        ]
+        self._outputs: list[Array] = []
+
+    @staticmethod
+    def initial_weights(topology: FeedForwardTopology, rng: np.random.Generator) -> np.ndarray:
+        """Spark's initialization of every layer, concatenated in layer order (float64, host)."""
+        parts = [layer.init_weights(topology.shapes[i], rng) for i, layer in enumerate(topology.layers)]
+        return np.concatenate(parts) if parts else np.zeros(0)
+
+    # ---- weights ---------------------------------------------------------------------------------------
+    @property
+    def num_weights(self) -> int:
+        return self.topology.num_weights
+
+    def get_weights(self) -> np.ndarray:
+        return self.backend.to_host(self.weights)
+
+    def set_weights(self, weights: np.ndarray | Array) -> None:
+        """Overwrite the weights in place (the layer views stay valid)."""
+        if tuple(weights.shape) != (self.num_weights,):
+            raise ValueError(f"weights must be a vector of {self.num_weights} values, got shape {weights.shape}")
+        self.backend.copy_into(self.weights, weights)
+
+    def zero_grad(self) -> None:
+        self.backend.fill(self.gradient, 0.0)
+
+    def get_gradient(self) -> np.ndarray:
+        return self.backend.to_host(self.gradient)
+
+    # ---- forward ---------------------------------------------------------------------------------------
+    def _input(self, x: np.ndarray | Array) -> Array:
+        """Host rows in the user's layout -> device batch in the engine's layout (images NHWC)."""
+        if isinstance(x, np.ndarray):
+            shape = self.topology.input_shape
+            if x.ndim != 2 or x.shape[1] != self.topology.num_inputs:
+                raise ValueError(f"input must be a (batch, {self.topology.num_inputs}) array, got {x.shape}")
+            if len(shape) == 3:
+                x = x.reshape((x.shape[0],) + shape).transpose(0, 2, 3, 1)
+            x = self.backend.asarray(np.ascontiguousarray(x, dtype=self.dtype))
+        return x
+
+    def forward(self, x: np.ndarray | Array, training: bool = False) -> list[Array]:
+        """The output of every layer below the loss layer (index i: output of layer i)."""
+        a = self._input(x)
+        outs = []
+        for lm in self.layer_models:
+            a = lm.forward(a, training)
+            outs.append(a)
+        self._outputs = outs
+        return outs
+
+    def predict_raw(self, x: np.ndarray) -> np.ndarray:
+        """The last layer's output before the loss layer's function (Spark's rawPrediction)."""
+        return self.backend.to_host(self.forward(x)[-1])
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        """The loss layer's output: class probabilities for softmax (Spark's ``predict``)."""
+        return self.backend.to_host(self.topology.loss_layer.output(self.backend, self.forward(x)[-1]))
+
+    # ---- backward --------------------------------------------------------------------------------------
+    def backward(self, delta: Array, extra: dict[int, Array] | None = None) -> None:
+        """Back-propagate ``delta`` (w.r.t. the last output of the latest :meth:`forward` call), accumulating
+        into :attr:`gradient`. ``extra`` adds deltas w.r.t. intermediate outputs (layer index -> delta); deltas
+        may be modified in place."""
+        extra = extra or {}
+        for i in range(len(self.layer_models) - 1, -1, -1):
+            if i in extra:
+                if delta is None:
+                    delta = extra[i]
+                else:
+                    self.backend.axpy(delta, extra[i], 1.0)
+            if delta is not None:
+                delta = self.layer_models[i].backward(delta, need_dx=i > 0)
+
+    def target(self, y: np.ndarray) -> Array:
+        """Labels (integers) -> one-hot device targets; a (batch, classes) array is taken as targets."""
+        y = np.asarray(y)
+        k = self.topology.num_outputs
+        t = y if y.ndim == 2 else one_hot(y, k, self.dtype)
+        if t.shape[1] != k:
+            raise ValueError(f"targets must have {k} columns, got {t.shape[1]}")
+        return self.backend.asarray(t, dtype=self.dtype)
+
+    def compute_gradient(self, x: np.ndarray | Array, y: np.ndarray, grad_out: np.ndarray | None = None,
+                         scale: float = 1.0) -> float:
+        """Mean loss over the batch; adds ``scale`` x its gradient to :attr:`gradient` (device), or, when
+        ``grad_out`` (host) is given, to ``grad_out``."""
+        if grad_out is not None:
+            self.zero_grad()
+        outs = self.forward(x, training=True)
+        n = outs[-1].shape[0]
+        loss_sum, delta = self.topology.loss_layer.loss(self.backend, outs[-1], self.target(y), scale / n)
+        self.backward(delta)
+        if grad_out is not None:
+            grad_out += self.get_gradient()
+        return loss_sum / n
