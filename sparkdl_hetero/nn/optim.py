@@ -1,0 +1,178 @@
+"""Updaters over flat host parameter vectors, and learning-rate schedules.
+
+Conventions follow PyTorch's ``torch.optim`` so runs can be compared one for one:
+
+- ``gd`` / ``sgd``: ``w -= lr * g``;
+- ``momentum``: ``v = mu * v + g``; classical ``w -= lr * v``, Nesterov ``w -= lr * (g + mu * v)``;
+- ``adam``: ``m = b1 m + (1 - b1) g``, ``v = b2 v + (1 - b2) g^2``,
+  ``w -= lr * (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps)``.
+
+L2 regularization (``regParam``) is not applied here: the trainer adds ``regParam * w`` to the gradient, as
+Spark does. The configuration is any object with Spark-style attributes (``solver``, ``stepSize``,
+``momentum``, ``nesterov``, ``beta1``, ``beta2``, ``epsilon``, ``lrSchedule``, ``lrDecay``, ``lrDecaySteps``);
+missing ones take :class:`~sparkdl_hetero.distributed.config.TrainConfig`'s defaults.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from typing import Any
+
+import numpy as np
+
+UPDATER_SOLVERS = ("gd", "sgd", "momentum", "adam")
+SCHEDULES = ("constant", "step", "cosine")
+
+
+class Updater(ABC):
+    """Applies one optimizer step in place to a flat host vector; its state survives a checkpoint."""
+
+    def __init__(self) -> None:
+        self.steps = 0
+
+    def step(self, weights: np.ndarray, grad: np.ndarray, lr: float) -> None:
+        """``weights`` <- one update with gradient ``grad`` (same shape) and learning rate ``lr``, in place."""
+        if weights.shape != grad.shape or weights.ndim != 1:
+            raise ValueError(f"weights and grad must be vectors of the same length, got {weights.shape} and "
+                             f"{grad.shape}")
+        self.steps += 1
+        self._step(weights, grad, weights.dtype.type(lr))
+
+    @abstractmethod
+    def _step(self, w: np.ndarray, g: np.ndarray, lr: np.floating) -> None: ...
+
+    def _buffers(self) -> dict[str, np.ndarray | None]:
+        return {}
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """The state as arrays (``.npz``-able): the step count and every moment buffer (copies)."""
+        d = {"steps": np.asarray(self.steps, dtype=np.int64)}
+        d.update({k: v.copy() for k, v in self._buffers().items() if v is not None})
+        return d
+
+    def load_state_dict(self, d: dict[str, np.ndarray]) -> None:
+        """Restore a :meth:`state_dict`; continuing gives the same steps as the updater that saved it."""
+        names = set(self._buffers())
+        unknown = set(d) - names - {"steps"}
+        if "steps" not in d or unknown:
+            raise ValueError(f"{type(self).__name__} state must hold 'steps' and optionally "
+                             f"{sorted(names)}, got keys {sorted(d)}")
+        self.steps = int(np.asarray(d["steps"]))
+        for k in names:
+            setattr(self, k, np.array(d[k], copy=True) if k in d else None)
+
+    @staticmethod
+    def _like(buf: np.ndarray | None, w: np.ndarray, name: str) -> np.ndarray:
+        if buf is None:
+            return np.zeros_like(w)
+        if buf.shape != w.shape:
+            raise ValueError(f"updater state {name!r} has shape {buf.shape} but the weights have {w.shape}")
+        return buf if buf.dtype == w.dtype else buf.astype(w.dtype)
+
+
+class SGD(Updater):
+    """Plain (stochastic) gradient descent."""
+
+    def _step(self, w: np.ndarray, g: np.ndarray, lr: np.floating) -> None:
+        w -= lr * g
+
+
+class Momentum(Updater):
+    """Heavy-ball momentum, classical or Nesterov (PyTorch's formulation, dampening 0)."""
+
+    def __init__(self, momentum: float, nesterov: bool) -> None:
+        super().__init__()
+        self.momentum, self.nesterov = momentum, nesterov
+        self.velocity: np.ndarray | None = None
+
+    def _buffers(self) -> dict[str, np.ndarray | None]:
+        return {"velocity": self.velocity}
+
+    def _step(self, w: np.ndarray, g: np.ndarray, lr: np.floating) -> None:
+        v = self.velocity = self._like(self.velocity, w, "velocity")
+        mu = w.dtype.type(self.momentum)
+        v *= mu
+        v += g
+        if self.nesterov:
+            w -= lr * (g + mu * v)
+        else:
+            w -= lr * v
+
+
+class Adam(Updater):
+    """Adam with bias correction (Kingma & Ba 2015)."""
+
+    def __init__(self, beta1: float, beta2: float, epsilon: float) -> None:
+        super().__init__()
+        self.beta1, self.beta2, self.epsilon = beta1, beta2, epsilon
+        self.m: np.ndarray | None = None
+        self.v: np.ndarray | None = None
+
+    def _buffers(self) -> dict[str, np.ndarray | None]:
+        return {"m": self.m, "v": self.v}
+
+    def _step(self, w: np.ndarray, g: np.ndarray, lr: np.floating) -> None:
+        m = self.m = self._like(self.m, w, "m")
+        v = self.v = self._like(self.v, w, "v")
+        t = w.dtype.type
+        m *= t(self.beta1)
+        m += t(1.0 - self.beta1) * g
+        v *= t(self.beta2)
+        v += t(1.0 - self.beta2) * (g * g)
+        c1 = 1.0 - self.beta1 ** self.steps
+        c2 = 1.0 - self.beta2 ** self.steps
+        denom = np.sqrt(v)
+        denom *= t(1.0 / math.sqrt(c2))
+        denom += t(self.epsilon)
+        w -= t(float(lr) / c1) * m / denom
+
+
+def _get(cfg: Any, name: str, default: Any) -> Any:
+    return getattr(cfg, name, default)
+
+
+def make_updater(cfg: Any) -> Updater:
+    """The updater for ``cfg.solver`` (gd, sgd, momentum, adam), hyper-parameters checked."""
+    solver = _get(cfg, "solver", "sgd")
+    if solver in ("gd", "sgd"):
+        return SGD()
+    if solver == "momentum":
+        mu = float(_get(cfg, "momentum", 0.9))
+        if not 0.0 <= mu < 1.0:
+            raise ValueError(f"momentum must be in [0, 1), got {mu}")
+        return Momentum(mu, bool(_get(cfg, "nesterov", False)))
+    if solver == "adam":
+        b1, b2, eps = (float(_get(cfg, k, d)) for k, d in (("beta1", 0.9), ("beta2", 0.999), ("epsilon", 1e-8)))
+        for name, b in (("beta1", b1), ("beta2", b2)):
+            if not 0.0 <= b < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {b}")
+        if not eps > 0.0:
+            raise ValueError(f"epsilon must be > 0, got {eps}")
+        return Adam(b1, b2, eps)
+    raise ValueError(f"solver {solver!r} has no step updater; expected one of {', '.join(UPDATER_SOLVERS)} "
+                     f"(l-bfgs is a full-batch solver handled by the trainer)")
+
+
+def learning_rate(cfg: Any, step: int, total_steps: int) -> float:
+    """The learning rate at 0-based ``step`` of ``total_steps`` under ``cfg.lrSchedule``.
+
+    ``constant``: ``stepSize``; ``step``: ``stepSize * lrDecay ** (step // lrDecaySteps)``;
+    ``cosine``: ``stepSize * (1 + cos(pi * step / total_steps)) / 2`` (reaches 0 at ``total_steps``).
+    """
+    base = float(_get(cfg, "stepSize", 0.03))
+    if not base > 0.0:
+        raise ValueError(f"stepSize must be > 0, got {base}")
+    schedule = _get(cfg, "lrSchedule", "constant")
+    if schedule == "constant":
+        return base
+    if schedule == "step":
+        every = int(_get(cfg, "lrDecaySteps", 0))
+        if every < 1:
+            raise ValueError(f"lrSchedule='step' needs lrDecaySteps >= 1, got {every}")
+        return base * float(_get(cfg, "lrDecay", 0.1)) ** (step // every)
+    if schedule == "cosine":
+        if total_steps < 1:
+            raise ValueError(f"lrSchedule='cosine' needs total_steps >= 1, got {total_steps}")
+        return base * 0.5 * (1.0 + math.cos(math.pi * min(max(step, 0), total_steps) / total_steps))
+    raise ValueError(f"lrSchedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
