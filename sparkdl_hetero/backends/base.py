@@ -133,6 +133,17 @@ class Backend(ABC):
     def dropout_mask(self, shape: tuple[int, ...], keep: float, rng: np.random.Generator, dtype: Any) -> Array:
         """A mask of ``1/keep`` (kept, probability ``keep``) and ``0`` values, drawn from ``rng``."""
 
+    # ---- distillation hints --------------------------------------------------------------------------
+    def row_rmse(self, a: Array, b: Array, scale: float) -> tuple[float, Array]:
+        """Per-row root-mean-square difference of two (n, d) matrices: ``r_i = sqrt(mean_j (a_ij - b_ij)^2)``.
+
+        Returns ``(sum_i r_i, scale * (a - b) / (d * r_i))`` (the gradient w.r.t. ``a``; 0 on rows where
+        ``r_i = 0``). This default goes through the host; backends override it with device code.
+        """
+        ha = self.to_host(a)
+        loss, delta = _row_rmse(np, ha, self.to_host(b), scale)
+        return loss, self.asarray(delta, dtype=ha.dtype)
+
     # ---- helpers shared by every backend -------------------------------------------------------------
     def describe(self) -> str:
         """One line naming the backend and its device, for job logs."""
@@ -142,3 +153,13 @@ class Backend(ABC):
 def pool_out(size: int, k: int, stride: int, pad: int = 0) -> int:
     """Output length of a window of ``k`` sliding by ``stride`` over ``size`` (+ ``pad`` on each side)."""
     return (size + 2 * pad - k) // stride + 1
+
+
+def _row_rmse(xp: Any, a: Array, b: Array, scale: float) -> tuple[float, Array]:
+    """:meth:`Backend.row_rmse` written for a NumPy-like array module ``xp``."""
+    diff = a - b
+    r = xp.sqrt((diff * diff).mean(axis=1, keepdims=True))
+    inv = xp.where(r > 0, 1.0 / (a.shape[1] * xp.where(r > 0, r, 1)), 0).astype(a.dtype, copy=False)
+    diff *= inv
+    diff *= a.dtype.type(scale)
+    return float(r.sum(dtype=xp.float64)), diff

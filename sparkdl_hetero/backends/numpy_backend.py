@@ -6,7 +6,7 @@ from typing import Any
 
 import numpy as np
 
-from .base import Array, Backend, pool_out
+from .base import Array, Backend, _row_rmse, pool_out
 
 
 class ArrayModuleBackend(Backend):
@@ -137,6 +137,9 @@ class ArrayModuleBackend(Backend):
         err = o - target
         loss = 0.5 * float((err * err).sum(dtype=self.xp.float64))
         return loss, err * o * (1 - o) * z.dtype.type(scale)
+
+    def row_rmse(self, a: Array, b: Array, scale: float) -> tuple[float, Array]:
+        return _row_rmse(self.xp, a, b, scale)
 
     # ---- convolution and pooling (NHWC) --------------------------------------------------------------
     def _pad(self, x: Array, pad: int) -> Array:

@@ -31,7 +31,10 @@ class FeedForwardModel:
     """
 
     def __init__(self, topology: FeedForwardTopology, weights: np.ndarray | None = None, *,
-                 seed: int | None = None, dtype: Any = np.float32, backend: str | Backend = "numpy") -> None:
+                 seed: int | None = None, dtype: Any = np.float32, backend: str | Backend = "numpy",
+                 views: tuple[Array, Array] | None = None) -> None:
+        """``views``: caller-owned (weights, gradient) device vectors of ``num_weights`` elements to build the
+        model on (e.g. slices of a larger parameter vector); ``weights`` (or the initialization) is copied in."""
         self.topology = topology
         self.dtype = np.dtype(dtype)
         self.backend = get_backend(backend)
@@ -44,8 +47,16 @@ class FeedForwardModel:
             raise ValueError(f"weights must be a vector of {n} values for {topology.spec!r}, "
                              f"got shape {weights.shape}")
         be = self.backend
-        self.weights: Array = be.asarray(weights, dtype=self.dtype)
-        self.gradient: Array = be.zeros((n,), self.dtype)
+        if views is None:
+            self.weights: Array = be.asarray(weights, dtype=self.dtype)
+            self.gradient: Array = be.zeros((n,), self.dtype)
+        else:
+            for name, v in zip(("weight", "gradient"), views, strict=True):
+                if tuple(v.shape) != (n,) or np.dtype(v.dtype) != self.dtype:
+                    raise ValueError(f"the {name} view must be a vector of {n} {self.dtype} values, "
+                                     f"got shape {tuple(v.shape)} {np.dtype(v.dtype)}")
+            self.weights, self.gradient = views
+            be.copy_into(self.weights, weights.astype(self.dtype, copy=False))
         offs = topology.offsets
         self.layer_models = [
             layer.create_model(topology.shapes[i], self.weights[offs[i]:offs[i + 1]],
