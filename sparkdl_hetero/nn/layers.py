@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+
 import numpy as np
 
 from ..backends.base import ACTIVATIONS, Array, Backend, pool_out
@@ -65,7 +66,8 @@ def _spark_uniform(size: int, fan_in: int, rng: np.random.Generator) -> np.ndarr
 
 def _flat_size(layer: Layer, in_shape: Shape) -> int:
     if len(in_shape) != 1:
-        raise SpecError(f"{layer.spec()} needs a flat input but gets shape {in_shape}; add 'flatten' before it")
+        shown = (in_shape[2], in_shape[0], in_shape[1]) if len(in_shape) == 3 else in_shape  # as (c, h, w)
+        raise SpecError(f"{layer.spec()} needs a flat input but gets shape {shown}; add 'flatten' before it")
     return in_shape[0]
 
 

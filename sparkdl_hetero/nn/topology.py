@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
-from typing import Callable
+from collections.abc import Callable, Sequence
 
 from .layers import (
     Affine,
@@ -93,7 +92,12 @@ def parse_layer(token: str, where: str = "") -> Layer:
     if name not in _BUILDERS:
         raise SpecError(f"{where}: unknown layer {name!r}; expected one of {', '.join(sorted(_BUILDERS))}")
     names, required, build = _BUILDERS[name]
-    return build(_args(args, names, required, where), where)
+    try:
+        return build(_args(args, names, required, where), where)
+    except SpecError as e:
+        if str(e).startswith(where):
+            raise
+        raise SpecError(f"{where}: {e}") from None
 
 
 def _internal_shape(input_shape: int | Sequence[int]) -> Shape:
