@@ -1,0 +1,122 @@
+"""ONNX export of a trained topology (optional extra ``onnx``), for running the model on a phone or edge board.
+
+The graph takes ``features``: (N, d) float32 rows in the same layout as the training features (images as
+C, H, W), and returns ``probability``: the loss layer's output (softmax, or sigmoid for ``sigmoid_mse``).
+Images run in ONNX's NCHW layout; before a ``flatten`` the graph transposes to NHWC so the flattened vector
+has the engine's (h, w, c) order the next affine layer's weights expect.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from .layers import (
+    Affine,
+    Conv2D,
+    Dropout,
+    Flatten,
+    Functional,
+    Layer,
+    Pool2D,
+    SigmoidSquaredError,
+    SoftmaxCrossEntropy,
+)
+from .topology import FeedForwardTopology
+
+if TYPE_CHECKING:
+    import onnx
+
+OPSET = 13
+_ACTIVATIONS = {"sigmoid": "Sigmoid", "tanh": "Tanh", "relu": "Relu", "leaky_relu": "LeakyRelu",
+                "identity": "Identity"}
+
+
+def to_onnx(topology: FeedForwardTopology, weights: np.ndarray, name: str = "sparkdl_hetero") -> onnx.ModelProto:
+    """The ONNX model computing ``topology``'s probabilities with ``weights``."""
+    try:
+        import onnx
+        from onnx import TensorProto, helper, numpy_helper
+    except ImportError as e:  # pragma: no cover - depends on the installed extras
+        raise ImportError("ONNX export needs the 'onnx' extra: pip install 'sparkdl-hetero[onnx]'") from e
+    weights = np.asarray(weights)
+    if weights.shape != (topology.num_weights,):
+        raise ValueError(f"weights must be a vector of {topology.num_weights} values for {topology.spec!r}, "
+                         f"got shape {weights.shape}")
+    nodes, inits = [], []
+
+    def const(tag: str, value: np.ndarray, dtype: type = np.float32) -> str:
+        inits.append(numpy_helper.from_array(np.ascontiguousarray(value, dtype=dtype), tag))
+        return tag
+
+    def node(op: str, inputs: list[str], tag: str, **attrs: object) -> str:
+        nodes.append(helper.make_node(op, inputs, [tag], name=tag, **attrs))
+        return tag
+
+    x = "features"
+    if len(topology.input_shape) == 3:
+        x = node("Reshape", [x, const("input_shape", np.array([-1, *topology.input_shape]), np.int64)],
+                 "input_nchw")
+    offs = topology.offsets
+    for i, layer in enumerate(topology.layers[:-1]):
+        w = weights[offs[i]:offs[i + 1]]
+        in_shape = topology.shapes[i]
+        tag = f"l{i}_{type(layer).__name__.lower()}"
+        x = _layer(layer, in_shape, w, x, tag, node, const)
+    top = topology.loss_layer
+    if isinstance(top, SoftmaxCrossEntropy):
+        node("Softmax", [x], "probability", axis=1)
+    elif isinstance(top, SigmoidSquaredError):
+        node("Sigmoid", [x], "probability")
+    else:
+        raise ValueError(f"cannot export the loss layer {top.spec()!r}; expected softmax or sigmoid_mse")
+    graph = helper.make_graph(
+        nodes, name,
+        [helper.make_tensor_value_info("features", TensorProto.FLOAT, ["N", topology.num_inputs])],
+        [helper.make_tensor_value_info("probability", TensorProto.FLOAT, ["N", topology.num_outputs])],
+        inits)
+    opsets = [helper.make_opsetid("", OPSET)]
+    # the oldest IR version that carries this opset, so that older runtimes load the file too
+    model = helper.make_model(graph, opset_imports=opsets, ir_version=helper.find_min_ir_version_for(opsets),
+                              producer_name="sparkdl-hetero", doc_string=f"{topology.spec} {topology.input_shape}")
+    onnx.checker.check_model(model)
+    return model
+
+
+def _layer(layer: Layer, in_shape: tuple[int, ...], w: np.ndarray, x: str, tag: str, node: Callable[..., str],
+           const: Callable[..., str]) -> str:
+    """Append the nodes of one layer reading tensor ``x``; return the name of its output."""
+    if isinstance(layer, Affine):
+        n_in, k = in_shape[0], in_shape[0] * layer.num_out
+        # the flat block read row-major is W^T (n_in x n_out): Gemm's B as it is
+        return node("Gemm", [x, const(f"{tag}_W", w[:k].reshape(n_in, layer.num_out)),
+                             const(f"{tag}_b", w[k:])], tag)
+    if isinstance(layer, Conv2D):
+        c_in, k = in_shape[2], layer.kernel
+        n = k * k * c_in * layer.filters
+        kernel = w[:n].reshape(k, k, c_in, layer.filters).transpose(3, 2, 0, 1)  # -> (filters, c_in, kh, kw)
+        return node("Conv", [x, const(f"{tag}_W", kernel), const(f"{tag}_b", w[n:])], tag,
+                    kernel_shape=[k, k], strides=[layer.stride] * 2, pads=[layer.pad] * 4)
+    if isinstance(layer, Pool2D):
+        op = "MaxPool" if layer.mode == "max" else "AveragePool"
+        return node(op, [x], tag, kernel_shape=[layer.size] * 2, strides=[layer.step] * 2)
+    if isinstance(layer, Flatten):
+        nhwc = node("Transpose", [x], f"{tag}_nhwc", perm=[0, 2, 3, 1])
+        return node("Flatten", [nhwc], tag, axis=1)
+    if isinstance(layer, Functional):
+        if layer.kind == "leaky_relu":
+            return node("LeakyRelu", [x], tag, alpha=layer.alpha)
+        return node(_ACTIVATIONS[layer.kind], [x], tag)
+    if isinstance(layer, Dropout):
+        return x  # identity at inference
+    raise ValueError(f"cannot export layer {layer.spec()!r} to ONNX")
+
+
+def export_onnx(topology: FeedForwardTopology, weights: np.ndarray, path: str | os.PathLike) -> None:
+    """Write ``topology`` with ``weights`` as an ONNX file at ``path`` (see the module docstring)."""
+    import onnx
+
+    onnx.save(to_onnx(topology, weights), os.fspath(path))
