@@ -1,0 +1,378 @@
+"""The NumPy engine: gradients against finite differences, Spark's flat layout and init, spec errors, dtypes,
+numerical stability, extra deltas, and learning Fashion-MNIST in-process."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from sparkdl_hetero.backends import NumpyBackend
+from sparkdl_hetero.data import fashion_mnist, read_libsvm
+from sparkdl_hetero.distributed.config import TrainConfig
+from sparkdl_hetero.nn import FeedForwardModel, FeedForwardTopology, SpecError, one_hot
+from sparkdl_hetero.nn.trainer import accuracy, train
+
+LENET = "conv(6,5,pad=2)-relu-maxpool(2)-conv(16,5)-relu-maxpool(2)-flatten-affine(120)-relu-affine(84)-relu-affine(10)"
+
+
+# ---- finite differences ---------------------------------------------------------------------------------------
+def _objective(model: FeedForwardModel, x, y, extra_dirs=None):
+    """f(w) = mean loss + sum_i <c_i, output_i>, with the model's random state (dropout) reset per call."""
+    state = model.rng.bit_generator.state
+
+    def f(w):
+        model.rng.bit_generator.state = state
+        model.set_weights(w)
+        outs = model.forward(x, training=True)
+        loss, _ = model.topology.loss_layer.loss(model.backend, outs[-1], model.target(y), 1.0)
+        return loss / len(x) + sum(float(np.sum(c * outs[i])) for i, c in (extra_dirs or {}).items())
+
+    return f, state
+
+
+def _numeric_grad(f, w, eps=1e-6):
+    g = np.empty_like(w)
+    for i in range(w.size):
+        wp, wm = w.copy(), w.copy()
+        wp[i] += eps
+        wm[i] -= eps
+        g[i] = (f(wp) - f(wm)) / (2 * eps)
+    return g
+
+
+def _check_gradient(topology, x, y, seed=0, extra=None):
+    model = FeedForwardModel(topology, seed=seed, dtype=np.float64)
+    w0 = model.get_weights()
+    f, state = _objective(model, x, y, extra)
+    numeric = _numeric_grad(f, w0)
+    model.set_weights(w0)
+    model.rng.bit_generator.state = state
+    model.zero_grad()
+    if extra is None:
+        model.compute_gradient(x, y)
+    else:
+        outs = model.forward(x, training=True)
+        _, delta = topology.loss_layer.loss(model.backend, outs[-1], model.target(y), 1.0 / len(x))
+        model.backward(delta, extra={i: c.copy() for i, c in extra.items()})
+    analytic = model.get_gradient()
+    assert analytic.dtype == np.float64
+    assert np.abs(analytic).max() > 1e-6, "a gradient check on an all-zero gradient proves nothing"
+    np.testing.assert_allclose(analytic, numeric, rtol=1e-5, atol=1e-8)
+    return model
+
+
+def _data(rng, n, d, k):
+    return rng.normal(size=(n, d)), rng.integers(0, k, size=n)
+
+
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("act", ["sigmoid", "tanh", "relu", "leaky_relu(0.1)", "identity"])
+def test_gradient_affine_and_activations(act, seed):
+    rng = np.random.default_rng(seed)
+    d, h, k, n = (int(v) for v in rng.integers(2, 7, size=4))
+    x, y = _data(rng, n, d, k)
+    _check_gradient(FeedForwardTopology.from_spec(f"affine({h})-{act}-affine({k})", d), x, y, seed)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_gradient_spark_mlp_both_losses(seed):
+    rng = np.random.default_rng(seed)
+    sizes = [int(v) for v in rng.integers(2, 6, size=4)]
+    x, y = _data(rng, 5, sizes[0], sizes[-1])
+    for softmax in (True, False):
+        _check_gradient(FeedForwardTopology.multilayer_perceptron(sizes, softmax_on_top=softmax), x, y, seed)
+
+
+def test_gradient_soft_targets():
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(6, 3))
+    t = rng.dirichlet(np.ones(4), size=6)  # a (batch, classes) matrix is taken as targets
+    for loss in ("softmax", "sigmoid_mse"):
+        _check_gradient(FeedForwardTopology.from_spec(f"affine(4)-{loss}", 3), x, t)
+
+
+@pytest.mark.parametrize("seed", range(2))
+@pytest.mark.parametrize("spec", [
+    "conv(3,3)-flatten-affine(3)",
+    "conv(3,3,stride=2,pad=1)-tanh-flatten-affine(3)",
+    "conv(2,3,pad=1)-sigmoid-conv(3,2,stride=2,pad=2)-flatten-affine(3)",  # conv's input delta
+    "conv(2,1)-maxpool(2)-flatten-affine(3)",
+    "conv(2,1)-maxpool(3,stride=2)-flatten-affine(3)",  # overlapping windows
+    "conv(2,2)-avgpool(2)-flatten-affine(3)",
+    "conv(2,1)-avgpool(3,stride=1)-flatten-affine(3)",  # overlapping windows
+    "conv(2,3,pad=1)-relu-maxpool(2)-flatten-affine(4)-relu-affine(3)",
+])
+def test_gradient_conv_pool_flatten(spec, seed):
+    rng = np.random.default_rng(seed)
+    c, h, w = int(rng.integers(1, 3)), int(rng.integers(6, 9)), int(rng.integers(6, 9))
+    x, y = _data(rng, 3, c * h * w, 3)
+    _check_gradient(FeedForwardTopology.from_spec(spec, (c, h, w)), x, y, seed)
+
+
+def test_gradient_dropout_fixed_mask():
+    rng = np.random.default_rng(5)
+    x, y = _data(rng, 8, 5, 3)
+    topo = FeedForwardTopology.from_spec("affine(7)-tanh-dropout(0.4)-affine(3)", 5)
+    model = _check_gradient(topo, x, y, seed=3)
+    # the mask really dropped units while training, and scaled the kept ones by 1/keep
+    model.set_weights(model.get_weights())
+    before, after = model.forward(x, training=True)[1:3]
+    dropped = after == 0
+    assert dropped.any() and (~dropped).any()
+    np.testing.assert_allclose(after[~dropped], before[~dropped] / 0.6, rtol=1e-12)
+    # no dropout at inference
+    before, after = model.forward(x, training=False)[1:3]
+    np.testing.assert_array_equal(before, after)
+
+
+def test_gradient_extra_deltas():
+    """backward(delta, extra={i: c}) is the gradient of mean loss + <c, output_i>; delta None starts at i."""
+    rng = np.random.default_rng(6)
+    topo = FeedForwardTopology.from_spec("affine(4)-tanh-affine(5)-relu-affine(3)", 3)
+    x, y = _data(rng, 4, 3, 3)
+    extra = {1: rng.normal(size=(4, 4)), 3: rng.normal(size=(4, 5))}
+    _check_gradient(topo, x, y, seed=1, extra=extra)
+    # extra alone: only layers at or below index 1 receive gradient, equal to d<c, tanh(affine(x))>/dw
+    model = FeedForwardModel(topo, seed=1, dtype=np.float64)
+    w0 = model.get_weights()
+    c = extra[1]
+
+    def f(w):
+        model.set_weights(w)
+        return float(np.sum(c * model.forward(x)[1]))
+
+    numeric = _numeric_grad(f, w0)
+    model.set_weights(w0)
+    model.zero_grad()
+    model.forward(x, training=True)
+    model.backward(None, extra={1: c.copy()})
+    g = model.get_gradient()
+    np.testing.assert_allclose(g, numeric, rtol=1e-6, atol=1e-9)
+    assert not g[topo.offsets[2]:].any() and g[:topo.offsets[1]].any()
+
+
+def test_compute_gradient_accumulates_scale_and_grad_out():
+    rng = np.random.default_rng(7)
+    topo = FeedForwardTopology.multilayer_perceptron([4, 6, 3])
+    x, y = _data(rng, 10, 4, 3)
+    model = FeedForwardModel(topo, seed=0, dtype=np.float64)
+    model.compute_gradient(x, y)
+    g1 = model.get_gradient()
+    model.compute_gradient(x, y, scale=0.5)  # accumulates
+    np.testing.assert_allclose(model.get_gradient(), 1.5 * g1, rtol=1e-12)
+    out = np.ones(topo.num_weights)
+    loss = model.compute_gradient(x, y, grad_out=out)
+    np.testing.assert_allclose(out, 1.0 + g1, rtol=1e-12)
+    p = model.predict(x)
+    assert loss == pytest.approx(-np.mean(np.log(p[np.arange(10), y])), rel=1e-12)
+
+
+# ---- Spark's flat layout and init ------------------------------------------------------------------------------
+@pytest.mark.parametrize("sizes, count", [([4, 5, 4, 3], 64), ([2, 2, 2], 12), ([784, 100, 10], 79510)])
+def test_spark_weight_count(sizes, count):
+    assert FeedForwardTopology.multilayer_perceptron(sizes).num_weights == count
+
+
+def test_affine_layout_is_spark_column_major_then_bias():
+    topo = FeedForwardTopology.multilayer_perceptron([3, 2])
+    model = FeedForwardModel(topo, np.zeros(8), dtype=np.float64)
+    x = np.eye(3)
+    # W is 2 x 3 column-major: flat[1] is W[1, 0] (row 1, column 0); flat[6:8] is b
+    for pos, (o, i) in enumerate([(0, 0), (1, 0), (0, 1), (1, 1), (0, 2), (1, 2)]):
+        w = np.zeros(8)
+        w[pos] = 1.0
+        model.set_weights(w)
+        expected = np.zeros((3, 2))
+        expected[i, o] = 1.0
+        np.testing.assert_array_equal(model.predict_raw(x), expected)
+    model.set_weights(np.array([0, 0, 0, 0, 0, 0, 0.5, -2.0]))
+    np.testing.assert_array_equal(model.predict_raw(x), np.tile([0.5, -2.0], (3, 1)))
+
+
+def test_mlp_forward_matches_a_hand_written_one():
+    rng = np.random.default_rng(8)
+    sizes = [4, 5, 4, 3]
+    topo = FeedForwardTopology.multilayer_perceptron(sizes)
+    w = rng.normal(size=64)
+    x = rng.normal(size=(7, 4))
+    a, o = x, 0
+    for li, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
+        W = w[o:o + n_in * n_out].reshape(n_out, n_in, order="F")
+        b = w[o + n_in * n_out:o + n_in * n_out + n_out]
+        o += n_in * n_out + n_out
+        a = a @ W.T + b
+        if li < len(sizes) - 2:
+            a = 1 / (1 + np.exp(-a))
+    e = np.exp(a - a.max(axis=1, keepdims=True))
+    model = FeedForwardModel(topo, w, dtype=np.float64)
+    np.testing.assert_allclose(model.predict_raw(x), a, rtol=1e-12)
+    np.testing.assert_allclose(model.predict(x), e / e.sum(axis=1, keepdims=True), rtol=1e-12)
+    sig = FeedForwardModel(FeedForwardTopology.multilayer_perceptron(sizes, softmax_on_top=False), w,
+                           dtype=np.float64)
+    np.testing.assert_allclose(sig.predict(x), 1 / (1 + np.exp(-a)), rtol=1e-12)
+
+
+def test_spark_initialization_range():
+    topo = FeedForwardTopology.multilayer_perceptron([784, 100, 10])
+    w = FeedForwardModel(topo, seed=3).get_weights()
+    for layer, n_in in ((0, 784), (2, 100)):
+        block = w[topo.offsets[layer]:topo.offsets[layer + 1]]
+        bound = 2.4 / np.sqrt(n_in)
+        assert np.abs(block).max() <= bound
+        assert block.min() < -0.95 * bound and block.max() > 0.95 * bound  # fills the range
+        assert abs(block.mean()) < 0.05 * bound and block.std() == pytest.approx(bound / np.sqrt(3), rel=0.05)
+    # same seed, same weights; another seed, others
+    np.testing.assert_array_equal(w, FeedForwardModel(topo, seed=3).get_weights())
+    assert not np.array_equal(w, FeedForwardModel(topo, seed=4).get_weights())
+
+
+def test_conv_fan_in_and_layout():
+    topo = FeedForwardTopology.from_spec("conv(4,3)-flatten-affine(2)", (2, 5, 5))
+    assert topo.offsets[:2] == [0, (3 * 3 * 2 + 1) * 4]
+    w = FeedForwardModel(topo, seed=0, dtype=np.float64).get_weights()[:76]
+    assert np.abs(w).max() <= 2.4 / np.sqrt(18) and np.abs(w).max() > 0.9 * 2.4 / np.sqrt(18)
+    # weights (kh, kw, c_in, filters) row-major then bias; inputs are given as (c, h, w) rows
+    model = FeedForwardModel(topo, np.zeros(topo.num_weights), dtype=np.float64)
+    x = np.random.default_rng(0).normal(size=(2, 2, 5, 5))
+    wts = np.zeros(topo.num_weights)
+    k = np.zeros((3, 3, 2, 4))
+    k[1, 2, 1, 3] = 1.0  # filter 3 reads channel 1 at kernel offset (1, 2)
+    wts[:72] = k.ravel()
+    wts[72 + 3] = 0.25
+    model.set_weights(wts)
+    conv_out = model.forward(x.reshape(2, -1))[0]  # (n, oh, ow, filters)
+    np.testing.assert_allclose(conv_out[..., 3], x[:, 1, 1:4, 2:5] + 0.25, rtol=1e-12)
+    assert not conv_out[..., :3].any()
+
+
+# ---- spec errors ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("spec, shape, message", [
+    ("conv(6,5)-bogus", (1, 28, 28), r"layer 1 \('bogus'\): unknown layer 'bogus'; expected one of affine, avgpool"),
+    ("conv(6,30)-flatten-affine(3)", (1, 28, 28),
+     r"layer 0 \(conv\(6,30,stride=1,pad=0\)\) with input shape \(1, 28, 28\): .*a 30x30 window does not fit an "
+     r"input of 28x28"),
+    ("conv(6,5)-affine(3)", (1, 28, 28),
+     r"layer 1 \(affine\(3\)\) with input shape \(6, 24, 24\): affine\(3\) needs a flat input but gets shape "
+     r"\(6, 24, 24\); add 'flatten' before it"),
+    ("affine(3)-conv(2,2)", (4,), r"layer 1 \(conv.*\) with input shape \(3,\): .*needs an image input"),
+    ("conv(6,5,foo=1)", (1, 8, 8), r"layer 0 \('conv\(6,5,foo=1\)'\): unknown argument 'foo'; expected filters, "
+                                   r"kernel, stride, pad"),
+    ("conv(6)", (1, 8, 8), r"layer 0 \('conv\(6\)'\): missing argument kernel"),
+    ("affine(x)", (4,), r"layer 0 \('affine\(x\)'\): 'x' is not a number"),
+    ("affine(2.5)", (4,), r"expected a whole number, got 2.5"),
+    ("affine(0)", (4,), r"layer 0 \('affine\(0\)'\): affine\(0\): the output size must be >= 1"),
+    ("dropout(1.5)", (4,), r"layer 0 \('dropout\(1.5\)'\): dropout\(1.5\): the rate must be in \[0, 1\)"),
+    ("softmax-affine(3)", (4,), r"layer 0 \(softmax\): a loss layer can only be the last layer"),
+    ("conv(2,3)-maxpool(3)-flatten-affine(2)", (1, 4, 4),
+     r"layer 1 \(maxpool\(3,stride=3\)\) with input shape \(2, 2, 2\): .*3x3 window does not fit an input of 2x2"),
+    ("flatten-affine(3)-", (1, 2, 2), r"empty layer in spec 'flatten-affine\(3\)-'"),
+    ("conv(2,1)", (1, 3, 3), r"layer 1 \(softmax\) with input shape \(2, 3, 3\): softmax needs a flat input but gets "
+                             r"shape \(2, 3, 3\); add 'flatten' before it"),
+    ("affine(3)", (1, 2), r"input shape must be \(features,\) or \(channels, height, width\)"),
+])
+def test_spec_errors(spec, shape, message):
+    with pytest.raises(SpecError, match=message):
+        FeedForwardTopology.from_spec(spec, shape)
+
+
+def test_mlp_size_errors_and_spec_error_is_value_error():
+    with pytest.raises(SpecError, match=r"at least an input and an output size, all >= 1, got \[3, 0, 2\]"):
+        FeedForwardTopology.multilayer_perceptron([3, 0, 2])
+    assert issubclass(SpecError, ValueError)
+
+
+def test_model_input_errors():
+    model = FeedForwardModel(FeedForwardTopology.multilayer_perceptron([4, 3]), seed=0)
+    with pytest.raises(ValueError, match=r"weights must be a vector of 15 values .* got shape \(14,\)"):
+        FeedForwardModel(model.topology, np.zeros(14))
+    with pytest.raises(ValueError, match=r"input must be a \(batch, 4\) array, got \(2, 5\)"):
+        model.predict(np.zeros((2, 5)))
+    with pytest.raises(ValueError, match=r"labels must be integers in \[0, 3\); got \[3\]"):
+        model.compute_gradient(np.zeros((2, 4)), np.array([0, 3]))
+
+
+# ---- dtypes and stability --------------------------------------------------------------------------------------
+def test_float32_default_float64_on_request():
+    topo = FeedForwardTopology.from_spec("conv(2,3)-relu-avgpool(2)-flatten-affine(3)", (1, 6, 6))
+    x, y = _data(np.random.default_rng(0), 4, 36, 3)
+    m32 = FeedForwardModel(topo, seed=0)
+    assert m32.weights.dtype == m32.gradient.dtype == np.float32
+    m32.compute_gradient(x, y)
+    assert all(o.dtype == np.float32 for o in m32.forward(x, training=True))
+    assert m32.get_gradient().dtype == np.float32 and m32.predict(x).dtype == np.float32
+    m64 = FeedForwardModel(topo, seed=0, dtype=np.float64)
+    m64.compute_gradient(x, y)
+    assert m64.predict(x).dtype == np.float64
+    np.testing.assert_allclose(m32.get_gradient(), m64.get_gradient(), rtol=1e-3, atol=1e-5)
+
+
+def test_softmax_xent_finite_when_probabilities_underflow():
+    be = NumpyBackend()
+    for dtype in (np.float32, np.float64):
+        z = np.array([[1000.0, 0.0, -1000.0], [-5000.0, 5000.0, 0.0]], dtype=dtype)
+        t = one_hot(np.array([2, 0]), 3, dtype)
+        loss, delta = be.softmax_xent(z, t, 0.5)
+        assert np.isfinite(loss) and loss == pytest.approx(2000.0 + 10000.0, rel=1e-6)
+        assert np.all(np.isfinite(delta))
+        np.testing.assert_allclose(delta, 0.5 * (np.array([[1, 0, 0], [0, 1, 0]]) - t), atol=1e-7)
+        p = be.softmax(z)
+        assert np.all(np.isfinite(p)) and p[0, 2] == 0.0
+        loss, delta = be.sigmoid_sq(z, t, 1.0)
+        assert np.isfinite(loss) and np.all(np.isfinite(delta))
+    # through a model whose logits are huge
+    topo = FeedForwardTopology.multilayer_perceptron([2, 3])
+    model = FeedForwardModel(topo, np.array([1e4, -1e4, 0, 0, 0, 0, 0, 0, 0]))
+    loss = model.compute_gradient(np.array([[1.0, 0.0]]), np.array([1]))
+    assert np.isfinite(loss) and loss == pytest.approx(2e4, rel=1e-6)
+    assert np.all(np.isfinite(model.get_gradient()))
+
+
+# ---- the in-process trainer ----------------------------------------------------------------------------------
+def test_trainer_one_full_batch_step_by_hand():
+    rng = np.random.default_rng(9)
+    topo = FeedForwardTopology.multilayer_perceptron([3, 4, 2])
+    x, y = _data(rng, 6, 3, 2)
+    model = FeedForwardModel(topo, seed=0, dtype=np.float64)
+    w0 = model.get_weights()
+    model.compute_gradient(x, y)
+    g = model.get_gradient()
+    cfg = TrainConfig(solver="sgd", stepSize=0.5, batchSize=6, regParam=0.1, seed=0)
+    history = train(model, x, y, cfg, epochs=1)
+    np.testing.assert_allclose(model.get_weights(), w0 - 0.5 * (g + 0.1 * w0), rtol=1e-12)
+    assert len(history) == 1
+
+
+def test_trainer_is_seeded_and_learns_spark_sample(spark_data_dir):
+    x, y = read_libsvm(f"{spark_data_dir}/sample_multiclass_classification_data.txt")
+    y = y.astype(np.int64)
+    topo = FeedForwardTopology.multilayer_perceptron([4, 8, 3])
+    cfg = TrainConfig(solver="momentum", stepSize=0.1, batchSize=16, seed=1, lrSchedule="cosine")
+    runs = []
+    for _ in range(2):
+        model = FeedForwardModel(topo, seed=2)
+        runs.append((train(model, x, y, cfg, epochs=30), model.get_weights()))
+    assert runs[0][0] == runs[1][0] and np.array_equal(runs[0][1], runs[1][1])
+    history = runs[0][0]
+    assert history[-1] < 0.5 * history[0]
+    model.set_weights(runs[0][1])
+    assert accuracy(model, x, y) > 0.9
+
+
+def test_trainer_errors():
+    model = FeedForwardModel(FeedForwardTopology.multilayer_perceptron([2, 2]), seed=0)
+    with pytest.raises(ValueError, match="x has 3 rows but y has 2 labels"):
+        train(model, np.zeros((3, 2)), np.zeros(2), TrainConfig(solver="sgd"))
+    with pytest.raises(ValueError, match="batchSize must be >= 1, got 0"):
+        train(model, np.zeros((3, 2)), np.zeros(3), TrainConfig(solver="sgd", batchSize=0))
+    with pytest.raises(ValueError, match="regParam must be >= 0, got -1.0"):
+        train(model, np.zeros((3, 2)), np.zeros(3), TrainConfig(solver="sgd", regParam=-1.0))
+
+
+def test_lenet_learns_fashion_mnist():
+    x_train, y_train, x_test, y_test = fashion_mnist()
+    model = FeedForwardModel(FeedForwardTopology.from_spec(LENET, (1, 28, 28)), seed=0)
+    cfg = TrainConfig(solver="adam", stepSize=2e-3, batchSize=64, seed=0)
+    history = train(model, x_train[:4000], y_train[:4000], cfg, epochs=2)
+    assert history[1] < history[0]
+    acc = accuracy(model, x_test[:2000], y_test[:2000])
+    assert acc > 0.7, f"test accuracy {acc} (chance is 0.1)"
