@@ -1,0 +1,239 @@
+"""Train a network on Spark with DeepClassifier, print its test accuracy, save the model and its loss curve.
+
+    spark-submit [--master ...] jobs/train.py [flags]      # see --help; the master comes from spark-submit
+
+With no flags: LeNet-5 on Fashion-MNIST, Adam, 2 epochs, batch 64, NumPy backend, treeAggregate mode.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+LENET = ("conv(6,5,pad=2)-relu-maxpool(2)-conv(16,5)-relu-maxpool(2)-flatten-affine(120)-relu-affine(84)-relu-"
+         "affine(10)")
+SOLVERS = ("l-bfgs", "gd", "sgd", "momentum", "adam")
+
+
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows defaults, except None and those the help text already explains."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default is None or "default" in (action.help or ""):
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="jobs/train.py", formatter_class=_Help,
+        description="Train an MLP or CNN with sparkdl-hetero's DeepClassifier on any Spark master (set by "
+                    "spark-submit --master), print the test accuracy, save the model and a PNG of the loss curve.")
+    d = p.add_argument_group("data")
+    d.add_argument("--dataset", default="fashion-mnist",
+                   help="'fashion-mnist' (its train/test split), a libsvm text file, or an IDX images file "
+                        "(with --labels)")
+    d.add_argument("--labels", help="IDX labels file for an IDX --dataset")
+    d.add_argument("--test-dataset", help="test set in the same format as --dataset (default: hold out "
+                   "--test-fraction of --dataset; Fashion-MNIST uses its own test split)")
+    d.add_argument("--test-labels", help="IDX labels file for an IDX --test-dataset")
+    d.add_argument("--test-fraction", type=float, default=0.2, help="held-out fraction when there is no test set")
+    d.add_argument("--data-dir", help="Fashion-MNIST directory (default: $SPARKDL_FASHION_MNIST, then "
+                   "/usr/share/datasets/fashion-mnist)")
+    d.add_argument("--num-features", type=int, default=0, help="libsvm: number of features (0: infer)")
+    d.add_argument("--train-limit", type=int, default=0, help="use only the first N training samples (0: all)")
+    d.add_argument("--test-limit", type=int, default=0, help="use only the first N test samples (0: all)")
+    d.add_argument("--partitions", type=int, default=0,
+                   help="partitions of the training DataFrame (0: Spark's default parallelism)")
+    m = p.add_argument_group("model")
+    m.add_argument("--model", default="lenet",
+                   help="'lenet' (LeNet-5), 'mlp' (Spark's sigmoid MLP with --hidden layers) or a layer spec such "
+                        "as 'affine(256)-relu-dropout(0.2)-affine(10)'")
+    m.add_argument("--hidden", default="100", help="mlp: comma-separated hidden layer sizes")
+    m.add_argument("--input-shape", help="C,H,W (or D) of the input; default: 1,H,W for image data, D otherwise")
+    t = p.add_argument_group("training")
+    t.add_argument("--solver", default="adam", choices=SOLVERS, help="optimizer")
+    t.add_argument("--step-size", type=float, help="learning rate (default: 0.001 for adam, 0.03 otherwise)")
+    t.add_argument("--epochs", type=int, default=2, help="passes over the data (mini-batch solvers)")
+    t.add_argument("--batch-size", type=int, default=64, help="global mini-batch size (mini-batch solvers)")
+    t.add_argument("--max-iter", type=int, default=100, help="l-bfgs/gd iterations")
+    t.add_argument("--tol", type=float, default=1e-6, help="convergence tolerance (Spark's meaning)")
+    t.add_argument("--reg-param", type=float, default=0.0, help="L2 regularization")
+    t.add_argument("--momentum", type=float, default=0.9, help="momentum coefficient (solver momentum)")
+    t.add_argument("--nesterov", action="store_true", help="Nesterov momentum (solver momentum)")
+    t.add_argument("--lr-schedule", default="constant", choices=("constant", "step", "cosine"),
+                   help="learning-rate schedule")
+    t.add_argument("--mode", default="treeAggregate", choices=("treeAggregate", "barrier"),
+                   help="distributed mode: driver-side optimizer over treeAggregate, or all-reduce between "
+                        "barrier tasks")
+    t.add_argument("--backend", default="numpy", help="executor array backend: numpy, opencl, cupy or auto")
+    t.add_argument("--dtype", default="float32", choices=("float32", "float64"), help="floating-point type")
+    t.add_argument("--seed", type=int, default=42, help="random seed (initial weights, shuffling)")
+    t.add_argument("--checkpoint-dir", default="", help="checkpoint directory; a rerun resumes from it")
+    t.add_argument("--checkpoint-interval", type=int, default=10, help="iterations between checkpoints")
+    o = p.add_argument_group("output")
+    o.add_argument("--output", default="train-output",
+                   help="directory for the saved model (OUTPUT/model), the loss curve (OUTPUT/loss.png) and "
+                        "the figures (OUTPUT/result.json)")
+    o.add_argument("--model-path", help="where to save the model, any path Spark can write (default: OUTPUT/model)")
+    o.add_argument("--quiet", action="store_true", help="no progress bar")
+    args = p.parse_args(argv)
+    if not 0 < args.test_fraction < 1:
+        p.error(f"--test-fraction must be in (0, 1), got {args.test_fraction}")
+    return args
+
+
+def _ints(text: str, flag: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise SystemExit(f"{flag}: expected comma-separated integers, got {text!r}") from None
+    if not values:
+        raise SystemExit(f"{flag}: expected at least one integer")
+    return values
+
+
+def load_data(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, tuple[int, ...]]:
+    """(x_train, y_train, x_test, y_test, input shape of one sample in C,H,W or (D,) order)."""
+    from sparkdl_hetero.data import fashion_mnist
+
+    if args.dataset == "fashion-mnist":
+        xtr, ytr, xte, yte = fashion_mnist(args.data_dir)
+        shape: tuple[int, ...] = (1, 28, 28)
+    else:
+        xtr, ytr, shape = _read(args.dataset, args.labels, args.num_features)
+        if args.test_dataset:
+            xte, yte, _ = _read(args.test_dataset, args.test_labels, xtr.shape[1])
+        else:
+            order = np.random.default_rng(args.seed).permutation(len(xtr))
+            n_test = max(1, int(round(len(xtr) * args.test_fraction)))
+            xte, yte = xtr[order[:n_test]], ytr[order[:n_test]]
+            xtr, ytr = xtr[order[n_test:]], ytr[order[n_test:]]
+    if args.train_limit:
+        xtr, ytr = xtr[:args.train_limit], ytr[:args.train_limit]
+    if args.test_limit:
+        xte, yte = xte[:args.test_limit], yte[:args.test_limit]
+    if args.input_shape:
+        shape = tuple(_ints(args.input_shape, "--input-shape"))
+    return xtr, ytr, xte, yte, shape
+
+
+def _read(path: str, labels: str | None, num_features: int | None) -> tuple[np.ndarray, np.ndarray, tuple]:
+    from sparkdl_hetero.data import read_idx, read_libsvm
+
+    if not os.path.isfile(path):
+        raise SystemExit(f"--dataset {path!r}: no such file")
+    with open(path, "rb") as f:
+        head = f.read(3)
+    is_idx = head[:2] == b"\x1f\x8b" or (head[:2] == b"\0\0" and len(head) == 3)  # gzip or IDX magic
+    if not is_idx:
+        x, y = read_libsvm(path, num_features or None)
+        return x, y, (x.shape[1],)
+    if not labels:
+        raise SystemExit(f"{path} is an IDX file: pass its labels file with --labels / --test-labels")
+    images, y = read_idx(path), read_idx(labels)
+    if len(images) != len(y):
+        raise SystemExit(f"{path} has {len(images)} samples but {labels} has {len(y)} labels")
+    x = images.reshape(len(images), -1).astype(np.float32)
+    if images.dtype == np.uint8:
+        x /= np.float32(255.0)
+    shape = (1, *images.shape[1:]) if images.ndim == 3 else (x.shape[1],)  # (n, rows, cols) images: 1 channel
+    return x, y.astype(np.float64), shape
+
+
+def to_dataframe(spark, x: np.ndarray, y: np.ndarray, partitions: int):  # noqa: ANN001, ANN201 -- pyspark
+    """A DataFrame (features array<float>, label double) built through Arrow, no per-row Python."""
+    import pyarrow as pa
+
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    feats = pa.FixedSizeListArray.from_arrays(pa.array(x.ravel()), x.shape[1]).cast(pa.list_(pa.float32()))
+    table = pa.table({"features": feats, "label": pa.array(y.astype(np.float64))})
+    return spark.createDataFrame(table).repartition(partitions)
+
+
+def build_classifier(args: argparse.Namespace, shape: tuple[int, ...], num_classes: int):  # noqa: ANN201
+    from sparkdl_hetero.ml import DeepClassifier
+
+    step = args.step_size if args.step_size is not None else (0.001 if args.solver == "adam" else 0.03)
+    est = DeepClassifier(
+        solver=args.solver, stepSize=step, maxIter=args.max_iter, tol=args.tol, seed=args.seed,
+        epochs=args.epochs, batchSize=args.batch_size, regParam=args.reg_param, momentum=args.momentum,
+        nesterov=args.nesterov, lrSchedule=args.lr_schedule, mode=args.mode, backend=args.backend,
+        dtype=args.dtype, checkpointDir=args.checkpoint_dir, checkpointInterval=args.checkpoint_interval,
+        verbose=not args.quiet)
+    num_inputs = int(np.prod(shape))
+    if args.model == "mlp":
+        return est.setLayers([num_inputs, *_ints(args.hidden, "--hidden"), num_classes])
+    spec = LENET if args.model == "lenet" else args.model
+    return est.setTopology(spec).setInputShape(list(shape))
+
+
+def save_loss_curve(history: list[float], path: str, title: str) -> str:
+    """Write the loss curve PNG; a message instead when matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "matplotlib is not installed: no loss curve PNG (pip install 'sparkdl-hetero[plot]')"
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(np.arange(1, len(history) + 1), history)
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("training loss")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return f"loss curve: {path}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from pyspark.ml.evaluation import MulticlassClassificationEvaluator
+    from pyspark.sql import SparkSession
+
+    xtr, ytr, xte, yte, shape = load_data(args)
+    num_classes = int(max(ytr.max(), yte.max())) + 1
+    spark = SparkSession.builder.appName("sparkdl-hetero train").getOrCreate()
+    partitions = args.partitions or spark.sparkContext.defaultParallelism
+    train_df = to_dataframe(spark, xtr, ytr, partitions)
+    test_df = to_dataframe(spark, xte, yte, partitions)
+    est = build_classifier(args, shape, num_classes)
+    print(f"train: {len(xtr)} samples, test: {len(xte)} samples, {num_classes} classes, input shape {shape}, "
+          f"{partitions} partitions, master {spark.sparkContext.master}", flush=True)
+
+    start = time.perf_counter()
+    model = est.fit(train_df)
+    seconds = time.perf_counter() - start
+    history = model.summary.objectiveHistory
+    print(f"model: {model.getTopology()} ({model.network.num_weights} weights); solver {args.solver}, "
+          f"{model.summary.totalIterations} iterations in {seconds:.1f} s; final loss "
+          f"{history[-1] if history else float('nan'):.4f}", flush=True)
+
+    predictions = model.transform(test_df)
+    accuracy = MulticlassClassificationEvaluator(metricName="accuracy").evaluate(predictions)
+    print(f"test accuracy: {accuracy:.4f}", flush=True)
+
+    os.makedirs(args.output, exist_ok=True)
+    model_path = args.model_path or os.path.join(args.output, "model")
+    model.write().overwrite().save(model_path)
+    print(f"model saved: {model_path}")
+    print(save_loss_curve(history, os.path.join(args.output, "loss.png"),
+                          f"{args.model if args.model in ('mlp', 'lenet') else 'spec'} / {args.solver}: "
+                          f"test accuracy {accuracy:.4f}"))
+    with open(os.path.join(args.output, "result.json"), "w") as f:
+        json.dump({"testAccuracy": accuracy, "trainSeconds": seconds, "objectiveHistory": history,
+                   "topology": model.getTopology(), "inputShape": list(shape), "args": vars(args)}, f, indent=1)
+    spark.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
