@@ -1,0 +1,229 @@
+"""The barrier-mode transport: real TCP sockets on 127.0.0.1, one thread per rank."""
+
+from __future__ import annotations
+
+import socket
+import struct
+import threading
+import time
+from collections.abc import Callable
+
+import numpy as np
+import pytest
+
+from sparkdl_hetero.distributed.comm import MAGIC, CommError, Communicator, new_secret
+
+
+def run_ranks(world: int, fn: Callable[[Communicator], object], *, timeout: float = 10.0,
+              max_elements: int = 1 << 16) -> list[object]:
+    """Build a connected mesh of ``world`` communicators and run ``fn`` on each in its own thread.
+    Returns each rank's result or the exception it raised."""
+    comms = [Communicator(r, world, "127.0.0.1", timeout=timeout, max_elements=max_elements) for r in range(world)]
+    addresses = [c.address for c in comms]
+    secret = new_secret()
+    results: list[object] = [None] * world
+
+    def body(r: int) -> None:
+        try:
+            comms[r].connect(addresses, secret)
+            results[r] = fn(comms[r])
+        except Exception as e:  # noqa: BLE001 - handed back to the test
+            results[r] = e
+        finally:
+            comms[r].close()
+
+    threads = [threading.Thread(target=body, args=(r,)) for r in range(world)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+        assert not t.is_alive(), "a rank hung"
+    return results
+
+
+@pytest.mark.parametrize("algorithm", ["hub", "ring"])
+@pytest.mark.parametrize("world", [2, 3, 4])
+def test_allreduce_equals_sum_and_is_bit_identical(algorithm: str, world: int) -> None:
+    rng = np.random.default_rng(world)
+    size = 1001  # not divisible by the number of ranks: uneven ring chunks
+    data = [rng.normal(size=size).astype(np.float32) for _ in range(world)]
+    results = run_ranks(world, lambda c: [c.allreduce(data[c.rank], algorithm) for _ in range(3)])
+    for res in results:
+        assert not isinstance(res, Exception), res
+    expected = np.sum(np.stack(data).astype(np.float64), axis=0)
+    for res in results:
+        for out in res:
+            assert out.dtype == np.float32
+            np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+            assert out.tobytes() == results[0][0].tobytes()  # every rank, every call: the same bits
+
+
+def test_ring_with_fewer_elements_than_ranks() -> None:
+    results = run_ranks(4, lambda c: c.allreduce(np.array([c.rank + 1.0, 2.0]), "ring"))
+    for res in results:
+        np.testing.assert_array_equal(res, [10.0, 8.0])
+
+
+def test_weighted_mean_normalizes_by_total_weight() -> None:
+    # rank r holds the sum of r + 1 samples whose values are all r: the mean over all samples is sum(r*(r+1))/sum(r+1)
+    results = run_ranks(3, lambda c: c.weighted_mean(np.full(5, c.rank * (c.rank + 1.0)), c.rank + 1.0))
+    for mean, total in results:
+        assert total == 6.0
+        np.testing.assert_allclose(mean, np.full(5, (0 + 2 + 6) / 6.0))
+
+
+def test_allgather_and_broadcast_of_small_objects() -> None:
+    def fn(c: Communicator) -> tuple:
+        info = c.allgather({"rank": c.rank, "samples": 10 * c.rank, "w": np.arange(3, dtype=np.float32) * c.rank})
+        flag = c.broadcast({"stop": True} if c.rank == 1 else None, root=1)
+        return info, flag
+
+    for info, flag in run_ranks(3, fn):
+        assert [d["rank"] for d in info] == [0, 1, 2]
+        assert [d["samples"] for d in info] == [0, 10, 20]
+        np.testing.assert_array_equal(info[2]["w"], np.array([0, 2, 4], dtype=np.float32))
+        assert info[2]["w"].dtype == np.float32
+        assert flag == {"stop": True}
+
+
+def test_objects_are_json_not_pickle() -> None:
+    results = run_ranks(2, lambda c: c.allgather({1, 2}))
+    for res in results:
+        assert isinstance(res, TypeError)
+        assert "JSON values and numpy arrays only" in str(res)
+
+
+def test_wrong_secret_is_rejected_and_the_real_peer_still_gets_in() -> None:
+    server = Communicator(0, 2, "127.0.0.1", timeout=5.0)
+    secret = new_secret()
+    errors: list[Exception] = []
+
+    def serve() -> None:
+        try:
+            server.connect([server.address, ("127.0.0.1", 1)], secret)
+        except Exception as e:  # noqa: BLE001
+            errors.append(e)
+
+    t = threading.Thread(target=serve)
+    t.start()
+    intruder = Communicator(1, 2, "127.0.0.1", timeout=5.0)
+    with pytest.raises(CommError, match=r"rank 0 refused the connection during authentication \(wrong job secret"):
+        intruder.connect([server.address, intruder.address], new_secret())
+    intruder.close()
+    peer = Communicator(1, 2, "127.0.0.1", timeout=5.0)
+    peer.connect([server.address, peer.address], secret)
+    t.join(10)
+    assert not errors
+    out = [None, None]
+    t2 = threading.Thread(target=lambda: out.__setitem__(0, server.allreduce(np.ones(3))))
+    t2.start()
+    out[1] = peer.allreduce(np.ones(3))
+    t2.join(10)
+    np.testing.assert_array_equal(out[0], [2, 2, 2])
+    np.testing.assert_array_equal(out[1], [2, 2, 2])
+    server.close()
+    peer.close()
+
+
+def test_server_that_lacks_the_secret_is_rejected_by_the_client() -> None:
+    # a listener that answers the hello with garbage must not be trusted by the connecting rank
+    listener = socket.create_server(("127.0.0.1", 0))
+    addr = listener.getsockname()[:2]
+
+    def fake_server() -> None:
+        s, _ = listener.accept()
+        s.sendall(b"SDLA" + b"\0" * 32)
+        s.recv(1024)
+        s.sendall(b"\1" * 32)
+        time.sleep(0.5)
+        s.close()
+
+    t = threading.Thread(target=fake_server)
+    t.start()
+    client = Communicator(1, 2, "127.0.0.1", timeout=5.0)
+    with pytest.raises(CommError, match="rank 0 failed authentication") as info:
+        client.connect([addr, client.address], new_secret())
+    assert info.value.rank == 0
+    client.close()
+    t.join(5)
+    listener.close()
+
+
+def test_missing_peer_times_out_naming_it() -> None:
+    c = Communicator(0, 3, "127.0.0.1", timeout=1.0)
+    t0 = time.monotonic()
+    with pytest.raises(CommError, match=r"rank 1 did not connect within 1 s \(still missing: 1, 2\)"):
+        c.connect([c.address, ("127.0.0.1", 1), ("127.0.0.1", 1)], new_secret())
+    assert time.monotonic() - t0 < 5
+    c.close()
+
+
+def test_oversized_frame_is_rejected() -> None:
+    def fn(c: Communicator) -> object:
+        if c.rank == 1:
+            # a frame announcing more than the data limit (max_elements * 8 bytes) — written past the API's own check
+            peer = c._peers[0]
+            peer.sock.sendall(struct.pack("!4sBQ", MAGIC, 1, 100 * 8 + 1) + b"\0" * 16)
+            time.sleep(1.0)
+            return None
+        return c.allreduce(np.ones(10), "hub")
+
+    results = run_ranks(2, fn, timeout=5.0, max_elements=100)
+    err = results[0]
+    assert isinstance(err, CommError)
+    assert err.rank == 1
+    assert "rank 1 sent a data frame of 801 bytes, larger than the limit of 800 bytes" in str(err)
+
+
+def test_vector_larger_than_limit_is_refused_locally() -> None:
+    results = run_ranks(2, lambda c: c.allreduce(np.ones(101)), max_elements=100)
+    for res in results:
+        assert isinstance(res, ValueError)
+        assert "exceeds this communicator's limit of 800 bytes" in str(res)
+
+
+@pytest.mark.parametrize("algorithm", ["hub", "ring"])
+def test_stalled_peer_is_named_within_the_timeout(algorithm: str) -> None:
+    timeout = 1.0
+
+    def fn(c: Communicator) -> object:
+        c.allreduce(np.ones(8), algorithm)
+        if c.rank == 2:
+            time.sleep(3 * timeout + 2)  # stalls: never joins the second reduction
+            return "slept"
+        t0 = time.monotonic()
+        try:
+            c.allreduce(np.ones(8), algorithm)
+        except CommError as e:
+            return e, time.monotonic() - t0
+        return "no error"
+
+    results = run_ranks(3, fn, timeout=timeout)
+    for r in (0, 1):
+        err, elapsed = results[r]
+        assert isinstance(err, CommError), results
+        assert err.rank == 2, (r, str(err))
+        assert "rank 2" in str(err)
+        assert elapsed < 2 * timeout + 1.5
+
+
+def test_dead_peer_is_named_at_once() -> None:
+    def fn(c: Communicator) -> object:
+        if c.rank == 1:
+            for p in c._peers.values():  # dies: its sockets close without a goodbye
+                p.sock.shutdown(socket.SHUT_RDWR)
+            return None
+        t0 = time.monotonic()
+        try:
+            c.allreduce(np.ones(4), "hub")
+        except CommError as e:
+            return e, time.monotonic() - t0
+        return "no error"
+
+    results = run_ranks(3, fn, timeout=30.0)
+    for r in (0, 2):
+        err, elapsed = results[r]
+        assert isinstance(err, CommError), results
+        assert err.rank == 1
+        assert "rank 1" in str(err)
+        assert elapsed < 5.0  # the closed socket is noticed, not the 30 s timeout
