@@ -7,7 +7,7 @@ setup(
     packages=find_packages(include=["sparkdl_hetero", "sparkdl_hetero.*"]) + ["sparkdl_hetero.kernels"],
     # the OpenCL/CUDA sources live in the top-level kernels/ folder and install as sparkdl_hetero.kernels
     package_dir={"sparkdl_hetero.kernels": "kernels"},
-    package_data={"sparkdl_hetero.kernels": ["*.cl", "*.cu"]},
+    package_data={"sparkdl_hetero.kernels": ["*.cl", "*.cu", "*.h"]},
     python_requires=">=3.10",
     install_requires=[
         "numpy>=1.26",
