@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from sparkdl_hetero.backends import BackendUnavailable
-from sparkdl_hetero.distributed.placement import backend_for, task_backend
+from sparkdl_hetero.distributed.placement import backend_for, probe_executors, task_backend
 
 
 def _has_cupy_gpu() -> bool:
@@ -69,3 +69,14 @@ def test_task_backend_inside_spark_tasks(spark):
         assert " pid " in account and " partition " in account and f": {name}" in account
     outside_be, outside = task_backend("numpy")
     assert outside_be.name == "numpy" and " partition " not in outside
+
+
+def test_probe_executors_logs_each_task_and_fails_clearly(spark):
+    sc = spark.sparkContext
+    accounts = probe_executors(sc, "numpy", 2)
+    assert len(accounts) == 2 and all(a.endswith(": numpy") and " partition " in a for a in accounts)
+    if _has_cupy_gpu():
+        return
+    with pytest.raises(BackendUnavailable, match=r"backend 'cupy' is not available: cannot import cupy .*"
+                                                 r"\(on .* pid \d+ partition \d\)\. Install it with"):
+        probe_executors(sc, "cupy", 2)

@@ -10,3 +10,4 @@ class BackendUnavailable(RuntimeError):
         super().__init__(f"backend {backend!r} is not available: {reason}. {fix}")
         self.backend = backend
         self.reason = reason
+        self.fix = fix

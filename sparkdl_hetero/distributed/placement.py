@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import socket
 
-from ..backends import Backend, get_backend, resolve_auto
+from ..backends import Backend, BackendUnavailable, get_backend, resolve_auto
 
 
 def assigned_gpu() -> str | None:
@@ -43,14 +43,35 @@ def backend_for(name: str | Backend, gpu: str | None, **options: object) -> tupl
 
 def task_backend(name: str | Backend, **options: object) -> tuple[Backend, str]:
     """The backend for the running Spark task (call it on executors) and ``"host pid N partition P: ..."``."""
+    be, account = backend_for(name, assigned_gpu(), **options)
+    return be, f"{_where()}: {account}"
+
+
+def _where() -> str:
+    """``host pid N`` (and ``partition P`` inside a Spark task)."""
     from pyspark import TaskContext
 
-    be, account = backend_for(name, assigned_gpu(), **options)
     ctx = TaskContext.get()
     where = f"{socket.gethostname()} pid {os.getpid()}"
-    if ctx is not None:
-        where += f" partition {ctx.partitionId()}"
-    return be, f"{where}: {account}"
+    return where if ctx is None else f"{where} partition {ctx.partitionId()}"
+
+
+def probe_executors(sc, name: str, num_tasks: int, **options: object) -> list[str]:  # noqa: ANN001
+    """Resolve the backend in ``num_tasks`` Spark tasks (one Spark job, e.g. at fit start) and return each
+    task's account for the job log; a backend asked for by name that cannot run on an executor raises
+    :class:`BackendUnavailable` on the driver, naming that executor."""
+
+    def probe(_: object) -> list[tuple[str, ...]]:
+        try:
+            return [("ok", task_backend(name, **options)[1])]
+        except BackendUnavailable as exc:
+            return [("unavailable", exc.backend, f"{exc.reason} (on {_where()})", exc.fix)]
+
+    results = sc.parallelize(range(num_tasks), num_tasks).mapPartitions(probe).collect()
+    for r in results:
+        if r[0] == "unavailable":
+            raise BackendUnavailable(r[1], r[2], r[3])
+    return [r[1] for r in results]
 
 
 def _gpu_index(address: str) -> int:
