@@ -22,6 +22,7 @@ class TrainConfig:
     blockSize: int = 128  # rows stacked per block (Spark's meaning)
     batchSize: int = 64  # global mini-batch size for sgd/momentum/adam
     epochs: int = 0  # mini-batch solvers: passes over the data (0: use maxIter)
+    miniBatchFraction: float = 1.0  # gd: fraction of rows sampled per iteration (Spark's GradientDescent)
     momentum: float = 0.9
     nesterov: bool = False
     beta1: float = 0.9

@@ -1,0 +1,55 @@
+"""The one entry point of distributed training: validate, convert, dispatch on ``config.mode``."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..nn.objective import Objective
+from .config import TrainConfig, TrainResult
+from .data import prepare
+
+
+def _initial_weights(objective: Objective, config: TrainConfig, initial_weights: np.ndarray | None) -> np.ndarray:
+    n = objective.num_weights
+    if initial_weights is None:
+        return np.asarray(objective.initial_weights(config.seed), dtype=np.float64)
+    w = np.asarray(initial_weights, dtype=np.float64).ravel()
+    if w.shape != (n,):
+        raise ValueError(f"initialWeights must hold {n} values for this model, got {w.size}")
+    if not np.all(np.isfinite(w)):
+        raise ValueError(f"initialWeights must be finite, got {int(np.sum(~np.isfinite(w)))} NaN/inf values")
+    return w
+
+
+def _check_config(config: TrainConfig) -> None:
+    checks = [("maxIter", config.maxIter >= 0, ">= 0"), ("tol", config.tol >= 0, ">= 0"),
+              ("stepSize", config.stepSize > 0, "> 0"), ("regParam", config.regParam >= 0, ">= 0"),
+              ("batchSize", config.batchSize >= 1, ">= 1"), ("epochs", config.epochs >= 0, ">= 0"),
+              ("miniBatchFraction", 0 < getattr(config, "miniBatchFraction", 1.0) <= 1, "in (0, 1]"),
+              ("checkpointInterval", config.checkpointInterval >= 1 or not config.checkpointDir, ">= 1")]
+    for name, ok, expected in checks:
+        if not ok:
+            raise ValueError(f"{name} must be {expected}, got {getattr(config, name)!r}")
+
+
+def fit(df, features_col: str, label_col: str, objective: Objective, config: TrainConfig,  # noqa: ANN001
+        initial_weights: np.ndarray | None = None) -> TrainResult:
+    """Train ``objective`` on the rows of ``df`` (features: a Vector or numeric array of the model's input size;
+    label: integer class indices). Every input check raises ValueError before any training starts."""
+    _check_config(config)
+    w0 = _initial_weights(objective, config, initial_weights)
+    topology = objective.topology
+    if config.mode == "barrier":
+        try:
+            from .barrier import fit_barrier
+        except ImportError as e:
+            raise ValueError(f"mode='barrier' is not available in this installation ({e}); "
+                             f"use mode='treeAggregate'") from e
+        return fit_barrier(df, features_col, label_col, objective, config, w0)
+    data = prepare(df, features_col, label_col, topology.num_inputs, topology.num_outputs)
+    try:
+        from .tree_aggregate import train
+
+        return train(data, objective, config, w0)
+    finally:
+        data.release()

@@ -1,0 +1,408 @@
+"""Training through ``treeAggregate``: the optimizer runs on the driver, executors compute gradient sums.
+
+Each evaluation broadcasts the flat weights (float32), runs one ``treeAggregate`` over the cached handles RDD of
+:mod:`.data` -- every task sums gradient, loss and count over its partition's resident blocks with a replica
+built once per Python worker -- and the driver divides and updates. Solvers:
+
+- ``l-bfgs``: scipy's L-BFGS-B (10 corrections) on the full-batch mean loss + L2; stops on ``maxIter`` or
+  Spark's (Breeze's) convergence test with ``tol``: the loss improved by at most ``tol * |initial loss|`` over the
+  last 20 iterations, or ``||gradient|| <= max(tol * loss, 1e-8)``. ``objectiveHistory`` holds the initial loss
+  and the loss after each iteration, as Spark's ``summary.objectiveHistory``.
+- ``gd``: Spark's ``GradientDescent`` as the MLP uses it: each iteration samples ``miniBatchFraction`` of the rows
+  (1.0: all), ``w -= lr * (mean gradient + regParam * w)``; stops when ``||w_i - w_(i-1)|| < tol * max(||w_i||,
+  1)``. The history holds the loss before each update.
+- ``sgd`` / ``momentum`` (``nesterov``) / ``adam``: epochs of global mini-batches of ``batchSize`` rows
+  (each partition contributes its share of a per-epoch permutation), one ``treeAggregate`` per step, the updater
+  of :mod:`sparkdl_hetero.nn.optim`. The history holds each epoch's mean mini-batch loss; ``tol`` is not used.
+
+``regParam`` adds ``regParam / 2 * ||w||^2`` to the loss; the learning rate follows ``lrSchedule``. Checkpoints
+every ``checkpointInterval`` iterations (mini-batch solvers: steps) when ``checkpointDir`` is set, and a fit
+resumes from the latest one. A non-finite loss raises :class:`TrainingDivergedError` carrying the last good
+weights.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+
+import numpy as np
+
+from ..nn.objective import Objective
+from ..nn.optim import learning_rate, make_updater
+from .checkpoint import Checkpoint, load_compatible, save_checkpoint
+from .config import TrainConfig, TrainResult
+from .data import PartitionedData, resident_blocks
+
+CHUNK_ROWS = 4096  # rows per forward/backward call inside a task: big GEMMs, bounded activation memory
+_FVAL_MEMORY = 20  # Breeze's default history length for the function-value convergence test
+
+
+class TrainingDivergedError(FloatingPointError):
+    """The loss became NaN or infinite; ``weights`` are the last weights with a finite loss."""
+
+    def __init__(self, message: str, weights: np.ndarray | None, iteration: int, history: list[float]) -> None:
+        super().__init__(message)
+        self.weights = weights
+        self.iteration = iteration
+        self.history = history
+
+
+# ---- executor side ---------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Job:
+    """What a task needs besides the weights: which rows, and how to build the replica."""
+
+    fit_id: str
+    objective: Objective
+    backend: str
+    dtype: str
+    seed: int
+    kind: str = "full"  # full | fraction | batch
+    fraction: float = 1.0
+    iteration: int = 0
+    epoch: int = 0
+    step: int = 0
+    steps_per_epoch: int = 1
+
+
+_REPLICAS: dict[tuple, Any] = {}  # per Python worker: (fit id, backend, dtype) -> replica, built once per fit
+_PERMS: dict[tuple, np.ndarray] = {}  # per Python worker: (fit id, seed, partition, epoch) -> row permutation
+_CONTROLLER: list = []
+
+
+def _replica(job: _Job) -> Any:
+    key = (job.fit_id, job.backend, job.dtype)
+    rep = _REPLICAS.get(key)
+    if rep is None:
+        while len(_REPLICAS) >= 4:  # a worker serving several fits (cross-validation) keeps the latest few
+            _REPLICAS.pop(next(iter(_REPLICAS)))
+        rep = _REPLICAS[key] = job.objective.replica(job.backend, np.dtype(job.dtype), job.seed)
+    return rep
+
+
+def _rows(job: _Job, part: int, n: int) -> np.ndarray | None:
+    """Row indices of this partition that the evaluation uses (sorted); ``None``: all rows."""
+    if job.kind == "full":
+        return None
+    if job.kind == "fraction":
+        if job.fraction >= 1.0:
+            return None
+        rng = np.random.default_rng([job.seed, job.iteration, part])
+        return np.flatnonzero(rng.random(n) < job.fraction)
+    key = (job.fit_id, job.seed, part, job.epoch)
+    perm = _PERMS.get(key)
+    if perm is None:
+        for k in [k for k in _PERMS if k[0] == job.fit_id and k[2] == part]:
+            del _PERMS[k]
+        perm = _PERMS[key] = np.random.default_rng([job.seed, job.epoch, part]).permutation(n)
+    s, steps = job.step, job.steps_per_epoch
+    return np.sort(perm[s * n // steps:(s + 1) * n // steps])
+
+
+def _blas_limit(cpus: int) -> Any:
+    from threadpoolctl import ThreadpoolController
+
+    if not _CONTROLLER:
+        _CONTROLLER.append(ThreadpoolController())
+    return _CONTROLLER[0].limit(limits=cpus, user_api="blas")
+
+
+def partition_gradient(job: _Job, x: np.ndarray, y: np.ndarray, part: int, weights: np.ndarray,
+                       cpus: int = 1) -> tuple[np.ndarray | None, float, int]:
+    """(gradient sum, loss sum, count) of one partition's selected rows at ``weights``."""
+    idx = _rows(job, part, len(y))
+    m = len(y) if idx is None else len(idx)
+    if m == 0:
+        return None, 0.0, 0
+    rep = _replica(job)
+    rep.set_weights(weights)
+    rep.zero_grad()
+    loss = 0.0
+    with _blas_limit(cpus):
+        for lo in range(0, m, CHUNK_ROWS):
+            hi = min(m, lo + CHUNK_ROWS)
+            if idx is None:
+                xb, yb = x[lo:hi], y[lo:hi]
+            else:
+                xb, yb = x[idx[lo:hi]], y[idx[lo:hi]]
+            loss += rep.compute_gradient(xb, yb, scale=float(hi - lo)) * (hi - lo)
+    return rep.get_gradient().astype(np.float64), loss, m
+
+
+def _task(handles: Any, job: _Job, bc: Any) -> Any:
+    """mapPartitions body: one (gradient sum, loss sum, count, missing partitions) per partition."""
+    from pyspark import TaskContext
+
+    ctx = TaskContext.get()
+    cpus = max(1, int(ctx.cpus())) if ctx is not None else 1
+    for h in handles:
+        blocks = resident_blocks(job.fit_id, h)
+        if blocks is None:
+            yield None, 0.0, 0, (h.part,)
+            continue
+        g, loss, n = partition_gradient(job, blocks[0], blocks[1], h.part, bc.value, cpus)
+        yield g, loss, n, ()
+
+
+def _combine(a: tuple, b: tuple) -> tuple:
+    ga, gb = a[0], b[0]
+    if ga is None:
+        g = gb
+    elif gb is None:
+        g = ga
+    else:
+        ga += gb
+        g = ga
+    return g, a[1] + b[1], a[2] + b[2], a[3] + b[3]
+
+
+# ---- driver side ------------------------------------------------------------------------------------------
+@dataclass
+class _State:
+    weights: np.ndarray  # float64 host
+    iteration: int = 0
+    history: list[float] = field(default_factory=list)
+    extra: dict = field(default_factory=dict)
+
+
+class TreeAggregateTrainer:
+    """Runs one fit: evaluations over Spark, the solver loop on the driver, progress, checkpoints."""
+
+    def __init__(self, data: PartitionedData, objective: Objective, config: TrainConfig) -> None:
+        self.data, self.objective, self.config = data, objective, config
+        self.sc = data.handles_rdd.context
+        self.dtype = np.dtype(config.dtype)
+        self.evaluations = 0
+        self.samples = 0
+        self.fallbacks = 0
+        self.started = time.perf_counter()
+        self.bar: Any = None
+
+    # -- one distributed evaluation --
+    def evaluate(self, w: np.ndarray, job: _Job, label: str) -> tuple[np.ndarray, float, int]:
+        """Gradient sum, loss sum and count over the rows ``job`` selects, at weights ``w``."""
+        sc = self.sc
+        bc = sc.broadcast(np.ascontiguousarray(w, dtype=self.dtype))
+        sc.setJobDescription(f"sparkdl-hetero fit {self.data.fit_id[:8]}: {label}")
+        sc.setLocalProperty("sparkdl.iteration", label)
+        try:
+            zero: tuple = (None, 0.0, 0, ())
+            g, loss, n, missing = self.data.handles_rdd.mapPartitions(partial(_task, job=job, bc=bc)) \
+                .treeAggregate(zero, _combine, _combine, depth=2)
+            if missing:  # partitions whose task ran on a host without their files: recompute them there
+                self.fallbacks += len(missing)
+                rdd = self.data.rebuild_rdd().mapPartitions(partial(_task, job=job, bc=bc))
+                for part in sc.runJob(rdd, lambda it: [_combine_all(it)], partitions=sorted(missing)):
+                    if part[3]:
+                        raise RuntimeError(f"partitions {list(part[3])} have no blocks even after recomputing "
+                                           f"them on the executor that ran them")
+                    g, loss, n, _ = _combine((g, loss, n, ()), part)
+        finally:
+            sc.setJobDescription(None)
+            sc.setLocalProperty("sparkdl.iteration", None)
+            bc.destroy()
+        self.evaluations += 1
+        self.samples += n
+        if g is None:
+            g = np.zeros(self.objective.num_weights)
+        return g, loss, n
+
+    def loss_and_grad(self, w: np.ndarray, job: _Job, label: str) -> tuple[float, np.ndarray, int]:
+        """Mean loss + L2 and its gradient (float64) over the selected rows."""
+        g, loss, n = self.evaluate(w, job, label)
+        if n == 0:
+            return float("nan"), g, 0
+        reg = self.config.regParam
+        g /= n
+        f = loss / n
+        if reg:
+            g += reg * w
+            f += 0.5 * reg * float(w @ w)
+        return f, g, n
+
+    def job(self, **kw: Any) -> _Job:
+        c = self.config
+        return _Job(self.data.fit_id, self.objective, c.backend, c.dtype, c.seed, **kw)
+
+    # -- bookkeeping --
+    def diverged(self, f: float, iteration: int, good: np.ndarray | None, history: list[float]) -> None:
+        if not math.isfinite(f):
+            raise TrainingDivergedError(
+                f"the loss became {f} at iteration {iteration} ({self.config.solver}, stepSize "
+                f"{self.config.stepSize}); training stopped. The last weights with a finite loss are in this "
+                f"error's .weights", None if good is None else good.copy(), iteration, list(history))
+
+    def progress(self, total: int, initial: int, unit: str) -> None:
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=total, initial=initial, unit=unit, desc=f"{self.config.solver} ({unit})",
+                        disable=not self.config.verbose, dynamic_ncols=True)
+
+    def tick(self, loss: float, n: int = 1) -> None:
+        if self.bar is not None:
+            elapsed = max(time.perf_counter() - self.started, 1e-9)
+            self.bar.set_postfix(loss=f"{loss:.5g}", samples_s=f"{self.samples / elapsed:,.0f}", refresh=False)
+            self.bar.update(n)
+
+    def checkpoint(self, state: _State, updater_state: dict | None = None, force: bool = False) -> None:
+        c = self.config
+        if c.checkpointDir and (force or (c.checkpointInterval > 0 and state.iteration % c.checkpointInterval == 0)):
+            save_checkpoint(c.checkpointDir, Checkpoint(state.weights, state.iteration, state.history,
+                                                        updater_state or {}, c.solver, state.extra))
+
+    def result(self, state: _State, converged: str) -> TrainResult:
+        if self.bar is not None:
+            self.bar.close()
+        seconds = time.perf_counter() - self.started
+        return TrainResult(state.weights, list(state.history), state.iteration, {
+            "mode": "treeAggregate", "solver": self.config.solver, "converged": converged,
+            "evaluations": self.evaluations, "seconds": seconds, "samples": self.samples,
+            "samplesPerSecond": self.samples / max(seconds, 1e-9), "numPartitions": self.data.num_partitions,
+            "partitionSizes": self.data.partition_sizes(), "fallbackPartitions": self.fallbacks})
+
+    # -- solvers --
+    def run(self, initial_weights: np.ndarray) -> TrainResult:
+        c = self.config
+        ckpt = load_compatible(c.checkpointDir, c.solver, self.objective.num_weights) if c.checkpointDir else None
+        if ckpt is not None:
+            state = _State(ckpt.weights.astype(np.float64), ckpt.iteration, list(ckpt.history), dict(ckpt.extra))
+        else:
+            state = _State(np.asarray(initial_weights, dtype=np.float64).copy())
+        if c.solver == "l-bfgs":
+            return self.lbfgs(state)
+        if c.solver == "gd":
+            return self.gd(state)
+        return self.minibatch(state, ckpt.updater_state if ckpt is not None else None)
+
+    def lbfgs(self, state: _State) -> TrainResult:
+        from scipy.optimize import minimize
+
+        c = self.config
+        full = self.job()
+        last: dict[str, Any] = {}
+        good = state.weights.copy()
+
+        def fun(w: np.ndarray) -> tuple[float, np.ndarray]:
+            f, g, _ = self.loss_and_grad(w, full, f"l-bfgs iteration {state.iteration + 1}, "
+                                                  f"evaluation {self.evaluations + 1}")
+            self.diverged(f, state.iteration + (1 if last else 0), good, state.history)
+            last.update(x=w.copy(), f=f, g=g)
+            if not state.history:  # the initial loss, as Spark's history starts
+                state.history.append(f)
+            return f, g
+
+        stop = ""
+
+        def callback(intermediate_result: Any) -> None:
+            nonlocal stop, good
+            state.iteration += 1
+            x = intermediate_result.x
+            f = float(intermediate_result.fun)
+            g = last["g"] if np.array_equal(last.get("x"), x) else self.loss_and_grad(x, full, "gradient")[1]
+            state.weights = np.array(x, dtype=np.float64)
+            good = state.weights.copy()
+            state.history.append(f)
+            self.tick(f)
+            self.checkpoint(state)
+            hist = state.history[1:][-_FVAL_MEMORY:]
+            f0 = abs(state.history[0])
+            if len(hist) >= _FVAL_MEMORY and abs(f - max(hist)) <= c.tol * f0:
+                stop = "function values converged"
+            elif float(np.linalg.norm(g)) <= max(c.tol * f, 1e-8):
+                stop = "gradient converged"
+            if stop:
+                raise StopIteration
+
+        remaining = c.maxIter - state.iteration
+        self.progress(c.maxIter, state.iteration, "iteration")
+        if remaining > 0:
+            res = minimize(fun, state.weights, jac=True, method="L-BFGS-B", callback=callback,
+                           options={"maxiter": remaining, "maxcor": 10, "ftol": 0.0, "gtol": 0.0,
+                                    "maxfun": max(15000, 50 * remaining)})
+            if not stop:
+                stop = "max iterations" if state.iteration >= c.maxIter else f"l-bfgs stopped: {res.message}"
+            if state.iteration == 0 and not state.history:
+                state.history.append(float(res.fun))
+        else:
+            stop = "max iterations (resumed from a finished checkpoint)"
+        return self.result(state, stop)
+
+    def gd(self, state: _State) -> TrainResult:
+        c = self.config
+        updater = make_updater(c)
+        self.progress(c.maxIter, state.iteration, "iteration")
+        prev: np.ndarray | None = None
+        stop = "max iterations"
+        while state.iteration < c.maxIter:
+            i = state.iteration
+            job = self.job(kind="fraction", fraction=getattr(c, "miniBatchFraction", 1.0), iteration=i)
+            f, g, n = self.loss_and_grad(state.weights, job, f"gd iteration {i + 1}")
+            if n == 0:  # Spark skips an iteration whose sample is empty
+                state.iteration += 1
+                continue
+            self.diverged(f, i + 1, prev, state.history)
+            prev = state.weights.copy()
+            updater.step(state.weights, g, learning_rate(c, i, c.maxIter))
+            state.iteration += 1
+            state.history.append(f)
+            self.tick(f)
+            self.checkpoint(state)
+            diff = float(np.linalg.norm(state.weights - prev))
+            if i > 0 and diff < c.tol * max(float(np.linalg.norm(state.weights)), 1.0):
+                stop = "weights converged"
+                break
+        return self.result(state, stop)
+
+    def minibatch(self, state: _State, updater_state: dict | None) -> TrainResult:
+        c = self.config
+        if c.batchSize < 1:
+            raise ValueError(f"batchSize must be >= 1, got {c.batchSize}")
+        n_total = self.data.count
+        steps_per_epoch = max(1, math.ceil(n_total / c.batchSize))
+        epochs = c.epochs if c.epochs > 0 else c.maxIter
+        total = epochs * steps_per_epoch
+        updater = make_updater(c)
+        if updater_state:
+            updater.load_state_dict(updater_state)
+        ex = state.extra
+        loss_sum, count = float(ex.get("epochLossSum", 0.0)), int(ex.get("epochCount", 0))
+        self.progress(total, state.iteration, "step")
+        prev = state.weights.copy()
+        while state.iteration < total:
+            t = state.iteration
+            epoch, step = divmod(t, steps_per_epoch)
+            job = self.job(kind="batch", epoch=epoch, step=step, steps_per_epoch=steps_per_epoch)
+            f, g, n = self.loss_and_grad(state.weights, job, f"{c.solver} epoch {epoch + 1} step {step + 1}")
+            if n:
+                self.diverged(f, t + 1, prev, state.history)
+                prev[:] = state.weights
+                updater.step(state.weights, g, learning_rate(c, t, total))
+                loss_sum += f * n
+                count += n
+                self.tick(f)
+            elif self.bar is not None:
+                self.bar.update(1)
+            state.iteration += 1
+            if state.iteration % steps_per_epoch == 0:
+                state.history.append(loss_sum / max(count, 1))
+                loss_sum, count = 0.0, 0
+            state.extra = {"epochLossSum": loss_sum, "epochCount": count}
+            self.checkpoint(state, updater.state_dict())
+        return self.result(state, f"{epochs} epochs")
+
+
+def _combine_all(it: Any) -> tuple:
+    acc: tuple = (None, 0.0, 0, ())
+    for v in it:
+        acc = _combine(acc, v)
+    return acc
+
+
+def train(data: PartitionedData, objective: Objective, config: TrainConfig,
+          initial_weights: np.ndarray) -> TrainResult:
+    """Fit ``objective`` on ``data`` with ``config.solver`` through treeAggregate (resuming from a checkpoint)."""
+    return TreeAggregateTrainer(data, objective, config).run(initial_weights)
