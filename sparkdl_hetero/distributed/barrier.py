@@ -1,0 +1,580 @@
+"""Barrier-mode training (``mode="barrier"``): one long-running task per worker, the reduction over sockets.
+
+The validated input is repartitioned into ``numWorkers`` partitions and handed to one barrier task each
+(``mapInArrow(..., barrier=True)``); every task keeps its rows in memory and a full replica of the parameters
+(through the :class:`~sparkdl_hetero.nn.objective.Objective` / ``Replica`` interface only). The tasks meet once
+through ``BarrierTaskContext.allGather`` (address, port, and rank 0's fresh job secret), open an authenticated
+mesh (:mod:`.comm`) and from then on never talk to Spark: each step is local forward/backward, one all-reduce,
+and the same update on every replica, so the replicas stay bit-identical.
+
+Mini-batch solvers (``sgd``, ``momentum``, ``adam``): the global batch ``batchSize`` is split among the workers in
+proportion to their measured compute throughput (``balance=True``; re-measured every step and re-split every
+:data:`REBALANCE_EVERY` steps) or to their number of rows (``balance=False``: plain synchronous training). Each
+worker sends the *sum* of its samples' gradients with its sample count; the all-reduced sum divided by the total
+count is exactly the mean gradient of the global batch. Throughputs ride in the same vector (one slot per rank),
+so every rank computes the same split. ``syncEvery=k>1``: k local steps on each worker, then the weights are
+averaged, weighted by the samples each worker used (local SGD / FedAvg). An epoch is ``ceil(rows / batchSize)``
+global steps. ``validationFraction``: each worker holds out that share of its rows; the all-reduced validation loss
+after each epoch drives early stopping with ``patience`` -- every rank takes the same decision, so all stop
+together, and the best weights are returned.
+
+Full-batch solvers: ``gd`` (``w -= lr * mean gradient``) and ``l-bfgs`` -- every task runs the same scipy L-BFGS-B
+on the all-reduced full-batch loss and gradient (no driver round trip per iteration), with the treeAggregate
+mode's stopping rules.
+
+Checkpoints (rank 0 writes, every ``checkpointInterval`` steps, to ``checkpointDir`` -- a directory every
+executor can read, as Spark's own checkpoint directory) let a retried barrier stage resume where it was.
+``config.straggler`` ({rank: factor}) slows a worker by sleeping ``(factor - 1)`` x its compute time per step:
+a benchmarking aid reproducing a slow device. Testing aid: the Spark local property
+``sparkdl_hetero.injectFault = "rank:step"`` makes that rank raise at that step in the stage's first attempt.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+
+from ..nn.objective import Objective
+from ..nn.optim import learning_rate, make_updater
+from .checkpoint import Checkpoint, load_compatible, save_checkpoint
+from .comm import CommError, Communicator, new_secret
+from .config import TrainConfig, TrainResult
+from .data import prepare
+
+REBALANCE_EVERY = 10  # steps between re-splits of the global batch
+WARMUP_STEPS = 2  # steps before the first re-split (the first measurements include one-off costs)
+_EMA = 0.3  # weight of the newest throughput measurement
+CHUNK_ROWS = 4096  # rows per forward/backward call in full-batch evaluations
+_FVAL_MEMORY = 20
+FAULT_PROPERTY = "sparkdl_hetero.injectFault"
+_OUT_SCHEMA = "rank int, meta string, weights binary"
+
+
+class InjectedFault(RuntimeError):
+    """Raised by the testing aid ``sparkdl_hetero.injectFault``."""
+
+
+def split_batch(batch: int, weights: np.ndarray) -> np.ndarray:
+    """``batch`` split in proportion to ``weights`` (largest remainder), each share at least 1 when possible."""
+    w = np.maximum(np.asarray(weights, dtype=np.float64), 0.0)
+    k = len(w)
+    if batch < k or not np.isfinite(w).all() or w.sum() <= 0:
+        w = np.ones(k)
+    floor = min(1, batch // k)
+    rest = batch - floor * k
+    exact = rest * w / w.sum()
+    shares = np.floor(exact).astype(np.int64)
+    order = np.argsort(-(exact - shares), kind="stable")
+    shares[order[:rest - int(shares.sum())]] += 1
+    return shares + floor
+
+
+def _percentile(values: list[float], q: float) -> float:
+    return float(np.percentile(values, q)) if values else 0.0
+
+
+class _Cursor:
+    """Walks a worker's rows in a fresh permutation per pass (seeded by seed, rank and pass)."""
+
+    def __init__(self, n: int, seed: int, rank: int, start: int) -> None:
+        self.n, self.seed, self.rank, self.passes = n, seed, rank, start
+        self.perm = self._perm()
+        self.pos = 0
+
+    def _perm(self) -> np.ndarray:
+        return np.random.default_rng([self.seed, self.rank, self.passes]).permutation(self.n)
+
+    def take(self, b: int) -> np.ndarray:
+        out = []
+        while b > 0 and self.n:
+            if self.pos == self.n:
+                self.passes += 1
+                self.perm, self.pos = self._perm(), 0
+            k = min(b, self.n - self.pos)
+            out.append(self.perm[self.pos:self.pos + k])
+            self.pos += k
+            b -= k
+        return np.sort(np.concatenate(out)) if out else np.zeros(0, np.int64)
+
+
+class BarrierWorker:
+    """One rank's training loop over a connected :class:`Communicator`; independent of Spark (tests run it in
+    threads). ``x``/``y`` are this worker's rows."""
+
+    def __init__(self, comm: Communicator, objective: Objective, config: TrainConfig, x: np.ndarray,
+                 y: np.ndarray, initial_weights: np.ndarray, fault_step: int = -1) -> None:
+        self.comm, self.objective, self.config = comm, objective, config
+        self.rank, self.world = comm.rank, comm.world_size
+        self.dtype = np.dtype(config.dtype)
+        self.replica = objective.replica(config.backend, self.dtype, config.seed)
+        self.nw = objective.num_weights
+        self.fault_step = fault_step
+        n = len(y)
+        nval = int(round(n * config.validationFraction)) if config.validationFraction > 0 else 0
+        order = np.random.default_rng([config.seed, 7919, self.rank]).permutation(n)
+        val, train = np.sort(order[:nval]), np.sort(order[nval:])
+        self.x, self.y = (x[train], y[train]) if nval else (x, y)
+        self.xv, self.yv = (x[val], y[val]) if nval else (x[:0], y[:0])
+        self.weights = np.asarray(initial_weights, dtype=np.float64).copy()
+        self.iteration = 0
+        self.history: list[float] = []
+        self.extra: dict = {}
+        self.updater_state: dict = {}
+        self.straggle = float({int(k): v for k, v in dict(config.straggler).items()}.get(self.rank, 1.0))
+        if self.straggle < 1.0:
+            raise ValueError(f"straggler factors must be >= 1, got {self.straggle} for rank {self.rank}")
+        # timings of this rank
+        self.step_seconds: list[float] = []
+        self.compute_seconds = 0.0
+        self.comm_seconds = 0.0
+        self.samples = 0
+        self.started = time.perf_counter()
+        # all-reduced counts, identical on every rank
+        self.train_rows = 0
+        self.val_rows = 0
+
+    # ---- pieces ----------------------------------------------------------------------------------------
+    def _gradient_sum(self, idx: np.ndarray | None) -> tuple[np.ndarray, float, int]:
+        """(sum of per-sample gradients, sum of losses, count) over this worker's rows ``idx`` (None: all), at
+        the current weights, straggler delay included."""
+        t0 = time.perf_counter()
+        rep = self.replica
+        rep.set_weights(self.weights.astype(self.dtype))
+        rep.zero_grad()
+        m = len(self.y) if idx is None else len(idx)
+        loss = 0.0
+        for lo in range(0, m, CHUNK_ROWS):
+            hi = min(m, lo + CHUNK_ROWS)
+            sel = slice(lo, hi) if idx is None else idx[lo:hi]
+            loss += rep.compute_gradient(self.x[sel], self.y[sel], scale=float(hi - lo)) * (hi - lo)
+        g = rep.get_gradient() if m else np.zeros(self.nw, self.dtype)
+        elapsed = time.perf_counter() - t0
+        if self.straggle > 1.0:
+            time.sleep((self.straggle - 1.0) * elapsed)
+        self.compute_seconds += time.perf_counter() - t0
+        self.samples += m
+        return g, loss, m
+
+    def _allreduce(self, v: np.ndarray) -> np.ndarray:
+        t0 = time.perf_counter()
+        out = self.comm.allreduce(v, self.config.allReduce)
+        self.comm_seconds += time.perf_counter() - t0
+        return out
+
+    def combined_gradient(self, idx: np.ndarray | None) -> tuple[np.ndarray, float, int, np.ndarray]:
+        """The mean gradient and mean loss over every worker's selected rows (float64), the total count, and
+        every rank's compute throughput for this step (samples/s) -- identical on all ranks."""
+        c0 = self.compute_seconds
+        g, loss, m = self._gradient_sum(idx)
+        v = np.zeros(self.nw + 2 + self.world, dtype=np.float32 if self.dtype == np.float32 else np.float64)
+        v[:self.nw] = g
+        v[self.nw] = loss
+        v[self.nw + 1] = m
+        v[self.nw + 2 + self.rank] = m / max(self.compute_seconds - c0, 1e-9)
+        out = self._allreduce(v).astype(np.float64)
+        total = int(round(out[self.nw + 1]))
+        if total == 0:
+            raise ValueError("no worker has rows to train on")
+        return out[:self.nw] / total, float(out[self.nw]) / total, total, out[self.nw + 2:]
+
+    def _regularized(self, f: float, g: np.ndarray) -> tuple[float, np.ndarray]:
+        reg = self.config.regParam
+        if reg:
+            g = g + reg * self.weights
+            f += 0.5 * reg * float(self.weights @ self.weights)
+        return f, g
+
+    def _check_finite(self, f: float) -> None:
+        if not math.isfinite(f):
+            raise FloatingPointError(f"the loss became {f} at iteration {self.iteration} ({self.config.solver}, "
+                                     f"stepSize {self.config.stepSize}); training stopped")
+
+    def _validation(self) -> tuple[float, float]:
+        """All-reduced (mean loss, accuracy) on the held-out rows at the current weights."""
+        rep = self.replica
+        rep.set_weights(self.weights.astype(self.dtype))
+        loss = correct = 0.0
+        for lo in range(0, len(self.yv), CHUNK_ROWS):
+            xb, yb = self.xv[lo:lo + CHUNK_ROWS], self.yv[lo:lo + CHUNK_ROWS]
+            rep.zero_grad()
+            loss += rep.compute_gradient(xb, yb) * len(yb)
+            correct += float(np.sum(np.argmax(rep.predict(xb), axis=1) == yb))
+        out = self._allreduce(np.array([loss, correct, len(self.yv)], dtype=np.float64))
+        return float(out[0] / out[2]), float(out[1] / out[2])
+
+    def _maybe_fault(self) -> None:
+        if self.iteration == self.fault_step:
+            raise InjectedFault(f"injected fault on rank {self.rank} at step {self.iteration}")
+
+    def _checkpoint(self, force: bool = False) -> None:
+        c = self.config
+        if self.rank == 0 and c.checkpointDir and (force or self.iteration % c.checkpointInterval == 0):
+            save_checkpoint(c.checkpointDir, Checkpoint(self.weights, self.iteration, self.history,
+                                                        self.updater_state, c.solver, self.extra))
+
+    def restore(self) -> None:
+        """Continue from the latest compatible checkpoint (every rank reads the same one; checked)."""
+        c = self.config
+        ckpt = load_compatible(c.checkpointDir, c.solver, self.nw) if c.checkpointDir else None
+        if ckpt is not None:
+            self.weights = ckpt.weights.astype(np.float64)
+            self.iteration, self.history = ckpt.iteration, list(ckpt.history)
+            self.updater_state, self.extra = dict(ckpt.updater_state), dict(ckpt.extra)
+        digests = self.comm.allgather(self.digest())
+        if len(set(digests)) != 1:
+            raise RuntimeError(f"workers started from different states (checkpoint digests {digests}); "
+                               f"is checkpointDir {c.checkpointDir!r} on a file system every executor shares?")
+
+    def digest(self) -> str:
+        return hashlib.sha256(self.weights.tobytes()).hexdigest()[:16] + f"@{self.iteration}"
+
+    # ---- solvers ---------------------------------------------------------------------------------------
+    def run(self) -> str:
+        """Train; returns why training stopped."""
+        counts = self.comm.allreduce(np.array([len(self.y), len(self.yv)], dtype=np.float64), "hub")
+        self.train_rows, self.val_rows = int(counts[0]), int(counts[1])
+        if self.train_rows == 0:
+            raise ValueError("no worker has training rows")
+        if self.config.solver == "l-bfgs":
+            return self.lbfgs()
+        if self.config.solver == "gd":
+            return self.gd()
+        return self.minibatch()
+
+    def minibatch(self) -> str:
+        c = self.config
+        batch = c.batchSize
+        steps_per_epoch = max(1, math.ceil(self.train_rows / batch))
+        epochs = c.epochs if c.epochs > 0 else c.maxIter
+        total = epochs * steps_per_epoch
+        updater = make_updater(c)
+        if self.updater_state:
+            updater.load_state_dict(self.updater_state)
+        ex = self.extra
+        rows = self.comm.allgather(len(self.y))
+        throughput = np.asarray(ex.get("throughput", rows), dtype=np.float64)
+        shares = split_batch(batch, throughput if c.balance else rows)
+        loss_sum, count = float(ex.get("epochLossSum", 0.0)), int(ex.get("epochCount", 0))
+        best = (float(ex.get("bestLoss", math.inf)), int(ex.get("badEpochs", 0)))
+        best_weights = self.weights.copy()
+        measured = "throughput" in ex
+        cursor = _Cursor(len(self.y), c.seed, self.rank, self.iteration)
+        k = max(1, c.syncEvery)
+        local_samples = 0
+        stop = f"{epochs} epochs"
+        while self.iteration < total:
+            self._maybe_fault()
+            t = self.iteration
+            t0 = time.perf_counter()
+            idx = cursor.take(int(shares[self.rank]))
+            lr = learning_rate(c, t, total)
+            if k == 1:
+                g, f, n, thr = self.combined_gradient(idx)
+                f, g = self._regularized(f, g)
+                self._check_finite(f)
+                updater.step(self.weights, g, lr)
+            else:  # a local step; the weights are averaged every k steps
+                g, loss, n = self._gradient_sum(idx)
+                f, g = self._regularized(loss / max(n, 1), g.astype(np.float64) / max(n, 1))
+                if n:
+                    updater.step(self.weights, g, lr)
+                local_samples += n
+                if (t + 1) % k == 0 or t + 1 == total:
+                    self._average(local_samples)
+                    local_samples = 0
+            self.iteration += 1
+            self.step_seconds.append(time.perf_counter() - t0)
+            loss_sum += f * n
+            count += n
+            if k == 1 and self.iteration > WARMUP_STEPS:  # the first steps carry one-off costs: not measured
+                thr = np.maximum(thr, 1e-9)
+                throughput = (1 - _EMA) * throughput + _EMA * thr if measured else thr
+                if c.balance and (not measured or self.iteration % REBALANCE_EVERY == 0):
+                    shares = split_batch(batch, throughput)
+                measured = True
+            self.updater_state = updater.state_dict()
+            if self.iteration % steps_per_epoch == 0:
+                if k > 1:  # the epoch's mean loss over every worker's samples
+                    tot = self._allreduce(np.array([loss_sum, count], dtype=np.float64))
+                    loss_sum, count = float(tot[0]), int(tot[1])
+                self.history.append(loss_sum / max(count, 1))
+                loss_sum, count = 0.0, 0
+                if self.val_rows:
+                    vloss, vacc = self._validation()
+                    self.extra.setdefault("validation", []).append([vloss, vacc])
+                    if vloss < best[0] - c.tol:
+                        best, best_weights = (vloss, 0), self.weights.copy()
+                    else:
+                        best = (best[0], best[1] + 1)
+                    if best[1] >= c.patience:
+                        stop = f"early stopping: validation loss did not improve for {c.patience} epochs"
+                        break
+            self.extra.update(epochLossSum=loss_sum, epochCount=count, bestLoss=best[0], badEpochs=best[1],
+                              throughput=[float(v) for v in throughput], shares=[int(s) for s in shares])
+            if self.iteration % k == 0:
+                self._checkpoint()
+        if self.val_rows and best[1] > 0:  # the best validated weights, not the last ones
+            self.weights = best_weights
+        self.extra["finalShares"] = [int(s) for s in shares]
+        return stop
+
+    def _average(self, local_samples: int) -> None:
+        t0 = time.perf_counter()
+        mean, _ = self.comm.weighted_mean(self.weights * local_samples, float(max(local_samples, 0)),
+                                          self.config.allReduce)
+        self.weights = np.asarray(mean, dtype=np.float64)
+        self.comm_seconds += time.perf_counter() - t0
+
+    def full_batch(self) -> tuple[float, np.ndarray]:
+        """Mean loss + L2 and its gradient over every worker's training rows, at the current weights."""
+        g, f, _, _ = self.combined_gradient(None)
+        return self._regularized(f, g)
+
+    def gd(self) -> str:
+        c = self.config
+        updater = make_updater(c)
+        stop = "max iterations"
+        while self.iteration < c.maxIter:
+            self._maybe_fault()
+            t0 = time.perf_counter()
+            i = self.iteration
+            f, g = self.full_batch()
+            self._check_finite(f)
+            prev = self.weights.copy()
+            updater.step(self.weights, g, learning_rate(c, i, c.maxIter))
+            self.iteration += 1
+            self.history.append(f)
+            self.step_seconds.append(time.perf_counter() - t0)
+            self._checkpoint()
+            diff = float(np.linalg.norm(self.weights - prev))
+            if i > 0 and diff < c.tol * max(float(np.linalg.norm(self.weights)), 1.0):
+                stop = "weights converged"
+                break
+        return stop
+
+    def lbfgs(self) -> str:
+        from scipy.optimize import minimize
+
+        c = self.config
+        last: dict[str, Any] = {}
+        stop = ""
+        t_iter = [time.perf_counter()]
+
+        def fun(w: np.ndarray) -> tuple[float, np.ndarray]:
+            self.weights = np.array(w, dtype=np.float64)
+            f, g = self.full_batch()
+            self._check_finite(f)
+            last.update(x=self.weights.copy(), f=f, g=g)
+            if not self.history:
+                self.history.append(f)
+            return f, g
+
+        def callback(intermediate_result: Any) -> None:
+            nonlocal stop
+            self.iteration += 1
+            x = np.array(intermediate_result.x, dtype=np.float64)
+            f = float(intermediate_result.fun)
+            if not np.array_equal(last.get("x"), x):
+                self.weights = x
+                f, g = self.full_batch()
+            else:
+                g = last["g"]
+            self.weights = x
+            self.history.append(f)
+            now = time.perf_counter()
+            self.step_seconds.append(now - t_iter[0])
+            t_iter[0] = now
+            self._checkpoint()
+            self._maybe_fault()
+            hist = self.history[1:][-_FVAL_MEMORY:]
+            if len(hist) >= _FVAL_MEMORY and abs(f - max(hist)) <= c.tol * abs(self.history[0]):
+                stop = "function values converged"
+            elif float(np.linalg.norm(g)) <= max(c.tol * f, 1e-8):
+                stop = "gradient converged"
+            if stop:
+                raise StopIteration
+
+        remaining = c.maxIter - self.iteration
+        if remaining <= 0:
+            return "max iterations (resumed from a finished checkpoint)"
+        start = self.weights.copy()
+        res = minimize(fun, start, jac=True, method="L-BFGS-B", callback=callback,
+                       options={"maxiter": remaining, "maxcor": 10, "ftol": 0.0, "gtol": 0.0,
+                                "maxfun": max(15000, 50 * remaining)})
+        if not stop:
+            stop = "max iterations" if self.iteration >= c.maxIter else f"l-bfgs stopped: {res.message}"
+        if self.iteration == 0:
+            self.weights = np.array(res.x, dtype=np.float64)
+        return stop
+
+    # ---- summary ---------------------------------------------------------------------------------------
+    def summary(self) -> dict:
+        """This rank's timings."""
+        wall = time.perf_counter() - self.started
+        steps = self.step_seconds
+        busy = self.compute_seconds + self.comm_seconds
+        return {"rank": self.rank, "rows": int(len(self.y)), "steps": len(steps),
+                "stepMean": float(np.mean(steps)) if steps else 0.0, "stepP95": _percentile(steps, 95),
+                "computeSeconds": self.compute_seconds, "commSeconds": self.comm_seconds,
+                "computeShare": self.compute_seconds / busy if busy else 0.0,
+                "commShare": self.comm_seconds / busy if busy else 0.0,
+                "samples": self.samples, "samplesPerSecond": self.samples / max(wall, 1e-9),
+                "computeSamplesPerSecond": self.samples / max(self.compute_seconds, 1e-9),
+                "bytesSent": self.comm.bytes_sent, "seconds": wall}
+
+
+def train_worker(comm: Communicator, objective: Objective, config: TrainConfig, x: np.ndarray, y: np.ndarray,
+                 initial_weights: np.ndarray, fault_step: int = -1) -> tuple[BarrierWorker, str, list[dict]]:
+    """Run one rank to the end: restore, train, check the replicas agree, gather every rank's summary."""
+    worker = BarrierWorker(comm, objective, config, x, y, initial_weights, fault_step)
+    worker.restore()
+    stop = worker.run()
+    worker._checkpoint(force=True)
+    digests = comm.allgather(worker.digest())
+    if len(set(digests)) != 1:
+        raise RuntimeError(f"replicas diverged: weight digests per rank {digests}")
+    summaries = comm.allgather(worker.summary())
+    return worker, stop, summaries
+
+
+# ---- Spark side ----------------------------------------------------------------------------------------------
+def _task_host(ctx: Any) -> str:
+    """This executor's address as Spark knows it (sockets bind there, not to every interface)."""
+    import socket
+
+    address = ctx.getTaskInfos()[ctx.partitionId()].address
+    host = address.rsplit(":", 1)[0] if ":" in address else address
+    try:
+        return socket.gethostbyname(host)
+    except OSError:
+        return "127.0.0.1"
+
+
+def _fault_step(ctx: Any, rank: int) -> int:
+    spec = ctx.getLocalProperty(FAULT_PROPERTY)
+    if not spec or ctx.stageAttemptNumber() != 0:
+        return -1
+    r, step = (int(v) for v in spec.split(":"))
+    return step if r == rank else -1
+
+
+def _barrier_task(batches: Iterator, objective: Objective, config: TrainConfig, initial_weights: np.ndarray,
+                  num_features: int) -> Iterator:
+    """mapInArrow(barrier=True) body: gather this partition's rows, meet the others, train, rank 0 answers."""
+    import pyarrow as pa
+    from pyspark import BarrierTaskContext
+
+    from .tree_aggregate import _blas_limit
+
+    ctx = BarrierTaskContext.get()
+    rank = ctx.partitionId()
+    world = len(ctx.getTaskInfos())
+    xs, ys = [], []
+    for batch in batches:
+        if batch.num_rows:
+            xs.append(batch.column(0).flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False))
+            ys.append(batch.column(1).to_numpy(zero_copy_only=False).astype(np.int32))
+    x = np.concatenate(xs).reshape(-1, num_features) if xs else np.zeros((0, num_features), np.float32)
+    y = np.concatenate(ys) if ys else np.zeros(0, np.int32)
+    del xs, ys
+    comm = Communicator(rank, world, _task_host(ctx), timeout=config.commTimeout,
+                        max_elements=objective.num_weights + world + 8)
+    try:
+        secret = new_secret().hex() if rank == 0 else ""
+        infos = [json.loads(s) for s in ctx.allGather(json.dumps(
+            {"host": comm.address[0], "port": comm.address[1], "secret": secret}))]
+        comm.connect([(i["host"], i["port"]) for i in infos], bytes.fromhex(infos[0]["secret"]))
+        with _blas_limit(max(1, int(ctx.cpus()))):
+            worker, stop, summaries = train_worker(comm, objective, config, x, y, initial_weights,
+                                                   _fault_step(ctx, rank))
+    finally:
+        comm.close()
+    if rank == 0:
+        meta = {"history": worker.history, "iterations": worker.iteration, "stop": stop,
+                "workers": summaries, "extra": {k: v for k, v in worker.extra.items()
+                                                if k in ("validation", "finalShares", "throughput")}}
+        yield pa.RecordBatch.from_pylist([{"rank": 0, "meta": json.dumps(meta),
+                                           "weights": worker.weights.tobytes()}],
+                                         schema=pa.schema([("rank", pa.int32()), ("meta", pa.string()),
+                                                           ("weights", pa.binary())]))
+
+
+def _stats(meta: dict, config: TrainConfig, world: int, seconds: float) -> dict:
+    workers = meta["workers"]
+    slowest = min(workers, key=lambda s: s["computeSamplesPerSecond"])
+    samples = sum(s["samples"] for s in workers)
+    return {"mode": "barrier", "solver": config.solver, "converged": meta["stop"], "numWorkers": world,
+            "allReduce": config.allReduce, "balance": config.balance, "syncEvery": config.syncEvery,
+            "seconds": seconds, "samples": samples, "samplesPerSecond": samples / max(seconds, 1e-9),
+            "trainSeconds": max(s["seconds"] for s in workers),
+            "trainSamplesPerSecond": samples / max(max(s["seconds"] for s in workers), 1e-9),
+            "straggler": slowest["rank"] if world > 1 else None, "workers": workers, **meta["extra"]}
+
+
+def fit_barrier(df: Any, features_col: str, label_col: str, objective: Objective, config: TrainConfig,
+                initial_weights: np.ndarray) -> TrainResult:
+    """Train ``objective`` on ``df`` in barrier mode (see the module docstring)."""
+    if config.syncEvery < 1:
+        raise ValueError(f"syncEvery must be >= 1, got {config.syncEvery}")
+    if not 0.0 <= config.validationFraction < 1.0:
+        raise ValueError(f"validationFraction must be in [0, 1), got {config.validationFraction}")
+    if config.patience < 1:
+        raise ValueError(f"patience must be >= 1, got {config.patience}")
+    if config.allReduce not in ("auto", "hub", "ring"):
+        raise ValueError(f"allReduce must be one of auto, hub, ring; got {config.allReduce!r}")
+    if config.commTimeout <= 0:
+        raise ValueError(f"commTimeout must be > 0, got {config.commTimeout}")
+    for r, factor in dict(config.straggler).items():
+        if float(factor) < 1.0:
+            raise ValueError(f"straggler factors must be >= 1, got {factor} for rank {r}")
+    topology = objective.topology
+    d = topology.num_inputs
+    data = prepare(df, features_col, label_col, d, topology.num_outputs)
+    sc = data.handles_rdd.context
+    try:
+        world = config.numWorkers or sc.defaultParallelism
+        if world < 1:
+            raise ValueError(f"numWorkers must be >= 1, got {world}")
+        for r in dict(config.straggler):
+            if not 0 <= int(r) < world:
+                raise ValueError(f"straggler rank {r} is not a worker rank (0..{world - 1})")
+        w0 = np.asarray(initial_weights, dtype=np.float64)
+        parts = data.arrow_df.repartition(world)
+        sc.setJobDescription(f"sparkdl-hetero fit {data.fit_id[:8]}: barrier training on {world} workers")
+        started = time.perf_counter()
+        try:
+            rows = parts.mapInArrow(lambda it: _barrier_task(it, objective, config, w0, d), _OUT_SCHEMA,
+                                    barrier=True).collect()
+        except Exception as e:
+            raise RuntimeError(f"barrier training failed (after Spark's stage retries): "
+                               f"{_root_cause(e)}") from e
+        finally:
+            sc.setJobDescription(None)
+        seconds = time.perf_counter() - started
+    finally:
+        data.release()
+    if len(rows) != 1:
+        raise RuntimeError(f"barrier training returned {len(rows)} results, expected one from rank 0")
+    meta = json.loads(rows[0]["meta"])
+    weights = np.frombuffer(rows[0]["weights"], dtype=np.float64).copy()
+    return TrainResult(weights, meta["history"], meta["iterations"], _stats(meta, config, world, seconds))
+
+
+def _root_cause(e: Exception) -> str:
+    """The Python error inside a Spark failure message (the last traceback line that names an error)."""
+    text = str(e)
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    for marker in ("CommError", "InjectedFault", "FloatingPointError", "ValueError", "RuntimeError", "Error:"):
+        hits = [ln for ln in lines if marker in ln]
+        if hits:
+            return hits[-1][:1000]
+    return (lines[0] if lines else repr(e))[:1000]
+
+
+__all__ = ["BarrierWorker", "CommError", "fit_barrier", "split_batch", "train_worker"]
