@@ -56,6 +56,9 @@ class _DeepClassifierParams(HasSeed, HasMaxIter, HasTol, HasStepSize, HasSolver,
     # ---- mini-batch training and updaters ----
     batchSize: Param[int] = _param("batchSize", "Global mini-batch size for sgd, momentum and adam.",
                                    TypeConverters.toInt)
+    miniBatchFraction: Param[float] = _param("miniBatchFraction", "gd: fraction of the rows sampled per "
+                                             "iteration (Spark's GradientDescent), in (0, 1].",
+                                             TypeConverters.toFloat)
     epochs: Param[int] = _param("epochs", "Passes over the data for mini-batch solvers (0: maxIter).",
                                 TypeConverters.toInt)
     momentum: Param[float] = _param("momentum", "Momentum coefficient (solver momentum).", TypeConverters.toFloat)
