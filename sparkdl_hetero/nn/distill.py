@@ -168,6 +168,10 @@ class DistillationReplica:
     def get_gradient(self) -> np.ndarray:
         return self.backend.to_host(self.gradient)
 
+    def predict(self, x: np.ndarray | Array) -> np.ndarray:
+        """The mentee's class probabilities (what the trained model will predict)."""
+        return self.mentee.predict(x)
+
     def _mentor_input(self, x: np.ndarray | Array) -> np.ndarray | Array:
         """Host rows serve both models; a device batch (in the mentee's layout) is re-laid out if the
         mentor's input shape differs."""
