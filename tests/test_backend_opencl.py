@@ -382,3 +382,31 @@ def test_get_backend_options_and_auto():
         return
     be, why = resolve_auto(opencl="accelerator")
     assert be.name == "numpy" and "passed over: opencl accelerator: no OpenCL device of type" in why
+
+
+# ---- end to end on Spark ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("spec,shape,solver", [("affine(32)-relu-affine(10)", 784, "l-bfgs"),
+                                               ("conv(4,5,stride=2)-relu-maxpool(2)-flatten-affine(10)", (1, 28, 28),
+                                                "adam")])
+def test_spark_fit_on_opencl_reaches_the_numpy_accuracy(spark, spec, shape, solver):
+    """The same treeAggregate fit of a small Fashion-MNIST subset, once on NumPy, once on PoCL."""
+    import pandas as pd
+
+    from sparkdl_hetero.data import fashion_mnist
+    from sparkdl_hetero.distributed.config import TrainConfig
+    from sparkdl_hetero.distributed.fit import fit
+    from sparkdl_hetero.nn.objective import Objective
+
+    x_tr, y_tr, x_te, y_te = fashion_mnist()
+    x_tr, y_tr, x_te, y_te = x_tr[:1500], y_tr[:1500], x_te[:1000], y_te[:1000]
+    df = spark.createDataFrame(pd.DataFrame({"features": list(x_tr), "label": y_tr})).repartition(2)
+    topo = FeedForwardTopology.from_spec(spec, shape)
+    acc = {}
+    for backend in ("numpy", "opencl"):
+        cfg = TrainConfig(solver=solver, maxIter=20, epochs=2, batchSize=64, stepSize=0.01, seed=3,
+                          backend=backend, verbose=False)
+        result = fit(df, "features", "label", Objective(topo), cfg)
+        pred = FeedForwardModel(topo, result.weights).predict(x_te).argmax(axis=1)
+        acc[backend] = float(np.mean(pred == y_te))
+    assert acc["numpy"] > 0.65, acc
+    assert acc["opencl"] >= acc["numpy"] - 0.02, acc
