@@ -23,10 +23,13 @@ on the all-reduced full-batch loss and gradient (no driver round trip per iterat
 mode's stopping rules.
 
 Checkpoints (rank 0 writes, every ``checkpointInterval`` steps, to ``checkpointDir`` -- a directory every
-executor can read, as Spark's own checkpoint directory) let a retried barrier stage resume where it was.
+executor can read, as Spark's own checkpoint directory) let a retried barrier stage resume where it was. When
+Spark gives up on the stage (e.g. ``spark.task.maxFailures=1`` in local mode), the driver re-runs the job up to
+:data:`DRIVER_RETRIES` times, again resuming from the checkpoint; input and divergence errors are not retried.
 ``config.straggler`` ({rank: factor}) slows a worker by sleeping ``(factor - 1)`` x its compute time per step:
 a benchmarking aid reproducing a slow device. Testing aid: the Spark local property
-``sparkdl_hetero.injectFault = "rank:step"`` makes that rank raise at that step in the stage's first attempt.
+``sparkdl_hetero.injectFault = "rank:step:marker-file"`` makes that rank raise at that step once (the marker file
+records that the fault happened; retried attempts run normally).
 """
 
 from __future__ import annotations
@@ -54,6 +57,8 @@ CHUNK_ROWS = 4096  # rows per forward/backward call in full-batch evaluations
 _FVAL_MEMORY = 20
 FAULT_PROPERTY = "sparkdl_hetero.injectFault"
 _OUT_SCHEMA = "rank int, meta string, weights binary"
+DRIVER_RETRIES = 2  # barrier jobs re-run by the driver after Spark gave up (each resumes from the checkpoint)
+_NOT_RETRIED = ("ValueError", "FloatingPointError", "replicas diverged")  # deterministic: a retry fails again
 
 
 class InjectedFault(RuntimeError):
@@ -457,11 +462,19 @@ def _task_host(ctx: Any) -> str:
 
 
 def _fault_step(ctx: Any, rank: int) -> int:
+    """The testing aid: ``"rank:step:marker"`` makes ``rank`` fail at ``step`` once -- the first task to get
+    there creates the marker file, later attempts see it and run normally."""
+    import os
+
     spec = ctx.getLocalProperty(FAULT_PROPERTY)
-    if not spec or ctx.stageAttemptNumber() != 0:
+    if not spec:
         return -1
-    r, step = (int(v) for v in spec.split(":"))
-    return step if r == rank else -1
+    r, step, marker = spec.split(":", 2)
+    if int(r) != rank or os.path.exists(marker):
+        return -1
+    with open(marker, "w") as f:
+        f.write(f"rank {rank} fails at step {step}\n")
+    return int(step)
 
 
 def _barrier_task(batches: Iterator, objective: Objective, config: TrainConfig, initial_weights: np.ndarray,
@@ -493,8 +506,10 @@ def _barrier_task(batches: Iterator, objective: Objective, config: TrainConfig, 
         with _blas_limit(max(1, int(ctx.cpus()))):
             worker, stop, summaries = train_worker(comm, objective, config, x, y, initial_weights,
                                                    _fault_step(ctx, rank))
-    finally:
-        comm.close()
+    except BaseException as e:
+        comm.abort(e)
+        raise
+    comm.close()
     if rank == 0:
         meta = {"history": worker.history, "iterations": worker.iteration, "stop": stop,
                 "workers": summaries, "extra": {k: v for k, v in worker.extra.items()
@@ -533,27 +548,34 @@ def fit_barrier(df: Any, features_col: str, label_col: str, objective: Objective
     for r, factor in dict(config.straggler).items():
         if float(factor) < 1.0:
             raise ValueError(f"straggler factors must be >= 1, got {factor} for rank {r}")
+    world = config.numWorkers or df.sparkSession.sparkContext.defaultParallelism
+    if world < 1:
+        raise ValueError(f"numWorkers must be >= 1, got {world}")
+    for r in dict(config.straggler):
+        if not 0 <= int(r) < world:
+            raise ValueError(f"straggler rank {r} is not a worker rank (0..{world - 1})")
     topology = objective.topology
     d = topology.num_inputs
     data = prepare(df, features_col, label_col, d, topology.num_outputs)
     sc = data.handles_rdd.context
     try:
-        world = config.numWorkers or sc.defaultParallelism
-        if world < 1:
-            raise ValueError(f"numWorkers must be >= 1, got {world}")
-        for r in dict(config.straggler):
-            if not 0 <= int(r) < world:
-                raise ValueError(f"straggler rank {r} is not a worker rank (0..{world - 1})")
         w0 = np.asarray(initial_weights, dtype=np.float64)
         parts = data.arrow_df.repartition(world)
         sc.setJobDescription(f"sparkdl-hetero fit {data.fit_id[:8]}: barrier training on {world} workers")
         started = time.perf_counter()
+        failures: list[str] = []
         try:
-            rows = parts.mapInArrow(lambda it: _barrier_task(it, objective, config, w0, d), _OUT_SCHEMA,
-                                    barrier=True).collect()
-        except Exception as e:
-            raise RuntimeError(f"barrier training failed (after Spark's stage retries): "
-                               f"{_root_cause(e)}") from e
+            while True:
+                try:
+                    rows = parts.mapInArrow(lambda it: _barrier_task(it, objective, config, w0, d), _OUT_SCHEMA,
+                                            barrier=True).collect()
+                    break
+                except Exception as e:  # Spark gave up on the stage: resume from the checkpoint, a few times
+                    cause = _root_cause(e)
+                    failures.append(cause)
+                    if len(failures) > DRIVER_RETRIES or any(m in cause for m in _NOT_RETRIED):
+                        raise RuntimeError(f"barrier training failed after {len(failures)} attempt(s): "
+                                           f"{cause}") from e
         finally:
             sc.setJobDescription(None)
         seconds = time.perf_counter() - started
@@ -563,7 +585,9 @@ def fit_barrier(df: Any, features_col: str, label_col: str, objective: Objective
         raise RuntimeError(f"barrier training returned {len(rows)} results, expected one from rank 0")
     meta = json.loads(rows[0]["meta"])
     weights = np.frombuffer(rows[0]["weights"], dtype=np.float64).copy()
-    return TrainResult(weights, meta["history"], meta["iterations"], _stats(meta, config, world, seconds))
+    stats = _stats(meta, config, world, seconds)
+    stats["failedAttempts"] = failures
+    return TrainResult(weights, meta["history"], meta["iterations"], stats)
 
 
 def _root_cause(e: Exception) -> str:

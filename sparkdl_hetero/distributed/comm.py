@@ -302,6 +302,8 @@ class Communicator:
                 if len(payload):
                     peer.sock.sendall(payload)
         except OSError as e:
+            with self._cond:  # the peer may have closed because it aborted: prefer its verdict if it comes
+                self._cond.wait_for(lambda: self._abort is not None, timeout=1.0)
             self._fail(CommError(f"rank {self.rank}: sending to rank {r} failed ({e}); rank {r} died or stalled", r))
         self.bytes_sent += _HEADER.size + len(payload)
 
@@ -489,6 +491,14 @@ class Communicator:
             return decode_object(self._recv(root, _OBJ))
         finally:
             self.comm_seconds += time.perf_counter() - t0
+
+    def abort(self, error: BaseException) -> None:
+        """This rank failed with ``error``: tell every peer (so they fail at once, naming this rank), then close."""
+        try:
+            self._fail(CommError(f"rank {self.rank} failed: {type(error).__name__}: {error}", self.rank))
+        except CommError:
+            pass
+        self.close()
 
     def close(self) -> None:
         """Say goodbye to every peer and close the sockets."""

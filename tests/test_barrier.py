@@ -1,0 +1,242 @@
+"""Barrier mode: the training loop over real sockets (threads), and the Spark mode end to end (local[2])."""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable
+
+import numpy as np
+import pytest
+
+from sparkdl_hetero.distributed.barrier import BarrierWorker, split_batch, train_worker
+from sparkdl_hetero.distributed.comm import Communicator, new_secret
+from sparkdl_hetero.distributed.config import TrainConfig
+from sparkdl_hetero.nn.model import FeedForwardModel
+from sparkdl_hetero.nn.objective import Objective
+from sparkdl_hetero.nn.topology import FeedForwardTopology
+
+
+def blobs(n: int, seed: int = 0, d: int = 6, k: int = 3) -> tuple[np.ndarray, np.ndarray]:
+    """Gaussian blobs: learnable, with some overlap."""
+    rng = np.random.default_rng(seed)
+    centers = rng.normal(scale=2.0, size=(k, d))
+    y = rng.integers(0, k, n)
+    x = (centers[y] + rng.normal(size=(n, d))).astype(np.float32)
+    return x, y.astype(np.int32)
+
+
+def objective(d: int = 6, k: int = 3) -> Objective:
+    return Objective(FeedForwardTopology.multilayer_perceptron([d, 10, k]))
+
+
+def run_workers(world: int, fn: Callable[[Communicator], object], timeout: float = 20.0) -> list[object]:
+    comms = [Communicator(r, world, "127.0.0.1", timeout=timeout, max_elements=1 << 16) for r in range(world)]
+    addresses, secret = [c.address for c in comms], new_secret()
+    out: list[object] = [None] * world
+
+    def body(r: int) -> None:
+        try:
+            comms[r].connect(addresses, secret)
+            out[r] = fn(comms[r])
+        except Exception as e:  # noqa: BLE001 - handed to the test
+            out[r] = e
+        finally:
+            comms[r].close()
+
+    threads = [threading.Thread(target=body, args=(r,)) for r in range(world)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+        assert not t.is_alive(), "a worker hung"
+    for r, res in enumerate(out):
+        if isinstance(res, Exception):
+            raise AssertionError(f"rank {r} failed: {res!r}") from res
+    return out
+
+
+# ---- without Spark ---------------------------------------------------------------------------------------
+def test_split_batch_is_proportional_and_exact() -> None:
+    np.testing.assert_array_equal(split_batch(64, np.array([3.0, 1.0])), [48, 16])
+    np.testing.assert_array_equal(split_batch(10, np.array([1.0, 1.0, 1.0])), [4, 3, 3])
+    assert split_batch(64, np.array([1e6, 1.0])).tolist() == [63, 1]  # everyone keeps at least one sample
+    assert split_batch(7, np.array([0.0, 0.0])).sum() == 7  # no measurement: equal split
+    for seed in range(20):
+        w = np.random.default_rng(seed).random(5)
+        s = split_batch(100, w)
+        assert s.sum() == 100 and (s >= 1).all()
+        assert np.all(np.abs(s - 95 * w / w.sum() - 1) <= 1.0)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_combined_gradient_is_the_mean_gradient_of_the_global_batch(dtype: str) -> None:
+    obj = objective()
+    x, y = blobs(100, seed=1)
+    parts = [(x[:30], y[:30]), (x[30:], y[30:])]
+    picks = [np.arange(0, 30, 3), np.arange(0, 70)[::-1][:54][::-1]]  # unequal shares: 10 and 54 rows
+    w = obj.initial_weights(3)
+    cfg = TrainConfig(mode="barrier", solver="sgd", dtype=dtype)
+
+    def fn(c: Communicator) -> tuple:
+        worker = BarrierWorker(c, obj, cfg, *parts[c.rank], w)
+        return worker.combined_gradient(picks[c.rank])
+
+    (g0, f0, n0, _), (g1, f1, n1, _) = run_workers(2, fn)
+    assert n0 == n1 == 64
+    assert g0.tobytes() == g1.tobytes() and f0 == f1  # bit-identical on both ranks
+    xs = np.concatenate([parts[0][0][picks[0]], parts[1][0][picks[1]]])
+    ys = np.concatenate([parts[0][1][picks[0]], parts[1][1][picks[1]]])
+    ref = FeedForwardModel(obj.topology, w, dtype=np.float64)
+    grad = np.zeros(obj.num_weights)
+    loss = ref.compute_gradient(xs, ys, grad_out=grad)
+    tol = 1e-5 if dtype == "float32" else 1e-12
+    np.testing.assert_allclose(g0, grad, rtol=tol, atol=tol)
+    assert f0 == pytest.approx(loss, rel=tol)
+
+
+def _train_threads(cfg: TrainConfig, world: int = 2, n: int = 400) -> list[tuple]:
+    obj = objective()
+    x, y = blobs(n, seed=2)
+    bounds = np.linspace(0, n, world + 1).astype(int)
+    w0 = obj.initial_weights(0)
+
+    def fn(c: Communicator) -> tuple:
+        lo, hi = bounds[c.rank], bounds[c.rank + 1]
+        worker, stop, summaries = train_worker(c, obj, cfg, x[lo:hi], y[lo:hi], w0)
+        return worker, stop, summaries
+
+    return run_workers(world, fn)
+
+
+@pytest.mark.parametrize("solver,lr,sync,algo", [("adam", 0.05, 1, "hub"), ("momentum", 0.05, 1, "ring"),
+                                                 ("sgd", 0.3, 3, "auto")])
+def test_replicas_stay_bit_identical(solver: str, lr: float, sync: int, algo: str) -> None:
+    cfg = TrainConfig(mode="barrier", solver=solver, epochs=4, batchSize=32, stepSize=lr, syncEvery=sync,
+                      allReduce=algo, straggler={1: 2.0})
+    results = _train_threads(cfg, world=3)
+    weights = [r[0].weights for r in results]
+    assert results[0][0].iteration == 4 * 13
+    for w in weights[1:]:
+        assert w.tobytes() == weights[0].tobytes()
+    assert results[0][0].history[-1] < 0.6 * results[0][0].history[0]  # it learned
+
+
+def test_balancing_gives_the_slow_worker_a_smaller_share() -> None:
+    cfg = TrainConfig(mode="barrier", solver="sgd", epochs=3, batchSize=64, stepSize=0.05,
+                      straggler={1: 4.0})
+    worker = _train_threads(cfg, n=2000)[0][0]
+    fast, slow = worker.extra["finalShares"]
+    assert fast + slow == 64
+    assert fast > 1.8 * slow, worker.extra
+    plain = _train_threads(TrainConfig(mode="barrier", solver="sgd", epochs=1, batchSize=64, balance=False,
+                                       straggler={1: 4.0}), n=2000)[0][0]
+    assert plain.extra["finalShares"] == [32, 32]
+
+
+def test_early_stopping_stops_every_rank_together() -> None:
+    cfg = TrainConfig(mode="barrier", solver="adam", epochs=200, batchSize=32, stepSize=0.05,
+                      validationFraction=0.25, patience=2)
+    results = _train_threads(cfg)
+    stops = {r[1] for r in results}
+    assert stops == {"early stopping: validation loss did not improve for 2 epochs"}
+    iterations = {r[0].iteration for r in results}
+    assert len(iterations) == 1 and iterations.pop() < 200 * 10
+    val = results[0][0].extra["validation"]
+    best = min(v[0] for v in val)
+    assert all(v[0] > best - 1e-6 for v in val[-2:])  # the last `patience` epochs did not improve
+    assert results[0][0].weights.tobytes() == results[1][0].weights.tobytes()
+
+
+def test_lbfgs_replicas_agree_and_match_a_single_process_lbfgs() -> None:
+    from scipy.optimize import minimize
+
+    cfg = TrainConfig(mode="barrier", solver="l-bfgs", maxIter=15, dtype="float64", regParam=1e-3)
+    results = _train_threads(cfg)
+    w = results[0][0].weights
+    assert w.tobytes() == results[1][0].weights.tobytes()
+    obj = objective()
+    x, y = blobs(400, seed=2)
+    model = FeedForwardModel(obj.topology, obj.initial_weights(0), dtype=np.float64)
+
+    def fun(v: np.ndarray) -> tuple[float, np.ndarray]:
+        model.set_weights(v)
+        g = np.zeros_like(v)
+        f = model.compute_gradient(x, y, grad_out=g)
+        return f + 0.5e-3 * v @ v, g + 1e-3 * v
+
+    ref = minimize(fun, obj.initial_weights(0), jac=True, method="L-BFGS-B",
+                   options={"maxiter": 15, "maxcor": 10, "ftol": 0.0, "gtol": 0.0})
+    hist = results[0][0].history
+    assert len(hist) == 16
+    assert hist[-1] == pytest.approx(ref.fun, rel=1e-6)
+    np.testing.assert_allclose(w, ref.x, rtol=1e-4, atol=1e-6)
+
+
+# ---- Spark (local[2]: two barrier slots) -------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def blob_df(spark):  # noqa: ANN001, ANN201
+    from pyspark.ml.linalg import Vectors
+
+    x, y = blobs(1200, seed=5)
+    rows = [(Vectors.dense(a.astype(float)), float(b)) for a, b in zip(x, y, strict=True)]
+    return spark.createDataFrame(rows, ["features", "label"]).repartition(3)
+
+
+def _accuracy(obj: Objective, weights: np.ndarray) -> float:
+    x, y = blobs(1200, seed=5)
+    model = FeedForwardModel(obj.topology, weights)
+    return float(np.mean(np.argmax(model.predict(x), axis=1) == y))
+
+
+def test_barrier_fit_on_spark(blob_df) -> None:  # noqa: ANN001
+    from sparkdl_hetero.distributed.fit import fit
+
+    obj = objective()
+    cfg = TrainConfig(mode="barrier", solver="adam", epochs=5, batchSize=32, stepSize=0.02, verbose=False)
+    res = fit(blob_df, "features", "label", obj, cfg)
+    assert res.iterations == 5 * 38
+    assert len(res.objectiveHistory) == 5 and res.objectiveHistory[-1] < res.objectiveHistory[0]
+    assert _accuracy(obj, res.weights) > 0.9
+    st = res.stats
+    assert st["mode"] == "barrier" and st["numWorkers"] == 2 and st["straggler"] in (0, 1)
+    assert sorted(w["rank"] for w in st["workers"]) == [0, 1]
+    assert sum(w["rows"] for w in st["workers"]) == 1200
+    for w in st["workers"]:
+        assert w["steps"] == 190 and 0 < w["stepMean"] <= w["stepP95"] + 1e-9
+        assert w["computeShare"] + w["commShare"] == pytest.approx(1.0)
+
+
+def test_barrier_bad_input_names_the_column(spark) -> None:  # noqa: ANN001
+    from sparkdl_hetero.distributed.fit import fit
+
+    df = spark.createDataFrame([([1.0, 2.0], 0.0), ([1.0, 2.0, 3.0], 1.0)], ["f", "label"])
+    with pytest.raises(ValueError, match="features column 'f' has 1 rows of size"):
+        fit(df, "f", "label", objective(2, 2), TrainConfig(mode="barrier", solver="sgd"))
+    with pytest.raises(ValueError, match=r"straggler rank 5 is not a worker rank \(0..1\)"):
+        fit(df.limit(1), "f", "label", objective(2, 2),
+            TrainConfig(mode="barrier", solver="sgd", straggler={5: 2.0}))
+
+
+def test_fault_mid_training_resumes_from_the_checkpoint(spark, blob_df, tmp_path) -> None:  # noqa: ANN001
+    from sparkdl_hetero.distributed.barrier import FAULT_PROPERTY
+    from sparkdl_hetero.distributed.fit import fit
+
+    obj = objective()
+    base = dict(mode="barrier", solver="adam", epochs=5, batchSize=32, stepSize=0.02, verbose=False)
+    clean = fit(blob_df, "features", "label", obj, TrainConfig(**base))
+    marker = tmp_path / "fault-happened"
+    spark.sparkContext.setLocalProperty(FAULT_PROPERTY, f"1:120:{marker}")
+    try:
+        res = fit(blob_df, "features", "label", obj,
+                  TrainConfig(**base, checkpointDir=str(tmp_path / "ckpt"), checkpointInterval=25))
+    finally:
+        spark.sparkContext.setLocalProperty(FAULT_PROPERTY, None)
+    assert os.path.exists(marker)  # the fault did happen
+    assert len(res.stats["failedAttempts"]) == 1 and "injected fault on rank 1 at step 120" in \
+        res.stats["failedAttempts"][0]
+    assert res.iterations == clean.iterations == 190
+    # resumed at step 100 (the last checkpoint before the fault): the final attempt ran 90 steps, not 190
+    assert all(w["steps"] == 90 for w in res.stats["workers"])
+    assert len(res.objectiveHistory) == 5
+    assert _accuracy(obj, res.weights) >= _accuracy(obj, clean.weights) - 0.02
