@@ -20,8 +20,8 @@ from pyspark.sql.types import ArrayType, NumericType
 
 from ..backends import get_backend
 from ..nn.model import FeedForwardModel
-from ..nn.objective import Objective
 from ..nn.topology import FeedForwardTopology
+from .mentor import _MentorParams
 from .params import _DeepClassifierParams
 from .persistence import PersistentParams
 from .summary import DeepClassificationSummary, DeepClassificationTrainingSummary
@@ -49,7 +49,7 @@ def _kwargs(**kwargs: Any) -> dict:
     return kwargs
 
 
-class DeepClassifier(ProbabilisticClassifier, _DeepClassifierParams, PersistentParams):
+class DeepClassifier(ProbabilisticClassifier, _DeepClassifierParams, _MentorParams, PersistentParams):
     """Trains a feed-forward network (Spark's MLP, or any topology spec incl. CNNs) on Spark.
 
     Written for ``MultilayerPerceptronClassifier``? Change only the class name: same params, same defaults.
@@ -156,7 +156,7 @@ class DeepClassifier(ProbabilisticClassifier, _DeepClassifierParams, PersistentP
             if initial.shape != (topology.num_weights,):
                 raise ValueError(f"initialWeights has {initial.size} values but topology {topology.spec!r} with "
                                  f"input shape {list(topology.input_shape)} needs {topology.num_weights}")
-        objective = Objective(topology)
+        objective = self._objective(topology)  # plain, or distillation when a mentor is set
         result = fit(dataset, features, label, objective, config, initial)
         model = DeepClassificationModel(topology, objective.model_weights(result.weights),
                                         objectiveHistory=result.objectiveHistory, totalIterations=result.iterations)
@@ -307,6 +307,12 @@ class DeepClassificationModel(ProbabilisticClassificationModel, _DeepClassifierP
         from .interop import from_spark
 
         return from_spark(cls, model)
+
+    def exportOnnx(self, path: str) -> None:
+        """Write the network as an ONNX file (needs the 'onnx' extra): float32 feature rows in, probabilities out."""
+        from ..nn.onnx_export import export_onnx
+
+        export_onnx(self.network, self._weights, path)
 
     def toSpark(self) -> Any:
         """This model as a Spark ``MultilayerPerceptronClassificationModel`` (Spark MLP topologies only)."""

@@ -25,6 +25,8 @@ class PersistentParams(MLWritable, MLReadable):
 
     #: params saved as .npy arrays instead of JSON values
     _array_params: tuple[str, ...] = ()
+    #: params saved by _state_metadata/_state_arrays and restored by _restore_state, not as JSON values
+    _state_params: tuple[str, ...] = ()
 
     def _state_metadata(self) -> dict[str, Any]:
         """Extra JSON metadata beside the params."""
@@ -87,7 +89,8 @@ class ParamsArraysWriter(MLWriter):
 
     def saveImpl(self, path: str) -> None:
         inst: Any = self.instance
-        params = {p.name: v for p, v in inst._paramMap.items() if p.name not in inst._array_params}
+        params = {p.name: v for p, v in inst._paramMap.items()
+                  if p.name not in inst._array_params and p.name not in inst._state_params}
         arrays = {p.name: np.asarray(v.toArray() if hasattr(v, "toArray") else v, dtype=np.float64)
                   for p, v in inst._paramMap.items() if p.name in inst._array_params}
         arrays.update(inst._state_arrays())
