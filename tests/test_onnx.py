@@ -69,3 +69,23 @@ def test_wrong_weight_count_is_rejected(tmp_path) -> None:
     with pytest.raises(ValueError, match=r"weights must be a vector of 15 values for 'affine\(3\)-softmax', "
                                          r"got shape \(14,\)"):
         export_onnx(topology, np.zeros(14), tmp_path / "x.onnx")
+
+
+@pytest.mark.parametrize("name", ["spark-mlp", "cnn-mixed"])
+def test_export_onnx_of_a_model_matches_transform(spark, name: str, tmp_path) -> None:
+    """DeepClassificationModel.exportOnnx: onnxruntime's probabilities equal transform's (float32, 1e-5)."""
+    from pyspark.ml.linalg import Vectors
+
+    from sparkdl_hetero.ml.classifier import DeepClassificationModel
+
+    topology = CASES[name]
+    rng = np.random.default_rng(3)
+    model = DeepClassificationModel(topology, FeedForwardModel.initial_weights(topology, rng))
+    x = rng.normal(size=(20, topology.num_inputs)).astype(np.float32)
+    df = spark.createDataFrame([(i, Vectors.dense(row.tolist())) for i, row in enumerate(x)], ["id", "features"])
+    rows = sorted(model.transform(df).select("id", "probability").collect())
+    want = np.array([r.probability.toArray() for r in rows])
+    path = str(tmp_path / "model.onnx")
+    model.exportOnnx(path)
+    np.testing.assert_allclose(_run(path, x), want, atol=1e-5, rtol=0)
+    assert np.ptp(want, axis=0).max() > 0.05
