@@ -14,6 +14,7 @@ class ArrayModuleBackend(Backend):
 
     def __init__(self, xp: Any = np) -> None:
         self.xp = xp
+        self._ones_cache: dict[str, Array] = {}
 
     # ---- memory --------------------------------------------------------------------------------------
     def asarray(self, host: np.ndarray, dtype: Any = None) -> Array:
@@ -58,8 +59,17 @@ class ArrayModuleBackend(Backend):
     def add_row(self, y: Array, b: Array) -> None:
         y += b
 
+    def _ones(self, n: int, dtype: Any) -> Array:
+        """A cached vector of ``n`` ones (column sums as a GEMV: much faster than ``sum(axis=0)`` on tall,
+        narrow matrices)."""
+        key = np.dtype(dtype).str
+        v = self._ones_cache.get(key)
+        if v is None or v.shape[0] < n:
+            v = self._ones_cache[key] = self.xp.ones(max(n, 1024), dtype=dtype)
+        return v[:n]
+
     def col_sum(self, x: Array, out: Array, alpha: float = 1.0, beta: float = 0.0) -> None:
-        s = x.sum(axis=0)
+        s = self.xp.matmul(self._ones(x.shape[0], x.dtype), x)
         if alpha != 1.0:
             s *= alpha
         if beta == 0.0:
@@ -162,10 +172,11 @@ class ArrayModuleBackend(Backend):
         n, h, w, c = x_shape
         oh, ow = pool_out(h, kh, stride, pad), pool_out(w, kw, stride, pad)
         out = self.xp.zeros((n, h + 2 * pad, w + 2 * pad, c), dtype=cols.dtype)
-        c6 = cols.reshape(n, oh, ow, kh, kw, c)
-        for i in range(kh):
-            for j in range(kw):
-                out[:, i:i + stride * oh:stride, j:j + stride * ow:stride, :] += c6[:, :, :, i, j, :]
+        # one transposing copy makes every (i, j) block contiguous, so each add streams whole rows
+        blocks = self.xp.ascontiguousarray(cols.reshape(n * oh * ow, kh * kw, c).transpose(1, 0, 2))
+        for p in range(kh * kw):
+            i, j = divmod(p, kw)
+            out[:, i:i + stride * oh:stride, j:j + stride * ow:stride, :] += blocks[p].reshape(n, oh, ow, c)
         if pad:
             out = out[:, pad:pad + h, pad:pad + w, :]
         return self.xp.ascontiguousarray(out)
@@ -179,20 +190,27 @@ class ArrayModuleBackend(Backend):
         n, h, w, c = x.shape
         oh, ow = pool_out(h, k, stride), pool_out(w, k, stride)
         y = self._window(x, 0, 0, oh, ow, stride).copy()
-        idx = xp.zeros(y.shape, dtype=xp.int8 if k * k < 128 else xp.int32)
         for p in range(1, k * k):
-            v = self._window(x, p // k, p % k, oh, ow, stride)
-            better = v > y
-            y[better] = v[better]
-            idx[better] = p
+            xp.maximum(y, self._window(x, p // k, p % k, oh, ow, stride), out=y)
+        # the first window position (raster order) holding the maximum: visit positions last to first
+        idx = xp.empty(y.shape, dtype=xp.int8 if k * k < 128 else xp.int32)
+        hit = xp.empty(y.shape, dtype=bool)
+        for p in range(k * k - 1, -1, -1):
+            xp.equal(self._window(x, p // k, p % k, oh, ow, stride), y, out=hit)
+            xp.copyto(idx, p, where=hit)
         return y, idx
 
     def maxpool_backward(self, dy: Array, idx: Array, x_shape: tuple[int, int, int, int], k: int,
                          stride: int) -> Array:
-        dx = self.xp.zeros(x_shape, dtype=dy.dtype)
+        xp = self.xp
+        dx = xp.zeros(x_shape, dtype=dy.dtype)
         oh, ow = dy.shape[1], dy.shape[2]
         for p in range(k * k):
-            self._window(dx, p // k, p % k, oh, ow, stride)[...] += dy * (idx == p)
+            win = self._window(dx, p // k, p % k, oh, ow, stride)
+            if stride >= k:  # disjoint windows: each position is written once
+                xp.multiply(dy, idx == p, out=win)
+            else:
+                win += dy * (idx == p)
         return dx
 
     def avgpool(self, x: Array, k: int, stride: int) -> Array:
@@ -209,7 +227,11 @@ class ArrayModuleBackend(Backend):
         g = dy * dy.dtype.type(1.0 / (k * k))
         oh, ow = dy.shape[1], dy.shape[2]
         for p in range(k * k):
-            self._window(dx, p // k, p % k, oh, ow, stride)[...] += g
+            win = self._window(dx, p // k, p % k, oh, ow, stride)
+            if stride >= k:  # disjoint windows: each position is written once
+                win[...] = g
+            else:
+                win += g
         return dx
 
     def dropout_mask(self, shape: tuple[int, ...], keep: float, rng: np.random.Generator, dtype: Any) -> Array:

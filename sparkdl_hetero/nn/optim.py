@@ -108,6 +108,7 @@ class Adam(Updater):
         self.beta1, self.beta2, self.epsilon = beta1, beta2, epsilon
         self.m: np.ndarray | None = None
         self.v: np.ndarray | None = None
+        self._scratch: np.ndarray | None = None  # reused for the temporaries of every step
 
     def _buffers(self) -> dict[str, np.ndarray | None]:
         return {"m": self.m, "v": self.v}
@@ -115,17 +116,24 @@ class Adam(Updater):
     def _step(self, w: np.ndarray, g: np.ndarray, lr: np.floating) -> None:
         m = self.m = self._like(self.m, w, "m")
         v = self.v = self._like(self.v, w, "v")
-        t = w.dtype.type
+        if self._scratch is None or self._scratch.shape != w.shape or self._scratch.dtype != w.dtype:
+            self._scratch = np.empty_like(w)
+        tmp, t = self._scratch, w.dtype.type
         m *= t(self.beta1)
-        m += t(1.0 - self.beta1) * g
+        np.multiply(g, t(1.0 - self.beta1), out=tmp)
+        m += tmp
         v *= t(self.beta2)
-        v += t(1.0 - self.beta2) * (g * g)
+        np.multiply(g, g, out=tmp)
+        tmp *= t(1.0 - self.beta2)
+        v += tmp
         c1 = 1.0 - self.beta1 ** self.steps
         c2 = 1.0 - self.beta2 ** self.steps
-        denom = np.sqrt(v)
-        denom *= t(1.0 / math.sqrt(c2))
-        denom += t(self.epsilon)
-        w -= t(float(lr) / c1) * m / denom
+        np.sqrt(v, out=tmp)  # the denominator sqrt(v / c2) + eps, in place
+        tmp *= t(1.0 / math.sqrt(c2))
+        tmp += t(self.epsilon)
+        np.divide(m, tmp, out=tmp)
+        tmp *= t(float(lr) / c1)
+        w -= tmp
 
 
 def _get(cfg: Any, name: str, default: Any) -> Any:
