@@ -228,6 +228,8 @@ def test_row_rmse_value_gradient_and_host_default() -> None:
      r"hintWeights must hold one weight per hint pair: 1 pairs \[\(0, 1\)\] but 2 weights \[1.0, 2.0\]"),
     (dict(hint_layers=[(0, 1)], hint_weights=[-1.0]), r"hintWeights must be finite and >= 0, got \[-1.0\]"),
     (dict(hint_layers=[(0, 1, 2)]), r"hint pair 0 must be two layer indices \(mentee, mentor\), got \(0, 1, 2\)"),
+    (dict(hint_layers=[1, 2]), r"hint pair 0 must be two layer indices \(mentee, mentor\), got \(1,\)"),
+    (dict(hint_layers=[(0.5, 1)]), r"hint pair 0 must be two layer indices \(mentee, mentor\), got \(0.5, 1\)"),
 ])
 def test_bad_settings_raise(kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):

@@ -75,13 +75,12 @@ class DistillationObjective(Objective):
             raise ValueError(f"distillAlpha must be in [0, 1], got {alpha}")
         if not (math.isfinite(float(temperature)) and float(temperature) > 0):
             raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
-        pairs = [tuple(p) for p in hint_layers]
+        pairs = [tuple(p) if isinstance(p, (Sequence, np.ndarray)) else (p,) for p in hint_layers]
         weights = [1.0] * len(pairs) if hint_weights is None else [float(w) for w in hint_weights]
         if len(weights) != len(pairs):
             raise ValueError(f"hintWeights must hold one weight per hint pair: {len(pairs)} pairs "
                              f"{pairs} but {len(weights)} weights {weights}")
-        bad_w = [w for w in weights if not (math.isfinite(w) and w >= 0)]
-        if bad_w:
+        if not all(math.isfinite(w) and w >= 0 for w in weights):
             raise ValueError(f"hintWeights must be finite and >= 0, got {weights}")
         n_mentee, n_mentor = len(topology.layers) - 1, len(mentor_topology.layers) - 1
         self.adapters: list[tuple[int, Layer, Shape, int]] = []  # (hint index, layer, input shape, offset)
