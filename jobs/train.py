@@ -18,6 +18,7 @@ import numpy as np
 LENET = ("conv(6,5,pad=2)-relu-maxpool(2)-conv(16,5)-relu-maxpool(2)-flatten-affine(120)-relu-affine(84)-relu-"
          "affine(10)")
 SOLVERS = ("l-bfgs", "gd", "sgd", "momentum", "adam")
+MINI_BATCH_SOLVERS = ("sgd", "momentum", "adam")  # their objective history has one point per epoch
 
 
 class _Help(argparse.ArgumentDefaultsHelpFormatter):
@@ -81,6 +82,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="directory for the saved model (OUTPUT/model), the loss curve (OUTPUT/loss.png) and "
                         "the figures (OUTPUT/result.json)")
     o.add_argument("--model-path", help="where to save the model, any path Spark can write (default: OUTPUT/model)")
+    o.add_argument("--log-level", default="WARN", help="Spark's log level (INFO, WARN, ERROR...)")
     o.add_argument("--quiet", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
     if not 0 < args.test_fraction < 1:
@@ -173,7 +175,7 @@ def build_classifier(args: argparse.Namespace, shape: tuple[int, ...], num_class
     return est.setTopology(spec).setInputShape(list(shape))
 
 
-def save_loss_curve(history: list[float], path: str, title: str) -> str:
+def save_loss_curve(history: list[float], path: str, title: str, xlabel: str) -> str:
     """Write the loss curve PNG; a message instead when matplotlib is missing."""
     try:
         import matplotlib
@@ -183,8 +185,8 @@ def save_loss_curve(history: list[float], path: str, title: str) -> str:
     except ImportError:
         return "matplotlib is not installed: no loss curve PNG (pip install 'sparkdl-hetero[plot]')"
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(np.arange(1, len(history) + 1), history)
-    ax.set_xlabel("iteration")
+    ax.plot(np.arange(1, len(history) + 1), history, marker="o" if len(history) < 30 else None)
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("training loss")
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
@@ -202,6 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     xtr, ytr, xte, yte, shape = load_data(args)
     num_classes = int(max(ytr.max(), yte.max())) + 1
     spark = SparkSession.builder.appName("sparkdl-hetero train").getOrCreate()
+    spark.sparkContext.setLogLevel(args.log_level)
     partitions = args.partitions or spark.sparkContext.defaultParallelism
     train_df = to_dataframe(spark, xtr, ytr, partitions)
     test_df = to_dataframe(spark, xte, yte, partitions)
@@ -227,7 +230,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"model saved: {model_path}")
     print(save_loss_curve(history, os.path.join(args.output, "loss.png"),
                           f"{args.model if args.model in ('mlp', 'lenet') else 'spec'} / {args.solver}: "
-                          f"test accuracy {accuracy:.4f}"))
+                          f"test accuracy {accuracy:.4f}",
+                          "epoch" if args.solver in MINI_BATCH_SOLVERS else "iteration"))
     with open(os.path.join(args.output, "result.json"), "w") as f:
         json.dump({"testAccuracy": accuracy, "trainSeconds": seconds, "objectiveHistory": history,
                    "topology": model.getTopology(), "inputShape": list(shape), "args": vars(args)}, f, indent=1)

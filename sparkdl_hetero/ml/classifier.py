@@ -28,8 +28,7 @@ from .summary import DeepClassificationSummary, DeepClassificationTrainingSummar
 
 
 def _features_size(dataset: DataFrame, col: str) -> int | None:
-    """The length of the first feature vector (None when the DataFrame is empty); clear errors on a bad column."""
-    _check_features_column(dataset, col)
+    """The length of the first feature vector (None when the DataFrame is empty)."""
     row = dataset.select(col).first()
     if row is None or row[0] is None:
         return None
@@ -37,16 +36,12 @@ def _features_size(dataset: DataFrame, col: str) -> int | None:
 
 
 def _check_features_column(dataset: DataFrame, col: str) -> None:
+    """Transform's input check (training input is checked by distributed.data)."""
     if col not in dataset.columns:
         raise ValueError(f"features column {col!r} not found; the DataFrame has columns {dataset.columns}")
     dt = dataset.schema[col].dataType
     if not (isinstance(dt, VectorUDT) or (isinstance(dt, ArrayType) and isinstance(dt.elementType, NumericType))):
         raise ValueError(f"features column {col!r} must be a Vector or an array of numbers, got {dt.simpleString()}")
-
-
-@keyword_only
-def _kwargs(**kwargs: Any) -> dict:
-    return kwargs
 
 
 class DeepClassifier(ProbabilisticClassifier, _DeepClassifierParams, _MentorParams, PersistentParams):
@@ -140,12 +135,14 @@ class DeepClassifier(ProbabilisticClassifier, _DeepClassifierParams, _MentorPara
         return self._set(verbose=value)
 
     def _fit(self, dataset: DataFrame) -> DeepClassificationModel:
+        from ..distributed.data import check_columns
         from ..distributed.fit import fit
 
         config = self._train_config()  # invalid solver/mode fail here, before any Spark job
         features, label = self.getFeaturesCol(), self.getLabelCol()
         size = None
         if self.getTopology() and not self.getInputShape() and not self.isDefined(self.layers):
+            check_columns(dataset, features, label)
             size = _features_size(dataset, features)
             if size is None:
                 raise ValueError(f"the DataFrame is empty: no rows in features column {features!r} to train on")
