@@ -215,7 +215,8 @@ def _features_expr(df, features_col: str):  # noqa: ANN001, ANN202 -- pyspark ob
 
     dtype = df.schema[features_col].dataType
     if isinstance(dtype, VectorUDT):
-        return vector_to_array(F.col(features_col), "float32")
+        col = F.col(features_col)  # vector_to_array fails on null: nulls pass through to be counted
+        return F.when(col.isNull(), F.lit(None).cast("array<float>")).otherwise(vector_to_array(col, "float32"))
     if isinstance(dtype, ArrayType) and isinstance(dtype.elementType, NumericType):
         return F.col(features_col).cast("array<float>")
     raise ValueError(f"features column {features_col!r} must be a Vector (VectorUDT) or an array of numbers, "
