@@ -104,7 +104,7 @@ def test_gradient_soft_targets():
 ])
 def test_gradient_conv_pool_flatten(spec, seed):
     rng = np.random.default_rng(seed)
-    c, h, w = int(rng.integers(1, 3)), int(rng.integers(6, 9)), int(rng.integers(6, 9))
+    c, h, w = 1 + seed, int(rng.integers(6, 9)), int(rng.integers(6, 9))  # one channel and several
     x, y = _data(rng, 3, c * h * w, 3)
     _check_gradient(FeedForwardTopology.from_spec(spec, (c, h, w)), x, y, seed)
 
@@ -376,3 +376,39 @@ def test_lenet_learns_fashion_mnist():
     assert history[1] < history[0]
     acc = accuracy(model, x_test[:2000], y_test[:2000])
     assert acc > 0.7, f"test accuracy {acc} (chance is 0.1)"
+
+
+# ---- forward semantics against direct loops ---------------------------------------------------------------
+@pytest.mark.parametrize("c, k, stride, pad", [(1, 5, 1, 2), (1, 3, 2, 0), (3, 3, 1, 1), (2, 2, 2, 1)])
+def test_conv_forward_is_a_direct_convolution(c, k, stride, pad):
+    rng = np.random.default_rng(c * 10 + k)
+    n, h, w, f = 2, 7, 6, 4
+    topo = FeedForwardTopology.from_spec(f"conv({f},{k},stride={stride},pad={pad})-flatten-affine(2)", (c, h, w))
+    wts = rng.normal(size=topo.num_weights)
+    model = FeedForwardModel(topo, wts, dtype=np.float64)
+    x = rng.normal(size=(n, c, h, w))
+    kern = wts[:k * k * c * f].reshape(k, k, c, f)
+    bias = wts[k * k * c * f:(k * k * c + 1) * f]
+    xp = np.pad(x, ((0, 0), (0, 0), (pad, pad), (pad, pad)))
+    oh, ow = (h + 2 * pad - k) // stride + 1, (w + 2 * pad - k) // stride + 1
+    ref = np.zeros((n, oh, ow, f))
+    for a in range(oh):
+        for b in range(ow):
+            patch = xp[:, :, a * stride:a * stride + k, b * stride:b * stride + k]  # (n, c, k, k)
+            ref[:, a, b, :] = np.einsum("ncij,ijcf->nf", patch, kern) + bias
+    np.testing.assert_allclose(model.forward(x.reshape(n, -1))[0], ref, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("mode, k, stride", [("max", 2, 2), ("max", 3, 2), ("avg", 2, 2), ("avg", 3, 1)])
+def test_pool_forward_is_a_direct_pool(mode, k, stride):
+    rng = np.random.default_rng(k + stride)
+    x = rng.normal(size=(2, 3, 7, 8))  # (n, c, h, w)
+    topo = FeedForwardTopology.from_spec(f"conv(3,1)-{mode}pool({k},stride={stride})-flatten-affine(2)", (3, 7, 8))
+    wts = np.zeros(topo.num_weights)
+    wts[:9] = np.eye(3).ravel()  # the 1x1 conv passes the image through
+    out = FeedForwardModel(topo, wts, dtype=np.float64).forward(x.reshape(2, -1))[1]
+    oh, ow = (7 - k) // stride + 1, (8 - k) // stride + 1
+    reduce = np.max if mode == "max" else np.mean
+    ref = np.array([[[reduce(x[:, :, a * stride:a * stride + k, b * stride:b * stride + k], axis=(2, 3))
+                      for b in range(ow)] for a in range(oh)]])[0].transpose(2, 0, 1, 3)
+    np.testing.assert_allclose(out, ref, rtol=1e-12)

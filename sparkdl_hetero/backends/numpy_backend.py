@@ -161,6 +161,15 @@ class ArrayModuleBackend(Backend):
         xp = self.xp
         n, h, w, c = x.shape
         oh, ow = pool_out(h, kh, stride, pad), pool_out(w, kw, stride, pad)
+        if c == 1:
+            # one channel: gather each kernel offset as a whole (n, oh, ow) plane -- long contiguous runs --
+            # into (kh*kw, rows) and return its transpose (an F-ordered view that GEMM takes as it is)
+            xq = self._pad(x, pad)
+            t = xp.empty((kh * kw, n, oh, ow), dtype=x.dtype)
+            for p in range(kh * kw):
+                i, j = divmod(p, kw)
+                t[p] = xq[:, i:i + stride * oh:stride, j:j + stride * ow:stride, 0]
+            return t.reshape(kh * kw, n * oh * ow).T
         xp_ = xp.ascontiguousarray(self._pad(x, pad))
         sn, sh, sw, sc = xp_.strides
         win = xp.lib.stride_tricks.as_strided(
@@ -193,9 +202,9 @@ class ArrayModuleBackend(Backend):
         for p in range(1, k * k):
             xp.maximum(y, self._window(x, p // k, p % k, oh, ow, stride), out=y)
         # the first window position (raster order) holding the maximum: visit positions last to first
-        idx = xp.empty(y.shape, dtype=xp.int8 if k * k < 128 else xp.int32)
+        idx = xp.full(y.shape, k * k - 1, dtype=xp.int8 if k * k < 128 else xp.int32)
         hit = xp.empty(y.shape, dtype=bool)
-        for p in range(k * k - 1, -1, -1):
+        for p in range(k * k - 2, -1, -1):
             xp.equal(self._window(x, p // k, p % k, oh, ow, stride), y, out=hit)
             xp.copyto(idx, p, where=hit)
         return y, idx
