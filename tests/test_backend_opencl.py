@@ -369,7 +369,9 @@ def test_device_from_environment(monkeypatch):
         get_backend("opencl")
 
 
-def test_get_backend_options_and_auto():
+def test_get_backend_options_and_auto(monkeypatch):
+    monkeypatch.delenv(ocl.ENV_DEVICE, raising=False)
+    monkeypatch.delenv("SPARKDL_GPU", raising=False)
     with pytest.raises(ValueError, match=r"backend 'opencl' takes the options \['device', 'device_type', "
                                          r"'platform'\]; got \['gpu'\]"):
         get_backend("opencl", gpu=0)
@@ -410,3 +412,16 @@ def test_spark_fit_on_opencl_reaches_the_numpy_accuracy(spark, spec, shape, solv
         acc[backend] = float(np.mean(pred == y_te))
     assert acc["numpy"] > 0.65, acc
     assert acc["opencl"] >= acc["numpy"] - 0.02, acc
+
+
+def test_auto_reads_what_the_worker_machine_has_from_the_environment(monkeypatch):
+    monkeypatch.setenv(ocl.ENV_DEVICE, "cpu")
+    monkeypatch.setenv("SPARKDL_GPU", "0")
+    be, why = resolve_auto()
+    assert be.name == "opencl" and why.startswith("opencl: ")
+    try:
+        import cupy  # noqa: F401
+    except ImportError:
+        assert "passed over: cupy on GPU 0: cannot import cupy" in why
+    be, why = resolve_auto(opencl=False, gpu=None)
+    assert be.name in ("numpy", "cupy")

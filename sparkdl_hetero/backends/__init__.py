@@ -5,14 +5,17 @@
 - ``"opencl"``: ``platform``, ``device`` (indices), ``device_type`` (cpu, gpu, accelerator, all); without any,
   ``$SPARKDL_OPENCL_DEVICE`` ("P", "P:D" or a type), else the first device;
 - ``"cupy"``: ``device`` (GPU id, default 0);
-- ``"auto"``: ``gpu`` (a GPU id or None) and ``opencl`` (None/False: not asked; True: any device; or a device
-  spec string as above): CuPy on that GPU if one is given and cupy works, else OpenCL if a device was asked for
-  and is present, else NumPy.
+- ``"auto"``: ``gpu`` (a GPU id; None: ``$SPARKDL_GPU`` if set) and ``opencl`` (True: any device, or a device
+  spec string as above; None: ``$SPARKDL_OPENCL_DEVICE`` if set; False: never): CuPy on that GPU if one is given
+  and cupy works, else OpenCL if a device was asked for and is present, else NumPy. The environment variables let
+  each worker machine of one job say what it has (docker/docker-compose.yml sets them).
 Asking for ``"opencl"`` or ``"cupy"`` where it cannot run raises :class:`BackendUnavailable` (which backend,
 why, how to install it); only ``"auto"`` falls back.
 """
 
 from __future__ import annotations
+
+import os
 
 from .base import Backend
 from .errors import BackendUnavailable
@@ -21,6 +24,7 @@ from .numpy_backend import NumpyBackend
 __all__ = ["BACKENDS", "Backend", "BackendUnavailable", "NumpyBackend", "get_backend", "resolve_auto"]
 
 BACKENDS = ("numpy", "opencl", "cupy", "auto")
+ENV_GPU = "SPARKDL_GPU"
 _OPTIONS = {"numpy": set(), "opencl": {"platform", "device", "device_type"}, "cupy": {"device"},
             "auto": {"gpu", "opencl"}}
 
@@ -50,6 +54,12 @@ def get_backend(name: str | Backend = "numpy", **options: object) -> Backend:
 
 def resolve_auto(gpu: int | str | None = None, opencl: bool | str | None = None) -> tuple[Backend, str]:
     """The ``"auto"`` choice and a one-line account of it (what was tried and why it was passed over)."""
+    if gpu is None:
+        gpu = os.environ.get(ENV_GPU) or None
+    if opencl is None:
+        from .opencl_backend import ENV_DEVICE
+
+        opencl = os.environ.get(ENV_DEVICE) or None
     passed_over = []
     if gpu is not None:
         try:
