@@ -412,3 +412,19 @@ def test_pool_forward_is_a_direct_pool(mode, k, stride):
     ref = np.array([[[reduce(x[:, :, a * stride:a * stride + k, b * stride:b * stride + k], axis=(2, 3))
                       for b in range(ow)] for a in range(oh)]])[0].transpose(2, 0, 1, 3)
     np.testing.assert_allclose(out, ref, rtol=1e-12)
+
+
+@pytest.mark.parametrize("c, k, stride, pad", [(1, 5, 1, 2), (3, 3, 2, 1), (2, 2, 1, 0)])
+def test_im2col_col2im_adjoint_and_fused_input_delta(c, k, stride, pad):
+    """<im2col(x), C> == <x, col2im(C)>, and NumPy's fused conv input delta equals col2im(dy w^T)."""
+    be = NumpyBackend()
+    rng = np.random.default_rng(k)
+    shape = (3, 7, 6, c)
+    x = rng.normal(size=shape)
+    cols = be.im2col(x, k, k, stride, pad)
+    ccols = rng.normal(size=cols.shape)
+    assert np.dot(cols.ravel(), ccols.ravel()) == pytest.approx(np.dot(x.ravel(), be.col2im(ccols, shape, k, k, stride,
+                                                                                              pad).ravel()), rel=1e-12)
+    dy, w = rng.normal(size=(cols.shape[0], 4)), rng.normal(size=(cols.shape[1], 4))
+    np.testing.assert_allclose(be.conv_backward_input(dy, w, shape, k, k, stride, pad),
+                               be.col2im(dy @ w.T, shape, k, k, stride, pad), rtol=1e-12, atol=1e-12)

@@ -112,6 +112,12 @@ class Backend(ABC):
                pad: int) -> Array:
         """Adjoint of :meth:`im2col`: scatter-add columns back to an (n, h, w, c) array."""
 
+    def conv_backward_input(self, dy: Array, w: Array, x_shape: tuple[int, int, int, int], kh: int, kw: int,
+                            stride: int, pad: int) -> Array:
+        """A convolution's input delta: ``col2im(dy @ w^T)`` for ``dy`` (n*oh*ow, filters) and weights ``w``
+        (kh*kw*c, filters). Backends may override it to fuse or reorder the two steps."""
+        return self.col2im(self.gemm(dy, w, trans_b=True), x_shape, kh, kw, stride, pad)
+
     @abstractmethod
     def maxpool(self, x: Array, k: int, stride: int) -> tuple[Array, Array]:
         """Max pooling of (n, h, w, c), floor mode, no padding -> (output, argmax index within window)."""

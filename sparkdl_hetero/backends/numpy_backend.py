@@ -255,3 +255,17 @@ class NumpyBackend(ArrayModuleBackend):
 
     def __init__(self) -> None:
         super().__init__(np)
+
+    def conv_backward_input(self, dy: Array, w: Array, x_shape: tuple[int, int, int, int], kh: int, kw: int,
+                            stride: int, pad: int) -> Array:
+        # (dy w^T)^T = w dy^T holds every kernel offset as a contiguous (c, n, oh, ow) block: accumulate them
+        # into a channel-first image (long contiguous runs), then transpose once -- no transposing copy of
+        # the much larger column matrix
+        n, h, wd, c = x_shape
+        oh, ow = pool_out(h, kh, stride, pad), pool_out(wd, kw, stride, pad)
+        blocks = self.gemm(w, dy, trans_b=True).reshape(kh * kw, c, n, oh, ow)
+        out = np.zeros((c, n, h + 2 * pad, wd + 2 * pad), dtype=dy.dtype)
+        for p in range(kh * kw):
+            i, j = divmod(p, kw)
+            out[:, :, i:i + stride * oh:stride, j:j + stride * ow:stride] += blocks[p]
+        return np.ascontiguousarray(out[:, :, pad:pad + h, pad:pad + wd].transpose(1, 2, 3, 0))

@@ -231,8 +231,7 @@ class _ConvModel(LayerModel):
         self.be.col_sum(dy2, self.gb, beta=1.0)
         if not need_dx:
             return None
-        dcols = self.be.gemm(dy2, self.w, trans_b=True)
-        return self.be.col2im(dcols, self.x_shape, c.kernel, c.kernel, c.stride, c.pad)
+        return self.be.conv_backward_input(dy2, self.w, self.x_shape, c.kernel, c.kernel, c.stride, c.pad)
 
 
 # ---- pooling, flatten, dropout ----------------------------------------------------------------------------
