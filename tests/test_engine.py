@@ -366,6 +366,10 @@ def test_trainer_errors():
         train(model, np.zeros((3, 2)), np.zeros(3), TrainConfig(solver="sgd", batchSize=0))
     with pytest.raises(ValueError, match="regParam must be >= 0, got -1.0"):
         train(model, np.zeros((3, 2)), np.zeros(3), TrainConfig(solver="sgd", regParam=-1.0))
+    w0 = model.get_weights()
+    with pytest.raises(ValueError, match=r"labels must be integers in \[0, 2\); got \[2.0, 0.5\]"):
+        train(model, np.zeros((4, 2)), np.array([0, 2, 1, 0.5]), TrainConfig(solver="sgd", batchSize=2))
+    np.testing.assert_array_equal(model.get_weights(), w0)  # rejected before any step
 
 
 def test_lenet_learns_fashion_mnist():

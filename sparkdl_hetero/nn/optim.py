@@ -127,12 +127,12 @@ class Adam(Updater):
         tmp *= t(1.0 - self.beta2)
         v += tmp
         c1 = 1.0 - self.beta1 ** self.steps
-        c2 = 1.0 - self.beta2 ** self.steps
-        np.sqrt(v, out=tmp)  # the denominator sqrt(v / c2) + eps, in place
-        tmp *= t(1.0 / math.sqrt(c2))
-        tmp += t(self.epsilon)
+        s2 = math.sqrt(1.0 - self.beta2 ** self.steps)
+        # lr (m / c1) / (sqrt(v) / s2 + eps) == (lr s2 / c1) m / (sqrt(v) + eps s2): one pass fewer
+        np.sqrt(v, out=tmp)
+        tmp += t(self.epsilon * s2)
         np.divide(m, tmp, out=tmp)
-        tmp *= t(float(lr) / c1)
+        tmp *= t(float(lr) * s2 / c1)
         w -= tmp
 
 

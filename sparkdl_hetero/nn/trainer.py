@@ -7,13 +7,14 @@ from typing import Any
 
 import numpy as np
 
-from .model import FeedForwardModel
+from .model import FeedForwardModel, one_hot
 from .optim import Updater, learning_rate, make_updater
 
 
 def train(model: FeedForwardModel, x: np.ndarray, y: np.ndarray, config: Any, *, epochs: int | None = None,
           updater: Updater | None = None, on_epoch: Callable[[int, float], None] | None = None) -> list[float]:
-    """Train ``model`` in place on rows ``x`` and labels ``y`` with mini-batches; return the loss history.
+    """Train ``model`` in place on rows ``x`` and labels ``y`` (integers, or a (rows, classes) target matrix)
+    with mini-batches; return the loss history.
 
     ``config`` supplies ``solver``, ``stepSize``, ``batchSize``, ``regParam``, ``seed``, ``epochs`` / ``maxIter``
     and the updater's and schedule's knobs (see :mod:`.optim`). Each epoch visits the rows in a fresh
@@ -21,7 +22,7 @@ def train(model: FeedForwardModel, x: np.ndarray, y: np.ndarray, config: Any, *,
     ``regParam / 2 * |w|^2`` to its loss. History entry ``e`` is the mean objective over epoch ``e``'s
     batches (weighted by batch size); ``on_epoch(e, loss)`` is called after each epoch.
     """
-    n = len(x)
+    n, y = len(x), np.asarray(y)
     if len(y) != n:
         raise ValueError(f"x has {n} rows but y has {len(y)} labels")
     batch = int(config.batchSize)
@@ -31,6 +32,8 @@ def train(model: FeedForwardModel, x: np.ndarray, y: np.ndarray, config: Any, *,
     reg = float(getattr(config, "regParam", 0.0))
     if reg < 0:
         raise ValueError(f"regParam must be >= 0, got {reg}")
+    if y.ndim == 1:  # one-hot once (labels checked before any step), then rows are gathered per batch
+        y = one_hot(y, model.topology.num_outputs, model.dtype)
     updater = updater or make_updater(config)
     rng = np.random.default_rng(getattr(config, "seed", None))
     host = isinstance(model.weights, np.ndarray)  # NumPy backend: update the model's own vectors in place
