@@ -10,13 +10,13 @@ KERNEL void im2col(const long count, ARR(real_t, cols), ARR(const real_t, x), co
                    const int kh, const int kw, const int stride, const int pad, const int oh, const int ow) {
     const long i = ITEM;
     if (i >= count) return;
-    const int ch = (int)(i % c);
-    long r = i / c;
-    const int kj = (int)(r % kw); r /= kw;
-    const int ki = (int)(r % kh); r /= kh;
-    const int oj = (int)(r % ow); r /= ow;
-    const int oi = (int)(r % oh);
-    const long b = r / oh;
+    const int ch = (index_t)i % c;
+    index_t r = (index_t)i / c;
+    const int kj = r % kw; r /= kw;
+    const int ki = r % kh; r /= kh;
+    const int oj = r % ow; r /= ow;
+    const int oi = r % oh;
+    const index_t b = r / oh;
     const int y = oi * stride - pad + ki;
     const int xx = oj * stride - pad + kj;
     real_t v = (real_t)0;
@@ -29,11 +29,11 @@ KERNEL void col2im(const long count, ARR(real_t, dx), ARR(const real_t, cols), c
                    const int kh, const int kw, const int stride, const int pad, const int oh, const int ow) {
     const long i = ITEM;
     if (i >= count) return;
-    const int ch = (int)(i % c);
-    long r = i / c;
-    const int xx = (int)(r % w); r /= w;
-    const int y = (int)(r % h);
-    const long b = r / h;
+    const int ch = (index_t)i % c;
+    index_t r = (index_t)i / c;
+    const int xx = r % w; r /= w;
+    const int y = r % h;
+    const index_t b = r / h;
     const GLOBAL real_t *src = AT(cols);
     real_t s = (real_t)0;
     for (int ki = 0; ki < kh; ++ki) {
@@ -57,16 +57,16 @@ KERNEL void maxpool(const long count, ARR(real_t, y), ARR(int, idx), ARR(const r
                     const int c, const int k, const int stride, const int oh, const int ow) {
     const long i = ITEM;
     if (i >= count) return;
-    const int ch = (int)(i % c);
-    long r = i / c;
-    const int oj = (int)(r % ow); r /= ow;
-    const int oi = (int)(r % oh);
-    const long b = r / oh;
-    const GLOBAL real_t *win = AT(x) + ((b * h + (long)oi * stride) * w + (long)oj * stride) * c + ch;
+    const int ch = (index_t)i % c;
+    index_t r = (index_t)i / c;
+    const int oj = r % ow; r /= ow;
+    const int oi = r % oh;
+    const index_t b = r / oh;
+    const GLOBAL real_t *win = AT(x) + ((b * h + oi * stride) * w + oj * stride) * c + ch;
     real_t best = win[0];
     int arg = 0;
     for (int p = 1; p < k * k; ++p) {
-        const real_t v = win[((long)(p / k) * w + p % k) * c];
+        const real_t v = win[((p / k) * w + p % k) * c];
         if (v > best) {
             best = v;
             arg = p;
@@ -82,17 +82,17 @@ KERNEL void maxpool_backward(const long count, ARR(real_t, dx), ARR(const real_t
                              const int ow) {
     const long i = ITEM;
     if (i >= count) return;
-    const int ch = (int)(i % c);
-    long r = i / c;
-    const int xx = (int)(r % w); r /= w;
-    const int y = (int)(r % h);
-    const long b = r / h;
+    const int ch = (index_t)i % c;
+    index_t r = (index_t)i / c;
+    const int xx = r % w; r /= w;
+    const int y = r % h;
+    const index_t b = r / h;
     real_t s = (real_t)0;
     for (int oi = y / stride; oi >= 0 && oi * stride + k > y; --oi) {
         if (oi >= oh) continue;
         for (int oj = xx / stride; oj >= 0 && oj * stride + k > xx; --oj) {
             if (oj >= ow) continue;
-            const long o = ((b * oh + oi) * ow + oj) * c + ch;
+            const index_t o = ((b * oh + oi) * ow + oj) * c + ch;
             if (AT(idx)[o] == (y - oi * stride) * k + (xx - oj * stride)) s += AT(dy)[o];
         }
     }
@@ -104,14 +104,14 @@ KERNEL void avgpool(const long count, ARR(real_t, y), ARR(const real_t, x), cons
                     const int k, const int stride, const int oh, const int ow) {
     const long i = ITEM;
     if (i >= count) return;
-    const int ch = (int)(i % c);
-    long r = i / c;
-    const int oj = (int)(r % ow); r /= ow;
-    const int oi = (int)(r % oh);
-    const long b = r / oh;
-    const GLOBAL real_t *win = AT(x) + ((b * h + (long)oi * stride) * w + (long)oj * stride) * c + ch;
+    const int ch = (index_t)i % c;
+    index_t r = (index_t)i / c;
+    const int oj = r % ow; r /= ow;
+    const int oi = r % oh;
+    const index_t b = r / oh;
+    const GLOBAL real_t *win = AT(x) + ((b * h + oi * stride) * w + oj * stride) * c + ch;
     real_t s = (real_t)0;
-    for (int p = 0; p < k * k; ++p) s += win[((long)(p / k) * w + p % k) * c];
+    for (int p = 0; p < k * k; ++p) s += win[((p / k) * w + p % k) * c];
     AT(y)[i] = s * ((real_t)1 / (real_t)(k * k));
 }
 
@@ -120,11 +120,11 @@ KERNEL void avgpool_backward(const long count, ARR(real_t, dx), ARR(const real_t
                              const int c, const int k, const int stride, const int oh, const int ow) {
     const long i = ITEM;
     if (i >= count) return;
-    const int ch = (int)(i % c);
-    long r = i / c;
-    const int xx = (int)(r % w); r /= w;
-    const int y = (int)(r % h);
-    const long b = r / h;
+    const int ch = (index_t)i % c;
+    index_t r = (index_t)i / c;
+    const int xx = r % w; r /= w;
+    const int y = r % h;
+    const index_t b = r / h;
     const real_t inv = (real_t)1 / (real_t)(k * k);
     real_t s = (real_t)0;
     for (int oi = y / stride; oi >= 0 && oi * stride + k > y; --oi) {

@@ -27,7 +27,7 @@ KERNEL void mul(const long count, ARR(real_t, out), ARR(const real_t, a), ARR(co
 /* count = rows*cols: y[r, j] += b[j] */
 KERNEL void add_row(const long count, ARR(real_t, y), ARR(const real_t, b), const int cols) {
     const long i = ITEM;
-    if (i < count) AT(y)[i] += AT(b)[i % cols];
+    if (i < count) AT(y)[i] += AT(b)[(index_t)i % cols];
 }
 
 /* count = cols*chunks: partial[chunk, j] = sum of x[r, j] over the chunk's rows. */

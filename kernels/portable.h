@@ -4,7 +4,8 @@
  * - real_t is the element type: REAL (float or double), set by the launcher with -DREAL=...;
  * - every array argument is a pair (pointer, element offset): ARR(T, x) declares it, AT(x) gives the
  *   pointer to the first element (the OpenCL backend passes buffer + offset of a view, CUDA passes 0);
- * - every kernel is 1-D over `count` work items and returns when ITEM >= count.
+ * - every kernel is 1-D over `count` work items and returns when ITEM >= count;
+ * - index_t (32-bit) indexes elements within one tensor: launchers reject tensors of 2^31 or more elements.
  */
 #ifndef SPARKDL_PORTABLE_H
 #define SPARKDL_PORTABLE_H
@@ -30,5 +31,6 @@
 #define AT(name) (name##_base + name##_off)
 
 typedef REAL real_t;
+typedef int index_t;
 
 #endif

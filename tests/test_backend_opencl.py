@@ -249,6 +249,11 @@ def test_im2col_col2im(be, dtype, n, h, w, c, k, stride, pad):
           rel_for(dtype))
 
 
+def test_launch_rejects_tensors_beyond_32_bit_indexing(be):
+    with pytest.raises(ValueError, match=r"im2col: 2147483648 elements exceed the kernels' 32-bit indexing"):
+        be.launch("im2col", np.float32, 2**31)
+
+
 def test_col2im_shape_error(be):
     with pytest.raises(ValueError, match=r"col2im: columns of shape \(3, 9\) do not match \(1, 4, 4, 1\)"):
         be.col2im(be.zeros((3, 9), np.float32), (1, 4, 4, 1), 3, 3, 1, 0)

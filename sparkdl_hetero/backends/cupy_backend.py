@@ -14,7 +14,7 @@ import numpy as np
 
 from .base import Array, pool_out
 from .errors import BackendUnavailable
-from .kernel_source import kernel_source
+from .kernel_source import check_launch_size, kernel_source
 from .numpy_backend import ArrayModuleBackend
 
 _INSTALL = ("Install it with: pip install 'sparkdl-hetero[gpu]' (cupy-cuda12x) on a machine with an NVIDIA GPU "
@@ -49,6 +49,7 @@ class CudaLauncher:
     def __call__(self, kernel: str, dtype: Any, count: int, *args: Any) -> None:
         if count <= 0:
             return
+        check_launch_size(kernel, count, [a.size for a in args if isinstance(a, self.cp.ndarray)])
         flat: list[Any] = [np.int64(count)]
         for a in args:
             # a cupy array's pointer already points at its first element (views included): offset 0

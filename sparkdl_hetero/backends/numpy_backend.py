@@ -206,7 +206,7 @@ class ArrayModuleBackend(Backend):
         hit = xp.empty(y.shape, dtype=bool)
         for p in range(k * k - 2, -1, -1):
             xp.equal(self._window(x, p // k, p % k, oh, ow, stride), y, out=hit)
-            xp.copyto(idx, p, where=hit)
+            idx -= (idx - p) * hit  # idx = p where hit; arithmetic: masked stores crawl on irregular masks
         return y, idx
 
     def maxpool_backward(self, dy: Array, idx: Array, x_shape: tuple[int, int, int, int], k: int,

@@ -18,7 +18,7 @@ import numpy as np
 
 from .base import ACTIVATIONS, Array, Backend, pool_out
 from .errors import BackendUnavailable
-from .kernel_source import kernel_source
+from .kernel_source import check_launch_size, kernel_source
 from .numpy_backend import NumpyBackend
 
 try:
@@ -174,6 +174,7 @@ class OpenCLBackend(Backend):
         kernels/portable.h) and NumPy scalars of the parameters' exact types."""
         if count <= 0:
             return
+        check_launch_size(kernel, count, [a.size for a in args if isinstance(a, cla.Array)])
         flat: list[Any] = [np.int64(count)]
         for a in args:
             if isinstance(a, cla.Array):
