@@ -69,19 +69,24 @@ class _Job:
     steps_per_epoch: int = 1
 
 
-_REPLICAS: dict[tuple, Any] = {}  # per Python worker: (fit id, backend, dtype) -> replica, built once per fit
+_REPLICAS: dict[tuple, tuple[Any, str]] = {}  # per Python worker: (fit id, backend, dtype) -> (replica, account)
 _PERMS: dict[tuple, np.ndarray] = {}  # per Python worker: (fit id, seed, partition, epoch) -> row permutation
 _CONTROLLER: list = []
 
 
-def _replica(job: _Job) -> Any:
+def _replica(job: _Job) -> tuple[Any, str]:
+    """This worker's replica for the fit, built once on the backend placement picks for the task, and a line
+    saying where it computes."""
     key = (job.fit_id, job.backend, job.dtype)
-    rep = _REPLICAS.get(key)
-    if rep is None:
+    entry = _REPLICAS.get(key)
+    if entry is None:
+        from .placement import task_backend
+
         while len(_REPLICAS) >= 4:  # a worker serving several fits (cross-validation) keeps the latest few
             _REPLICAS.pop(next(iter(_REPLICAS)))
-        rep = _REPLICAS[key] = job.objective.replica(job.backend, np.dtype(job.dtype), job.seed)
-    return rep
+        backend, account = task_backend(job.backend)
+        entry = _REPLICAS[key] = (job.objective.replica(backend, np.dtype(job.dtype), job.seed), account)
+    return entry
 
 
 def _rows(job: _Job, part: int, n: int) -> np.ndarray | None:
@@ -112,13 +117,13 @@ def _blas_limit(cpus: int) -> Any:
 
 
 def partition_gradient(job: _Job, x: np.ndarray, y: np.ndarray, part: int, weights: np.ndarray,
-                       cpus: int = 1) -> tuple[np.ndarray | None, float, int]:
-    """(gradient sum, loss sum, count) of one partition's selected rows at ``weights``."""
+                       cpus: int = 1) -> tuple[np.ndarray | None, float, int, str]:
+    """(gradient sum, loss sum, count, backend account) of one partition's selected rows at ``weights``."""
     idx = _rows(job, part, len(y))
     m = len(y) if idx is None else len(idx)
     if m == 0:
-        return None, 0.0, 0
-    rep = _replica(job)
+        return None, 0.0, 0, ""
+    rep, account = _replica(job)
     rep.set_weights(weights)
     rep.zero_grad()
     loss = 0.0
@@ -130,11 +135,12 @@ def partition_gradient(job: _Job, x: np.ndarray, y: np.ndarray, part: int, weigh
             else:
                 xb, yb = x[idx[lo:hi]], y[idx[lo:hi]]
             loss += rep.compute_gradient(xb, yb, scale=float(hi - lo)) * (hi - lo)
-    return rep.get_gradient().astype(np.float64), loss, m
+    return rep.get_gradient().astype(np.float64), loss, m, account
 
 
 def _task(handles: Any, job: _Job, bc: Any) -> Any:
-    """mapPartitions body: one (gradient sum, loss sum, count, missing partitions) per partition."""
+    """mapPartitions body: one (gradient sum, loss sum, count, missing partitions, backend accounts) per
+    partition."""
     from pyspark import TaskContext
 
     ctx = TaskContext.get()
@@ -142,10 +148,10 @@ def _task(handles: Any, job: _Job, bc: Any) -> Any:
     for h in handles:
         blocks = resident_blocks(job.fit_id, h)
         if blocks is None:
-            yield None, 0.0, 0, (h.part,)
+            yield None, 0.0, 0, (h.part,), ()
             continue
-        g, loss, n = partition_gradient(job, blocks[0], blocks[1], h.part, bc.value, cpus)
-        yield g, loss, n, ()
+        g, loss, n, account = partition_gradient(job, blocks[0], blocks[1], h.part, bc.value, cpus)
+        yield g, loss, n, (), (account,) if account else ()
 
 
 def _combine(a: tuple, b: tuple) -> tuple:
@@ -157,7 +163,7 @@ def _combine(a: tuple, b: tuple) -> tuple:
     else:
         ga += gb
         g = ga
-    return g, a[1] + b[1], a[2] + b[2], a[3] + b[3]
+    return g, a[1] + b[1], a[2] + b[2], a[3] + b[3], a[4] + tuple(s for s in b[4] if s not in a[4])
 
 
 # ---- driver side ------------------------------------------------------------------------------------------
@@ -179,6 +185,7 @@ class TreeAggregateTrainer:
         self.evaluations = 0
         self.samples = 0
         self.fallbacks = 0
+        self.backends: set[str] = set()  # "host pid N partition P: backend" lines from the executors
         self.started = time.perf_counter()
         self.bar: Any = None
 
@@ -190,8 +197,8 @@ class TreeAggregateTrainer:
         sc.setJobDescription(f"sparkdl-hetero fit {self.data.fit_id[:8]}: {label}")
         sc.setLocalProperty("sparkdl.iteration", label)
         try:
-            zero: tuple = (None, 0.0, 0, ())
-            g, loss, n, missing = self.data.handles_rdd.mapPartitions(partial(_task, job=job, bc=bc)) \
+            zero: tuple = (None, 0.0, 0, (), ())
+            g, loss, n, missing, accounts = self.data.handles_rdd.mapPartitions(partial(_task, job=job, bc=bc)) \
                 .treeAggregate(zero, _combine, _combine, depth=2)
             if missing:  # partitions whose task ran on a host without their files: recompute them there
                 self.fallbacks += len(missing)
@@ -200,13 +207,14 @@ class TreeAggregateTrainer:
                     if part[3]:
                         raise RuntimeError(f"partitions {list(part[3])} have no blocks even after recomputing "
                                            f"them on the executor that ran them")
-                    g, loss, n, _ = _combine((g, loss, n, ()), part)
+                    g, loss, n, _, accounts = _combine((g, loss, n, (), accounts), part)
         finally:
             sc.setJobDescription(None)
             sc.setLocalProperty("sparkdl.iteration", None)
             bc.destroy()
         self.evaluations += 1
         self.samples += n
+        self.backends.update(accounts)
         if g is None:
             g = np.zeros(self.objective.num_weights)
         return g, loss, n
@@ -262,7 +270,8 @@ class TreeAggregateTrainer:
             "mode": "treeAggregate", "solver": self.config.solver, "converged": converged,
             "evaluations": self.evaluations, "seconds": seconds, "samples": self.samples,
             "samplesPerSecond": self.samples / max(seconds, 1e-9), "numPartitions": self.data.num_partitions,
-            "partitionSizes": self.data.partition_sizes(), "fallbackPartitions": self.fallbacks})
+            "partitionSizes": self.data.partition_sizes(), "fallbackPartitions": self.fallbacks,
+            "backends": sorted(self.backends)})
 
     # -- solvers --
     def run(self, initial_weights: np.ndarray) -> TrainResult:
@@ -396,7 +405,7 @@ class TreeAggregateTrainer:
 
 
 def _combine_all(it: Any) -> tuple:
-    acc: tuple = (None, 0.0, 0, ())
+    acc: tuple = (None, 0.0, 0, (), ())
     for v in it:
         acc = _combine(acc, v)
     return acc
