@@ -27,8 +27,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 _SUBDIR = "sparkdl-hetero-blocks"
-# module-level cache of the executor's Python worker: (fit id, partition) -> (features memmap, labels memmap)
-_RESIDENT: dict[tuple[str, int], tuple[np.ndarray, np.ndarray]] = {}
+# module-level cache of the executor's Python worker: (fit id, partition) -> (features, labels, features file)
+# as views of memory-mapped files
+_RESIDENT: dict[tuple[str, int], tuple[np.ndarray, np.ndarray, str]] = {}
 
 _NUMERIC = ("byte", "short", "int", "long", "float", "double", "decimal")
 _HANDLE_SCHEMA = (
@@ -146,10 +147,12 @@ def resident_blocks(fit_id: str, handle: Handle) -> tuple[np.ndarray, np.ndarray
         if handle.host != socket.gethostname() or not os.path.exists(handle.xpath) \
                 or not os.path.exists(handle.ypath):
             return None
+        for k in [k for k, v in _RESIDENT.items() if k[0] != fit_id and not os.path.exists(v[2])]:
+            del _RESIDENT[k]  # another fit's blocks whose files were released: unmap them
         y = np.memmap(handle.ypath, dtype=np.int32, mode="r", shape=(handle.n,))
         x = np.memmap(handle.xpath, dtype=np.float32, mode="r")
-        blocks = _RESIDENT[key] = (x.reshape(handle.n, -1), y)
-    return blocks
+        blocks = _RESIDENT[key] = (np.asarray(x).reshape(handle.n, -1), np.asarray(y), handle.xpath)
+    return blocks[0], blocks[1]
 
 
 def release_resident(fit_id: str) -> int:

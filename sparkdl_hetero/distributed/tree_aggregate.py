@@ -101,8 +101,8 @@ def _rows(job: _Job, part: int, n: int) -> np.ndarray | None:
     key = (job.fit_id, job.seed, part, job.epoch)
     perm = _PERMS.get(key)
     if perm is None:
-        for k in [k for k in _PERMS if k[0] == job.fit_id and k[2] == part]:
-            del _PERMS[k]
+        for k in [k for k in _PERMS if k[0] != job.fit_id or k[2] == part]:
+            del _PERMS[k]  # other fits' and this partition's earlier epochs
         perm = _PERMS[key] = np.random.default_rng([job.seed, job.epoch, part]).permutation(n)
     s, steps = job.step, job.steps_per_epoch
     return np.sort(perm[s * n // steps:(s + 1) * n // steps])
