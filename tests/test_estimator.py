@@ -13,7 +13,7 @@ from pyspark.ml.classification import MultilayerPerceptronClassificationModel, M
 from pyspark.ml.evaluation import MulticlassClassificationEvaluator
 from pyspark.ml.feature import StandardScaler
 from pyspark.ml.linalg import DenseVector, Vectors, VectorUDT
-from pyspark.ml.tuning import CrossValidator, ParamGridBuilder
+from pyspark.ml.tuning import CrossValidator, CrossValidatorModel, ParamGridBuilder
 from pyspark.sql.types import DoubleType
 
 from sparkdl_hetero.ml import DeepClassificationModel, DeepClassifier
@@ -91,8 +91,7 @@ def test_constructor_setters_and_copy_semantics():
 # ---- the model without training --------------------------------------------------------------------------------
 def test_transform_matches_numpy_reference_and_spark_columns(iris):
     df, _, _ = iris
-    model = _random_model()
-    model = model.copy({model.dtype: "float64"})
+    model = _random_model().setDtype("float64")
     out = model.transform(df)
     schema = {f.name: f.dataType for f in out.schema.fields}
     assert isinstance(schema["rawPrediction"], VectorUDT) and isinstance(schema["probability"], VectorUDT)
@@ -242,7 +241,7 @@ def test_pipeline_fit_save_load(iris, tmp_path):
         np.testing.assert_array_equal(a, b)
 
 
-def test_cross_validator_with_param_grid(iris):
+def test_cross_validator_with_param_grid(iris, tmp_path):
     _, train, test = iris
     clf = DeepClassifier(layers=LAYERS, seed=1234, verbose=False)
     grid = ParamGridBuilder().addGrid(clf.maxIter, [1, 60]).build()
@@ -254,6 +253,10 @@ def test_cross_validator_with_param_grid(iris):
     assert isinstance(best, DeepClassificationModel) and best.getMaxIter() == 60
     assert clf.getMaxIter() == 100  # the grid's values went to copies
     assert MulticlassClassificationEvaluator(metricName="accuracy").evaluate(cvm.transform(test)) > 0.85
+    cvm.write().save(str(tmp_path / "cvm"))
+    loaded = CrossValidatorModel.load(str(tmp_path / "cvm"))
+    assert loaded.avgMetrics == cvm.avgMetrics and isinstance(loaded.bestModel, DeepClassificationModel)
+    np.testing.assert_array_equal(loaded.bestModel.weights.toArray(), best.weights.toArray())
 
 
 def test_cnn_through_the_estimator(spark):

@@ -134,6 +134,57 @@ class DeepClassifier(ProbabilisticClassifier, _DeepClassifierParams, _MentorPara
     def setVerbose(self, value: bool) -> DeepClassifier:
         return self._set(verbose=value)
 
+    def setMiniBatchFraction(self, value: float) -> DeepClassifier:
+        return self._set(miniBatchFraction=value)
+
+    def setMomentum(self, value: float) -> DeepClassifier:
+        return self._set(momentum=value)
+
+    def setNesterov(self, value: bool) -> DeepClassifier:
+        return self._set(nesterov=value)
+
+    def setBeta1(self, value: float) -> DeepClassifier:
+        return self._set(beta1=value)
+
+    def setBeta2(self, value: float) -> DeepClassifier:
+        return self._set(beta2=value)
+
+    def setEpsilon(self, value: float) -> DeepClassifier:
+        return self._set(epsilon=value)
+
+    def setLrSchedule(self, value: str) -> DeepClassifier:
+        return self._set(lrSchedule=value)
+
+    def setLrDecay(self, value: float) -> DeepClassifier:
+        return self._set(lrDecay=value)
+
+    def setLrDecaySteps(self, value: int) -> DeepClassifier:
+        return self._set(lrDecaySteps=value)
+
+    def setNumWorkers(self, value: int) -> DeepClassifier:
+        return self._set(numWorkers=value)
+
+    def setSyncEvery(self, value: int) -> DeepClassifier:
+        return self._set(syncEvery=value)
+
+    def setAllReduce(self, value: str) -> DeepClassifier:
+        return self._set(allReduce=value)
+
+    def setBalance(self, value: bool) -> DeepClassifier:
+        return self._set(balance=value)
+
+    def setValidationFraction(self, value: float) -> DeepClassifier:
+        return self._set(validationFraction=value)
+
+    def setPatience(self, value: int) -> DeepClassifier:
+        return self._set(patience=value)
+
+    def setCommTimeout(self, value: float) -> DeepClassifier:
+        return self._set(commTimeout=value)
+
+    def setDtype(self, value: str) -> DeepClassifier:
+        return self._set(dtype=value)
+
     def _fit(self, dataset: DataFrame) -> DeepClassificationModel:
         from ..distributed.data import check_columns
         from ..distributed.fit import fit
@@ -204,6 +255,14 @@ class DeepClassificationModel(ProbabilisticClassificationModel, _DeepClassifierP
             raise ValueError(f"weights must be finite; got {int(np.sum(~np.isfinite(w)))} NaN/inf values")
         self._weights = w
         self._local = None
+
+    def setBackend(self, value: str) -> DeepClassificationModel:
+        """The array backend ``transform`` uses on the executors."""
+        return self._set(backend=value)
+
+    def setDtype(self, value: str) -> DeepClassificationModel:
+        """The floating-point type of ``transform`` (float64: Spark's MLP predictions to 1e-9)."""
+        return self._set(dtype=value)
 
     # ---- what Spark's MLP model exposes ----
     @property

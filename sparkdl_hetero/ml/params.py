@@ -142,6 +142,54 @@ class _DeepClassifierParams(HasSeed, HasMaxIter, HasTol, HasStepSize, HasSolver,
     def getVerbose(self) -> bool:
         return self.getOrDefault(self.verbose)
 
+    def getMiniBatchFraction(self) -> float:
+        return self.getOrDefault(self.miniBatchFraction)
+
+    def getMomentum(self) -> float:
+        return self.getOrDefault(self.momentum)
+
+    def getNesterov(self) -> bool:
+        return self.getOrDefault(self.nesterov)
+
+    def getBeta1(self) -> float:
+        return self.getOrDefault(self.beta1)
+
+    def getBeta2(self) -> float:
+        return self.getOrDefault(self.beta2)
+
+    def getEpsilon(self) -> float:
+        return self.getOrDefault(self.epsilon)
+
+    def getLrSchedule(self) -> str:
+        return self.getOrDefault(self.lrSchedule)
+
+    def getLrDecay(self) -> float:
+        return self.getOrDefault(self.lrDecay)
+
+    def getLrDecaySteps(self) -> int:
+        return self.getOrDefault(self.lrDecaySteps)
+
+    def getNumWorkers(self) -> int:
+        return self.getOrDefault(self.numWorkers)
+
+    def getSyncEvery(self) -> int:
+        return self.getOrDefault(self.syncEvery)
+
+    def getAllReduce(self) -> str:
+        return self.getOrDefault(self.allReduce)
+
+    def getBalance(self) -> bool:
+        return self.getOrDefault(self.balance)
+
+    def getValidationFraction(self) -> float:
+        return self.getOrDefault(self.validationFraction)
+
+    def getPatience(self) -> int:
+        return self.getOrDefault(self.patience)
+
+    def getCommTimeout(self) -> float:
+        return self.getOrDefault(self.commTimeout)
+
     def _train_config(self) -> TrainConfig:
         """The TrainConfig these params describe (every TrainConfig field that has a param of the same name)."""
         values = {f.name: self.getOrDefault(f.name) for f in dataclasses.fields(TrainConfig)
