@@ -156,6 +156,20 @@ def test_cnn_model_transform_and_save_load(spark, tmp_path):
         model.toSpark()
 
 
+def test_transform_on_the_opencl_backend(spark):
+    """The model's backend computes the predictions on the executors (PoCL's OpenCL CPU device here)."""
+    topo = FeedForwardTopology.from_spec(SMALL_CNN, (1, 6, 6))
+    model = DeepClassificationModel(topo, np.random.default_rng(7).normal(size=topo.num_weights) * 0.3)
+    x = np.random.default_rng(8).normal(size=(30, 36))
+    df = spark.createDataFrame([(i, Vectors.dense(row)) for i, row in enumerate(x)], ["id", "features"])
+    on_numpy = _outputs(model.transform(df))
+    on_opencl = _outputs(model.copy().setBackend("opencl").transform(df))
+    np.testing.assert_allclose(on_opencl[0], on_numpy[0], atol=1e-4)
+    np.testing.assert_allclose(on_opencl[1], on_numpy[1], atol=1e-5)
+    with pytest.raises(ValueError, match="unknown backend 'tpu'; expected one of: numpy, opencl, cupy, auto"):
+        model.copy().setBackend("tpu").transform(df)
+
+
 def test_model_constructor_rejects_wrong_weights():
     topo = FeedForwardTopology.multilayer_perceptron(LAYERS)
     with pytest.raises(ValueError, match=r"has 64 weights, got 63"):

@@ -18,7 +18,7 @@ from pyspark.sql import functions as F
 from pyspark.sql.functions import arrow_udf
 from pyspark.sql.types import ArrayType, NumericType
 
-from ..backends import get_backend
+from ..backends import BACKENDS
 from ..nn.model import FeedForwardModel
 from ..nn.topology import FeedForwardTopology
 from .mentor import _MentorParams
@@ -340,13 +340,15 @@ class DeepClassificationModel(ProbabilisticClassificationModel, _DeepClassifierP
                 raise ValueError(f"output column {c!r} already exists in the DataFrame")
         if not outputs:
             return dataset
-        dtype = self.getDtype()
+        dtype, backend = self.getDtype(), self.getBackend()
         if dtype not in ("float32", "float64"):
             raise ValueError(f"dtype must be float32 or float64, got {dtype!r}")
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}; expected one of: {', '.join(BACKENDS)}")
         col = dataset[feats]
         x = vector_to_array(col, dtype) if isinstance(dataset.schema[feats].dataType, VectorUDT) \
             else col.cast(f"array<{'float' if dtype == 'float32' else 'double'}>")
-        udf = _predict_udf(self.network.to_dict(), self._weights, dtype, self.getBackend(), self._thresholds(),
+        udf = _predict_udf(self.network.to_dict(), self._weights, dtype, backend, self._thresholds(),
                            feats)
         tmp = f"_{self.uid}_out"
         out = dataset.withColumn(tmp, udf(x))
@@ -426,9 +428,12 @@ def _predict_udf(topology: dict, weights: np.ndarray, dtype: str, backend: str, 
         from pyspark import TaskContext
         from threadpoolctl import threadpool_limits
 
+        from ..distributed.placement import task_backend
+
         ctx = TaskContext.get()
-        with threadpool_limits(limits=max(1, ctx.cpus() if ctx is not None else 1)):  # no BLAS oversubscription
-            be = get_backend(backend)
+        cpus = max(1, int(ctx.cpus())) if ctx is not None else 1
+        with threadpool_limits(limits=cpus, user_api="blas"):  # no BLAS oversubscription of the task's cores
+            be, _ = task_backend(backend)  # "auto" and Spark-assigned GPUs resolve as in training
             topo = FeedForwardTopology.from_dict(topology)
             model = FeedForwardModel(topo, weights, dtype=np.dtype(dtype), backend=be)
             d, k = topo.num_inputs, topo.num_outputs
