@@ -6,8 +6,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..backends import BACKENDS
+
 SOLVERS = ("l-bfgs", "gd", "sgd", "momentum", "adam")
 MODES = ("treeAggregate", "barrier")
+DTYPES = ("float32", "float64")
 
 
 @dataclass
@@ -53,6 +56,10 @@ class TrainConfig:
             raise ValueError(f"solver must be one of {', '.join(SOLVERS)}, got {self.solver!r}")
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
 
 
 @dataclass
