@@ -304,8 +304,19 @@ def test_bad_input_errors_before_training(spark, iris):
     with pytest.raises(ValueError, match=r"label column 'label' has \d+ values that are not integer class indices "
                                          r"in \[0, 2\)"):
         DeepClassifier(layers=[4, 2]).fit(df)
-    with pytest.raises(ValueError, match="solver must be one of"):
+    with pytest.raises(ValueError, match="solver must be one of l-bfgs, gd, sgd, momentum, adam, got 'newton'"):
         DeepClassifier(layers=LAYERS, solver="newton").fit(df)
+    with pytest.raises(ValueError, match="backend must be one of numpy, opencl, cupy, auto, got 'tpu'"):
+        DeepClassifier(layers=LAYERS, backend="tpu").fit(df)
+    with pytest.raises(ValueError, match="dtype must be one of float32, float64, got 'float16'"):
+        DeepClassifier(layers=LAYERS, dtype="float16").fit(df)
+    with pytest.raises(ValueError, match=r"label column 'label' has 50 values that are not integer class indices "
+                                         r"in \[0, 3\) \(first found: -1.0\)"):
+        DeepClassifier(layers=LAYERS).fit(df.selectExpr("label - 1 AS label", "features"))
+    nan = spark.createDataFrame([(0.0, Vectors.dense([1.0, 2.0, float("nan"), 0.0])),
+                                 (1.0, Vectors.dense([1.0, 2.0, 3.0, 4.0]))], ["label", "features"])
+    with pytest.raises(ValueError, match=r"features column 'features' has 1 non-finite values \(first found: nan\)"):
+        DeepClassifier(layers=LAYERS).fit(nan)
     with pytest.raises(ValueError, match=r"initialWeights has 3 values but topology .* needs 64"):
         DeepClassifier(layers=LAYERS, initialWeights=[0.0, 1.0, 2.0]).fit(df)
     with pytest.raises(ValueError, match="empty"):
