@@ -194,6 +194,7 @@ def test_model_weights_drop_adapters_and_mentor_stays_frozen() -> None:
     np.testing.assert_array_equal(obj.model_weights(w), w[:MENTEE.num_weights])
     assert obj.model_weights(w).shape == (MENTEE.num_weights,)
     rep.set_weights(w)  # the replica predicts with the mentee alone
+    assert rep.topology is MENTEE
     np.testing.assert_array_equal(rep.predict(x), FeedForwardModel(MENTEE, obj.model_weights(w),
                                                                    dtype=np.float64).predict(x))
 

@@ -138,6 +138,7 @@ class DistillationReplica:
                  seed: int | None) -> None:
         be = get_backend(backend)
         self.objective, self.backend, self.dtype = objective, be, np.dtype(dtype)
+        self.topology = objective.topology  # the mentee's: what the labels and predictions are for
         self.num_weights = objective.num_weights
         n_mentee = objective.topology.num_weights
         self.weights: Array = be.zeros((self.num_weights,), self.dtype)
