@@ -221,6 +221,11 @@ def main(argv: list[str] | None = None) -> int:
           f"{model.summary.totalIterations} iterations in {seconds:.1f} s; final loss "
           f"{history[-1] if history else float('nan'):.4f}", flush=True)
 
+    stats = model.summary.trainingStats
+    if "samplesPerSecond" in stats:
+        print(f"throughput: {stats['samplesPerSecond']:.0f} samples/s ({stats.get('mode', args.mode)} mode)")
+    for line in stats.get("backends", []):
+        print(f"backend: {line}")
     predictions = model.transform(test_df)
     accuracy = MulticlassClassificationEvaluator(metricName="accuracy").evaluate(predictions)
     print(f"test accuracy: {accuracy:.4f}", flush=True)

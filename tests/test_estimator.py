@@ -222,6 +222,8 @@ def test_reaches_spark_mlp_accuracy_on_spark_example(iris):
     assert our_acc > 0.9
     hist = model.summary.objectiveHistory
     assert hist[-1] < 0.1 * hist[0] and 0 < model.summary.totalIterations <= 100
+    stats = model.summary.trainingStats
+    assert stats["mode"] == "treeAggregate" and stats["solver"] == "l-bfgs" and stats["backends"]
     # evaluate() and the training summary agree with Spark's evaluator
     ev = model.evaluate(test)
     preds = model.transform(test)

@@ -79,6 +79,22 @@ def test_libsvm_mlp_lbfgs(spark, spark_data_dir, tmp_path):
     assert np.all(np.isfinite(model.weights.toArray()))
 
 
+def test_idx_files_mlp_in_tree_aggregate_mode(spark, tmp_path):
+    """An IDX images + labels pair as --dataset (Fashion-MNIST's test files), a held-out split, treeAggregate."""
+    root = os.environ.get("SPARKDL_FASHION_MNIST") or "/usr/share/datasets/fashion-mnist"
+    images, labels = (os.path.join(root, f) for f in ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"))
+    if not os.path.isfile(images):
+        pytest.fail(f"Fashion-MNIST is not installed ({images} missing)")
+    out = str(tmp_path / "out")
+    proc = _submit("--dataset", images, "--labels", labels, "--train-limit", "500", "--test-limit", "300",
+                   "--model", "mlp", "--hidden", "32", "--solver", "l-bfgs", "--max-iter", "15",
+                   "--mode", "treeAggregate", "--output", out)
+    assert "train: 500 samples, test: 300 samples, 10 classes, input shape (1, 28, 28)" in proc.stdout
+    assert re.search(r"^backend: .*numpy", proc.stdout, re.M), proc.stdout
+    accuracy, model = _check_outputs(out, proc.stdout, spark)
+    assert accuracy > 0.5 and model.getLayers() == [784, 32, 10]
+
+
 def test_bad_dataset_path_is_a_clear_error(tmp_path):
     env = dict(os.environ, PYSPARK_PYTHON=sys.executable)
     proc = subprocess.run([sys.executable, JOB, "--dataset", str(tmp_path / "missing.txt")], env=env,

@@ -295,8 +295,8 @@ class DeepClassificationModel(ProbabilisticClassificationModel, _DeepClassifierP
         was fit in this session. Also callable (``model.summary()``), like pyspark's MLP model."""
         if not self.hasSummary:
             raise RuntimeError(f"No training summary available for this {type(self).__name__}")
-        train = self._training[0] if self._training is not None else None
-        return DeepClassificationTrainingSummary(self, train, self._history, self._iterations)
+        train, stats = self._training if self._training is not None else (None, {})
+        return DeepClassificationTrainingSummary(self, train, self._history, self._iterations, stats)
 
     def evaluate(self, dataset: DataFrame) -> DeepClassificationSummary:
         """Accuracy, precision, recall... of this model on a labeled dataset."""

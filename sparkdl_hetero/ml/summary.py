@@ -139,10 +139,11 @@ class DeepClassificationTrainingSummary(DeepClassificationSummary):
     """
 
     def __init__(self, model: DeepClassificationModel, dataset: DataFrame | None, objective_history: list[float],
-                 total_iterations: int) -> None:
+                 total_iterations: int, stats: dict | None = None) -> None:
         super().__init__(model, dataset)
         self._history = list(objective_history)
         self._iterations = total_iterations
+        self._stats = dict(stats or {})
 
     def __call__(self) -> DeepClassificationTrainingSummary:
         return self
@@ -155,6 +156,12 @@ class DeepClassificationTrainingSummary(DeepClassificationSummary):
     @property
     def totalIterations(self) -> int:
         return self._iterations
+
+    @property
+    def trainingStats(self) -> dict:
+        """What the training mode reported (e.g. mode, solver, stopping reason, the backend each worker used,
+        timings); empty for a loaded model."""
+        return dict(self._stats)
 
 
 def _div(a: np.ndarray, b: np.ndarray) -> np.ndarray:
