@@ -80,3 +80,17 @@ def test_probe_executors_logs_each_task_and_fails_clearly(spark):
     with pytest.raises(BackendUnavailable, match=r"backend 'cupy' is not available: cannot import cupy .*"
                                                  r"\(on .* pid \d+ partition \d\)\. Install it with"):
         probe_executors(sc, "cupy", 2)
+
+
+def test_fit_with_an_unavailable_backend_fails_before_training(spark):
+    if _has_cupy_gpu():
+        pytest.skip("a CUDA GPU is present")
+    from sparkdl_hetero.distributed.config import TrainConfig
+    from sparkdl_hetero.distributed.fit import fit
+    from sparkdl_hetero.nn import FeedForwardTopology
+    from sparkdl_hetero.nn.objective import Objective
+
+    df = spark.createDataFrame([([0.0, 1.0], 0), ([1.0, 0.0], 1)], ["features", "label"])
+    objective = Objective(FeedForwardTopology.multilayer_perceptron([2, 2]))
+    with pytest.raises(BackendUnavailable, match=r"backend 'cupy' is not available: cannot import cupy .*\(on "):
+        fit(df, "features", "label", objective, TrainConfig(backend="cupy", maxIter=1, verbose=False))

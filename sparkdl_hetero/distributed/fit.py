@@ -7,6 +7,7 @@ import numpy as np
 from ..nn.objective import Objective
 from .config import TrainConfig, TrainResult
 from .data import prepare
+from .placement import probe_executors
 
 
 def _initial_weights(objective: Objective, config: TrainConfig, initial_weights: np.ndarray | None) -> np.ndarray:
@@ -39,6 +40,9 @@ def fit(df, features_col: str, label_col: str, objective: Objective, config: Tra
     _check_config(config)
     w0 = _initial_weights(objective, config, initial_weights)
     topology = objective.topology
+    if config.backend in ("opencl", "cupy"):  # asked for by name: an executor that cannot run it fails the fit now
+        sc = df.sparkSession.sparkContext
+        probe_executors(sc, config.backend, sc.defaultParallelism)
     if config.mode == "barrier":
         try:
             from .barrier import fit_barrier
