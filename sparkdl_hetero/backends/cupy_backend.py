@@ -97,6 +97,10 @@ class CupyBackend(ArrayModuleBackend):
         name = props["name"].decode() if isinstance(props["name"], bytes) else props["name"]
         return f"cupy: GPU {self.device} ({name})"
 
+    def to_host(self, a: Array) -> np.ndarray:
+        # cupy refuses implicit conversion to NumPy (np.array(gpu_array) raises): copy explicitly
+        return self.xp.asnumpy(a) if self.xp is not np else super().to_host(a)
+
     def _c(self, a: Array) -> Array:
         return self.xp.ascontiguousarray(a)
 
