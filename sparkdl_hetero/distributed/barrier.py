@@ -80,6 +80,13 @@ def split_batch(batch: int, weights: np.ndarray) -> np.ndarray:
     return shares + floor
 
 
+def _peak_rss_mb() -> float:
+    """Peak resident memory of this process (the Python worker holding the data), in MiB."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
 def _percentile(values: list[float], q: float) -> float:
     return float(np.percentile(values, q)) if values else 0.0
 
@@ -431,7 +438,8 @@ class BarrierWorker:
                 "commShare": self.comm_seconds / busy if busy else 0.0,
                 "samples": self.samples, "samplesPerSecond": self.samples / max(wall, 1e-9),
                 "computeSamplesPerSecond": self.samples / max(self.compute_seconds, 1e-9),
-                "bytesSent": self.comm.bytes_sent, "seconds": wall}
+                "bytesSent": self.comm.bytes_sent, "seconds": wall, "peakRssMB": _peak_rss_mb(),
+                "dataMB": (self.x.nbytes + self.xv.nbytes) / 2**20}
 
 
 def train_worker(comm: Communicator, objective: Objective, config: TrainConfig, x: np.ndarray, y: np.ndarray,

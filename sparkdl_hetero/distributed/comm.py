@@ -190,6 +190,10 @@ class Communicator:
             ids = struct.pack("!II", self.rank, r)
             sock.sendall(ids + nonce_c + _mac(secret, b"client", nonce_s, nonce_c, ids))
             reply = _recv_exact(sock, _MAC)
+        except TimeoutError as e:
+            sock.close()
+            raise CommError(f"rank {self.rank}: rank {r} did not complete the authentication handshake within "
+                            f"{self.timeout:g} s", r) from e
         except OSError as e:
             sock.close()
             raise CommError(f"rank {self.rank}: rank {r} refused the connection during authentication "
