@@ -214,6 +214,34 @@ def _mlp_program(cls, train, test) -> tuple[float, object]:
     return accuracy, model
 
 
+def test_pyspark_mlp_docstring_program_with_our_classes(spark, tmp_path):
+    """The example in pyspark's MultilayerPerceptronClassifier docstring, run with our classes under its names."""
+    MLPC, MLPCModel = DeepClassifier, DeepClassificationModel  # noqa: N806 -- the program's names
+    df = spark.createDataFrame([(0.0, Vectors.dense([0.0, 0.0])), (1.0, Vectors.dense([0.0, 1.0])),
+                                (1.0, Vectors.dense([1.0, 0.0])), (0.0, Vectors.dense([1.0, 1.0]))],
+                               ["label", "features"])
+    mlp = MLPC(layers=[2, 2, 2], seed=123, verbose=False)
+    assert mlp.setMaxIter(100) is mlp and mlp.getMaxIter() == 100 and mlp.getBlockSize() == 128
+    assert mlp.setBlockSize(1).getBlockSize() == 1
+    model = mlp.fit(df)
+    assert model.setFeaturesCol("features") is model
+    assert (model.getMaxIter(), model.getLayers(), model.weights.size) == (100, [2, 2, 2], 12)
+    test_df = spark.createDataFrame([(Vectors.dense([1.0, 0.0]),), (Vectors.dense([0.0, 0.0]),)], ["features"])
+    head = test_df.head().features
+    assert model.predict(head) == float(np.argmax(model.predictProbability(head).toArray()))
+    assert model.predictRaw(head).size == 2 and sum(model.predictProbability(head)) == pytest.approx(1.0)
+    assert [r.prediction for r in model.transform(test_df).collect()][0] == model.predict(head)
+    mlp.save(str(tmp_path / "mlp"))
+    mlp2 = MLPC.load(str(tmp_path / "mlp"))
+    assert mlp2.getBlockSize() == 1
+    model.save(str(tmp_path / "mlp_model"))
+    model2 = MLPCModel.load(str(tmp_path / "mlp_model"))
+    assert model.getLayers() == model2.getLayers() and model.weights == model2.weights
+    assert model.transform(test_df).take(1) == model2.transform(test_df).take(1)
+    model3 = mlp2.setInitialWeights(list(range(0, 12))).fit(df)
+    assert model3.weights != model2.weights and model3.getLayers() == model.getLayers()
+
+
 def test_reaches_spark_mlp_accuracy_on_spark_example(iris):
     _, train, test = iris
     spark_acc, _ = _mlp_program(MultilayerPerceptronClassifier, train, test)
