@@ -165,3 +165,55 @@ def test_gpu_out_of_range_device_is_a_clear_error():
     _gpu_backend()
     with pytest.raises(BackendUnavailable, match=r"GPU 4096 does not exist \(\d+ GPU\(s\) visible\)"):
         CupyBackend(device=4096)
+
+
+class _StandInCupy:
+    """Just enough of cupy's surface for CudaLauncher (NVRTC and a device cannot run here): records launches."""
+
+    ndarray = np.ndarray
+
+    def __init__(self) -> None:
+        self.launches: list[tuple] = []
+        self.modules: list[tuple[str, tuple]] = []
+        outer = self
+
+        class RawModule:
+            def __init__(self, code: str, options: tuple) -> None:
+                outer.modules.append((code, options))
+
+            def get_function(self, name: str):
+                return lambda grid, block, args: outer.launches.append((name, grid, block, args))
+
+        class _Device:
+            def __init__(self, device: int) -> None:
+                self.device = device
+
+            def __enter__(self):
+                return self
+
+            def __exit__(self, *exc) -> None:
+                return None
+
+        self.RawModule = RawModule
+        self.cuda = type("cuda", (), {"Device": _Device})
+
+
+def test_cuda_launcher_marshals_arguments_like_the_kernel_signature():
+    from sparkdl_hetero.backends.cupy_backend import CudaLauncher
+
+    cp = _StandInCupy()
+    launcher = CudaLauncher(cp, device=0)
+    x, cols = np.zeros((1, 4, 4, 1), np.float64), np.zeros((9, 4), np.float64)
+    launcher("im2col", np.float64, 300, cols, x, np.int32(4))
+    launcher("im2col", np.float64, 0, cols, x, np.int32(4))  # nothing to do: no launch
+    launcher("maxpool", np.float64, 10, cols, x)
+    (code, options), = cp.modules  # compiled once per dtype
+    assert options == ("-DREAL=double",) and '#include "' not in code and "KERNEL void im2col(" in code
+    (name, grid, block, args), second = cp.launches
+    assert (name, grid, block) == ("im2col", (2,), (256,))
+    assert args[0] == 300 and args[0].dtype == np.int64
+    assert args[1] is cols and args[2] == 0 and args[2].dtype == np.int64  # (pointer, element offset) pairs
+    assert args[3] is x and args[4] == 0 and args[5] == 4 and args[5].dtype == np.int32
+    assert second[0] == "maxpool"
+    with pytest.raises(ValueError, match="the CuPy kernels compute in float32 or float64, not int32"):
+        launcher("im2col", np.int32, 5, cols)
