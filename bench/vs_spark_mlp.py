@@ -75,6 +75,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--skip-spark", action="store_true", help="only ours (quick profiling runs)")
     ap.add_argument("--shipping", action="store_true", help="also time a job that ships the cached blocks")
+    ap.add_argument("--barrier", action="store_true",
+                    help="also fit in barrier mode (same l-bfgs, no Spark job per iteration)")
     args = ap.parse_args()
 
     from pyspark.ml.classification import MultilayerPerceptronClassifier
@@ -115,13 +117,28 @@ def main() -> None:
           f"(treeAggregate jobs), {ours_wall / ours_iters:.3f} s/iter wall, {st['seconds'] / ours_iters:.3f} s/iter "
           f"training loop only ({st['seconds'] / max(st['evaluations'], 1):.3f} s/evaluation), "
           f"test accuracy {ours_acc:.4f}, stop: {st['converged']}")
+    print(f"       slowest task's forward/backward per evaluation {st['computeSeconds'] / st['evaluations']:.3f} s; "
+          f"the rest is Spark job + driver overhead. Replicas built: {len(st['backends'])}")
     part_bytes = max(st["partitionSizes"]) * 784 * 4
     goal = 2 * part_bytes + 300 * 2**20
-    print(f"python workers after our fit (goal per worker: peak RSS <= 2 x {part_bytes / 2**20:.0f} MB + 300 MB "
-          f"= {goal / 2**20:.0f} MB):")
+    print(f"Python workers (goal per worker: peak RSS <= 2 x {part_bytes / 2**20:.0f} MB + 300 MB "
+          f"= {goal / 2**20:.0f} MB); training workers, as their tasks reported:")
+    for account, peak in sorted(st["workerPeakRSS"].items()):
+        print(f"  {account}: peak RSS {peak / 2**20:7.1f} MB {'OK' if peak <= goal else 'OVER GOAL'}")
+    print("  every PySpark process of this run still alive after the fit (incl. daemons, conversion workers):")
     for pid, (peak, rss) in sorted(workers.items()):
         print(f"  pid {pid}: peak RSS {peak / 2**20:7.1f} MB, now {rss / 2**20:7.1f} MB "
               f"{'OK' if peak <= goal else 'OVER GOAL'}")
+
+    if args.barrier:
+        t0 = time.perf_counter()
+        res_b = fit(df, "features", "label", Objective(topology),
+                    TrainConfig(solver="l-bfgs", maxIter=args.iters, tol=1e-6, seed=args.seed, verbose=False,
+                                mode="barrier", numWorkers=args.partitions))
+        barrier_wall = time.perf_counter() - t0
+        barrier_acc = float((FeedForwardModel(topology, res_b.weights).predict(x_test).argmax(1) == y_test).mean())
+        print(f"ours, barrier mode: {barrier_wall:7.1f} s wall, {res_b.iterations} iterations, "
+              f"{barrier_wall / max(res_b.iterations, 1):.3f} s/iter wall, test accuracy {barrier_acc:.4f}")
 
     if args.shipping:
         _shipping(spark, df, x_train, y_train, args.partitions)

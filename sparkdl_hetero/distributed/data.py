@@ -201,8 +201,9 @@ class PartitionedData:
         sc = self.handles_rdd.context
         try:
             n = max(1, self.num_partitions)
-            sc.parallelize(range(n * 2), n * 2).foreachPartition(lambda _: release_resident(fit_id))
-            self.handles_rdd.foreachPartition(lambda _: release_resident(fit_id))
+            # consume each partition's input: a worker that leaves input unread is not reused by Spark
+            sc.parallelize(range(n * 2), n * 2).foreachPartition(lambda it: (list(it), release_resident(fit_id)))
+            self.handles_rdd.foreachPartition(lambda it: (list(it), release_resident(fit_id)))
         finally:
             release_resident(fit_id)
             self.handles_rdd.unpersist()

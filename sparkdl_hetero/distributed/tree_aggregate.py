@@ -139,8 +139,8 @@ def partition_gradient(job: _Job, x: np.ndarray, y: np.ndarray, part: int, weigh
 
 
 def _task(handles: Any, job: _Job, bc: Any) -> Any:
-    """mapPartitions body: one (gradient sum, loss sum, count, missing partitions, backend accounts) per
-    partition."""
+    """mapPartitions body: one (gradient sum, loss sum, count, missing partitions, {backend account: the
+    worker's peak RSS in bytes}, seconds computing) per partition."""
     from pyspark import TaskContext
 
     ctx = TaskContext.get()
@@ -148,10 +148,25 @@ def _task(handles: Any, job: _Job, bc: Any) -> Any:
     for h in handles:
         blocks = resident_blocks(job.fit_id, h)
         if blocks is None:
-            yield None, 0.0, 0, (h.part,), ()
+            yield None, 0.0, 0, (h.part,), {}, 0.0
             continue
+        t0 = time.perf_counter()
         g, loss, n, account = partition_gradient(job, blocks[0], blocks[1], h.part, bc.value, cpus)
-        yield g, loss, n, (), (account,) if account else ()
+        yield g, loss, n, (), {account: _peak_rss()} if account else {}, time.perf_counter() - t0
+
+
+def _peak_rss() -> int:
+    """This process's peak resident set size in bytes (Linux: VmHWM; elsewhere getrusage)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
 def _combine(a: tuple, b: tuple) -> tuple:
@@ -163,7 +178,10 @@ def _combine(a: tuple, b: tuple) -> tuple:
     else:
         ga += gb
         g = ga
-    return g, a[1] + b[1], a[2] + b[2], a[3] + b[3], a[4] + tuple(s for s in b[4] if s not in a[4])
+    workers = dict(a[4])
+    for k, v in b[4].items():
+        workers[k] = max(v, workers.get(k, 0))
+    return g, a[1] + b[1], a[2] + b[2], a[3] + b[3], workers, max(a[5], b[5])
 
 
 # ---- driver side ------------------------------------------------------------------------------------------
@@ -185,7 +203,8 @@ class TreeAggregateTrainer:
         self.evaluations = 0
         self.samples = 0
         self.fallbacks = 0
-        self.backends: set[str] = set()  # "host pid N partition P: backend" lines from the executors
+        self.backends: dict[str, int] = {}  # "host pid N partition P: backend" -> that worker's peak RSS
+        self.compute_seconds = 0.0  # per evaluation, the slowest task's time in forward/backward, summed
         self.started = time.perf_counter()
         self.bar: Any = None
 
@@ -197,8 +216,8 @@ class TreeAggregateTrainer:
         sc.setJobDescription(f"sparkdl-hetero fit {self.data.fit_id[:8]}: {label}")
         sc.setLocalProperty("sparkdl.iteration", label)
         try:
-            zero: tuple = (None, 0.0, 0, (), ())
-            g, loss, n, missing, accounts = self.data.handles_rdd.mapPartitions(partial(_task, job=job, bc=bc)) \
+            zero: tuple = (None, 0.0, 0, (), {}, 0.0)
+            g, loss, n, missing, accounts, busy = self.data.handles_rdd.mapPartitions(partial(_task, job=job, bc=bc)) \
                 .treeAggregate(zero, _combine, _combine, depth=2)
             if missing:  # partitions whose task ran on a host without their files: recompute them there
                 self.fallbacks += len(missing)
@@ -207,14 +226,16 @@ class TreeAggregateTrainer:
                     if part[3]:
                         raise RuntimeError(f"partitions {list(part[3])} have no blocks even after recomputing "
                                            f"them on the executor that ran them")
-                    g, loss, n, _, accounts = _combine((g, loss, n, (), accounts), part)
+                    g, loss, n, _, accounts, busy = _combine((g, loss, n, (), accounts, busy), part)
         finally:
             sc.setJobDescription(None)
             sc.setLocalProperty("sparkdl.iteration", None)
             bc.destroy()
         self.evaluations += 1
         self.samples += n
-        self.backends.update(accounts)
+        for k, v in accounts.items():
+            self.backends[k] = max(v, self.backends.get(k, 0))
+        self.compute_seconds += busy
         if g is None:
             g = np.zeros(self.objective.num_weights)
         return g, loss, n
@@ -271,7 +292,8 @@ class TreeAggregateTrainer:
             "evaluations": self.evaluations, "seconds": seconds, "samples": self.samples,
             "samplesPerSecond": self.samples / max(seconds, 1e-9), "numPartitions": self.data.num_partitions,
             "partitionSizes": self.data.partition_sizes(), "fallbackPartitions": self.fallbacks,
-            "backends": sorted(self.backends)})
+            "backends": sorted(self.backends), "workerPeakRSS": dict(self.backends),
+            "computeSeconds": self.compute_seconds})
 
     # -- solvers --
     def run(self, initial_weights: np.ndarray) -> TrainResult:
@@ -405,7 +427,7 @@ class TreeAggregateTrainer:
 
 
 def _combine_all(it: Any) -> tuple:
-    acc: tuple = (None, 0.0, 0, (), ())
+    acc: tuple = (None, 0.0, 0, (), {}, 0.0)
     for v in it:
         acc = _combine(acc, v)
     return acc
