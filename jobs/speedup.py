@@ -130,7 +130,8 @@ def print_table(rows: list[dict], base: float) -> None:
     for r in rows:
         sp = base / r["epochSeconds"]
         print(f"{r['label']:<28} {r['executors']:>9} {r['epochSeconds']:>8.2f} {r['samplesPerSecond']:>10,.0f} "
-              f"{sp:>8.2f} {sp / r['executors']:>7.2f} {r['accuracy']:>8.4f} {r['fitSeconds']:>6.1f}")
+              f"{sp:>8.2f} {sp / r['executors']:>7.2f} {r['accuracy']:>8.4f} {r['fitSeconds']:>6.1f}"
+              + (f"  straggler: rank {r['straggler']}, shares {r['finalShares']}" if r["executors"] > 1 else ""))
         for w in r["workers"]:
             print(f"    rank {w['rank']}: {w['rows']} rows, step {w['stepMean'] * 1e3:.1f} ms (p95 "
                   f"{w['stepP95'] * 1e3:.1f}), compute {w['computeShare']:.0%} / comm {w['commShare']:.0%}, "
