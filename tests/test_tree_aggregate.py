@@ -102,6 +102,17 @@ def test_lbfgs_reaches_spark_accuracy_with_spark_history(mc, objective):
     assert all(b <= a + 1e-9 for a, b in zip(h, h[1:], strict=False)), "l-bfgs accepted a step that increased the loss"
     assert h[-1] < 0.1 * h[0]
     assert res.stats["evaluations"] >= res.iterations and res.stats["fallbackPartitions"] == 0
+    # one replica per Python worker for the whole fit (local[2]: at most a few workers), not one per evaluation
+    assert 1 <= len(res.stats["backends"]) <= 4 < res.stats["evaluations"]
+    assert all(a.endswith(": numpy") and rss > 0 for a, rss in res.stats["workerPeakRSS"].items())
+
+
+def test_progress_bar_on_the_driver_and_quiet_mode(mc, objective, capsys):
+    fit(mc[0], "features", "label", objective, _cfg(maxIter=2, verbose=True))
+    err = capsys.readouterr().err
+    assert "l-bfgs (iteration)" in err and "loss=" in err and "samples_s=" in err and "2/2" in err
+    fit(mc[0], "features", "label", objective, _cfg(maxIter=2, verbose=False))
+    assert "l-bfgs (iteration)" not in capsys.readouterr().err
 
 
 def test_lbfgs_tol_stops_early(mc, objective):
