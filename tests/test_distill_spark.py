@@ -73,7 +73,7 @@ def test_spark_mlp_model_as_mentor(iris) -> None:
 def test_defaults_and_no_mentor_means_plain_objective() -> None:
     clf = DeepClassifier(layers=MENTEE)
     assert (clf.getDistillAlpha(), clf.getTemperature(), clf.getHintLayers(), clf.getHintWeights()) == \
-        (0.3, 4.0, [], [])
+        (0.5, 2.0, [], [])
     assert type(clf._objective(FeedForwardTopology.multilayer_perceptron(MENTEE))).__name__ == "Objective"
     clf.setMentor(None)
     assert type(clf._objective(FeedForwardTopology.multilayer_perceptron(MENTEE))).__name__ == "Objective"
