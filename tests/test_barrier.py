@@ -240,3 +240,14 @@ def test_fault_mid_training_resumes_from_the_checkpoint(spark, blob_df, tmp_path
     assert all(w["steps"] == 90 for w in res.stats["workers"])
     assert len(res.objectiveHistory) == 5
     assert _accuracy(obj, res.weights) >= _accuracy(obj, clean.weights) - 0.02
+
+
+def test_deep_classifier_in_barrier_mode(blob_df) -> None:  # noqa: ANN001
+    from sparkdl_hetero.ml import DeepClassifier
+
+    clf = DeepClassifier(layers=[6, 10, 3], mode="barrier", solver="momentum", stepSize=0.05, epochs=3,
+                         batchSize=32, seed=3, verbose=False)
+    model = clf.fit(blob_df)
+    acc = model.transform(blob_df).selectExpr("avg(cast(prediction = label as double))").first()[0]
+    assert acc > 0.9
+    assert len(model.summary.objectiveHistory) == 3
