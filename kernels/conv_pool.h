@@ -1,139 +1,158 @@
 /* Kernels shared by the OpenCL (opencl_ops.cl) and CUDA (cuda_ops.cu) backends: convolution lowering,
  * pooling and the fused softmax cross-entropy. Images are NHWC and contiguous; im2col rows are (n, oh, ow)
- * and columns (kh, kw, c). Backward passes gather (one work item per input element) instead of scattering,
- * so they need no atomics and are deterministic. Include portable.h first. */
+ * and columns (kh, kw, c). A work item handles all channels of one pixel (or one kernel row), so that index
+ * arithmetic is paid per pixel and the inner loops run over contiguous memory. Backward passes gather (one work
+ * item per input pixel) instead of scattering, so they need no atomics and are deterministic. Include
+ * portable.h first. */
 #ifndef SPARKDL_CONV_POOL_H
 #define SPARKDL_CONV_POOL_H
 
-/* count = n*oh*ow*kh*kw*c: one column element each, zero where the window reaches into the padding. */
+/* First and last output positions (clipped to [0, out)) of the windows of size k, sliding by stride, that cover
+ * input position `pos` (in padded coordinates). */
+#define WINDOW_FIRST(pos, k, stride) ((pos) - (k) + 1 <= 0 ? 0 : ((pos) - (k) + (stride)) / (stride))
+#define WINDOW_LAST(pos, stride, out) ((pos) / (stride) < (out) - 1 ? (pos) / (stride) : (out) - 1)
+
+/* count = n*oh*ow*kh: one kernel row of one output position each, kw*c contiguous column values (zeros where
+ * the window reaches into the padding). */
 KERNEL void im2col(const long count, ARR(real_t, cols), ARR(const real_t, x), const int h, const int w, const int c,
                    const int kh, const int kw, const int stride, const int pad, const int oh, const int ow) {
     const long i = ITEM;
     if (i >= count) return;
-    const int ch = (index_t)i % c;
-    index_t r = (index_t)i / c;
-    const int kj = r % kw; r /= kw;
-    const int ki = r % kh; r /= kh;
+    const index_t e = (index_t)i;
+    const int ki = e % kh;
+    index_t r = e / kh;
     const int oj = r % ow; r /= ow;
     const int oi = r % oh;
     const index_t b = r / oh;
     const int y = oi * stride - pad + ki;
-    const int xx = oj * stride - pad + kj;
-    real_t v = (real_t)0;
-    if (y >= 0 && y < h && xx >= 0 && xx < w) v = AT(x)[((b * h + y) * w + xx) * c + ch];
-    AT(cols)[i] = v;
+    const int x0 = oj * stride - pad;
+    GLOBAL real_t *dst = AT(cols) + e * kw * c;
+    const GLOBAL real_t *src = AT(x) + (b * h + y) * w * c;
+    for (int kj = 0; kj < kw; ++kj) {
+        const int xx = x0 + kj;
+        const int inside = y >= 0 && y < h && xx >= 0 && xx < w;
+        for (int ch = 0; ch < c; ++ch) dst[kj * c + ch] = inside ? src[xx * c + ch] : (real_t)0;
+    }
 }
 
-/* count = n*h*w*c: the adjoint of im2col, summing every column element that was read from this pixel. */
+/* count = n*h*w: the adjoint of im2col for one pixel (all channels): the sum of every column value read from it. */
 KERNEL void col2im(const long count, ARR(real_t, dx), ARR(const real_t, cols), const int h, const int w, const int c,
                    const int kh, const int kw, const int stride, const int pad, const int oh, const int ow) {
     const long i = ITEM;
     if (i >= count) return;
-    const int ch = (index_t)i % c;
-    index_t r = (index_t)i / c;
-    const int xx = r % w; r /= w;
+    const index_t e = (index_t)i;
+    const int xx = e % w;
+    index_t r = e / w;
     const int y = r % h;
     const index_t b = r / h;
-    const GLOBAL real_t *src = AT(cols);
-    real_t s = (real_t)0;
-    for (int ki = 0; ki < kh; ++ki) {
-        const int ty = y + pad - ki;
-        if (ty < 0) break;
-        if (ty % stride != 0 || ty / stride >= oh) continue;
-        const int oi = ty / stride;
-        for (int kj = 0; kj < kw; ++kj) {
-            const int tx = xx + pad - kj;
-            if (tx < 0) break;
-            if (tx % stride != 0 || tx / stride >= ow) continue;
-            const int oj = tx / stride;
-            s += src[((((b * oh + oi) * ow + oj) * kh + ki) * kw + kj) * c + ch];
+    GLOBAL real_t *out = AT(dx) + e * c;
+    for (int ch = 0; ch < c; ++ch) out[ch] = (real_t)0;
+    const int py = y + pad, px = xx + pad;
+    const int oi_last = WINDOW_LAST(py, stride, oh), oj_last = WINDOW_LAST(px, stride, ow);
+    for (int oi = WINDOW_FIRST(py, kh, stride); oi <= oi_last; ++oi) {
+        const int ki = py - oi * stride;
+        for (int oj = WINDOW_FIRST(px, kw, stride); oj <= oj_last; ++oj) {
+            const int kj = px - oj * stride;
+            const GLOBAL real_t *src = AT(cols) + ((((b * oh + oi) * ow + oj) * kh + ki) * kw + kj) * c;
+            for (int ch = 0; ch < c; ++ch) out[ch] += src[ch];
         }
     }
-    AT(dx)[i] = s;
 }
 
-/* count = n*oh*ow*c: the window maximum and its position p = di*k + dj (the first one on ties). */
+/* count = n*oh*ow: per channel, the window maximum and its position p = di*k + dj (the first one on ties). */
 KERNEL void maxpool(const long count, ARR(real_t, y), ARR(int, idx), ARR(const real_t, x), const int h, const int w,
                     const int c, const int k, const int stride, const int oh, const int ow) {
     const long i = ITEM;
     if (i >= count) return;
-    const int ch = (index_t)i % c;
-    index_t r = (index_t)i / c;
-    const int oj = r % ow; r /= ow;
+    const index_t e = (index_t)i;
+    const int oj = e % ow;
+    index_t r = e / ow;
     const int oi = r % oh;
     const index_t b = r / oh;
-    const GLOBAL real_t *win = AT(x) + ((b * h + oi * stride) * w + oj * stride) * c + ch;
-    real_t best = win[0];
-    int arg = 0;
-    for (int p = 1; p < k * k; ++p) {
-        const real_t v = win[((p / k) * w + p % k) * c];
-        if (v > best) {
-            best = v;
-            arg = p;
+    const GLOBAL real_t *win = AT(x) + ((b * h + oi * stride) * w + oj * stride) * c;
+    for (int ch = 0; ch < c; ++ch) {
+        real_t best = win[ch];
+        int arg = 0;
+        for (int di = 0; di < k; ++di) {
+            for (int dj = 0; dj < k; ++dj) {
+                const real_t v = win[(di * w + dj) * c + ch];
+                if (v > best) {
+                    best = v;
+                    arg = di * k + dj;
+                }
+            }
         }
+        AT(y)[e * c + ch] = best;
+        AT(idx)[e * c + ch] = arg;
     }
-    AT(y)[i] = best;
-    AT(idx)[i] = arg;
 }
 
-/* count = n*h*w*c: the sum of dy over the windows whose maximum was this pixel. */
+/* count = n*h*w: per channel, the sum of dy over the windows whose maximum was this pixel. */
 KERNEL void maxpool_backward(const long count, ARR(real_t, dx), ARR(const real_t, dy), ARR(const int, idx), const int h,
                              const int w, const int c, const int k, const int stride, const int oh,
                              const int ow) {
     const long i = ITEM;
     if (i >= count) return;
-    const int ch = (index_t)i % c;
-    index_t r = (index_t)i / c;
-    const int xx = r % w; r /= w;
+    const index_t e = (index_t)i;
+    const int xx = e % w;
+    index_t r = e / w;
     const int y = r % h;
     const index_t b = r / h;
-    real_t s = (real_t)0;
-    for (int oi = y / stride; oi >= 0 && oi * stride + k > y; --oi) {
-        if (oi >= oh) continue;
-        for (int oj = xx / stride; oj >= 0 && oj * stride + k > xx; --oj) {
-            if (oj >= ow) continue;
-            const index_t o = ((b * oh + oi) * ow + oj) * c + ch;
-            if (AT(idx)[o] == (y - oi * stride) * k + (xx - oj * stride)) s += AT(dy)[o];
+    GLOBAL real_t *out = AT(dx) + e * c;
+    for (int ch = 0; ch < c; ++ch) out[ch] = (real_t)0;
+    const int oi_last = WINDOW_LAST(y, stride, oh), oj_last = WINDOW_LAST(xx, stride, ow);
+    for (int oi = WINDOW_FIRST(y, k, stride); oi <= oi_last; ++oi) {
+        for (int oj = WINDOW_FIRST(xx, k, stride); oj <= oj_last; ++oj) {
+            const int p = (y - oi * stride) * k + (xx - oj * stride);
+            const index_t o = ((b * oh + oi) * ow + oj) * c;
+            for (int ch = 0; ch < c; ++ch) {
+                if (AT(idx)[o + ch] == p) out[ch] += AT(dy)[o + ch];
+            }
         }
     }
-    AT(dx)[i] = s;
 }
 
-/* count = n*oh*ow*c: the window mean. */
+/* count = n*oh*ow: per channel, the window mean. */
 KERNEL void avgpool(const long count, ARR(real_t, y), ARR(const real_t, x), const int h, const int w, const int c,
                     const int k, const int stride, const int oh, const int ow) {
     const long i = ITEM;
     if (i >= count) return;
-    const int ch = (index_t)i % c;
-    index_t r = (index_t)i / c;
-    const int oj = r % ow; r /= ow;
+    const index_t e = (index_t)i;
+    const int oj = e % ow;
+    index_t r = e / ow;
     const int oi = r % oh;
     const index_t b = r / oh;
-    const GLOBAL real_t *win = AT(x) + ((b * h + oi * stride) * w + oj * stride) * c + ch;
-    real_t s = (real_t)0;
-    for (int p = 0; p < k * k; ++p) s += win[((p / k) * w + p % k) * c];
-    AT(y)[i] = s * ((real_t)1 / (real_t)(k * k));
+    const GLOBAL real_t *win = AT(x) + ((b * h + oi * stride) * w + oj * stride) * c;
+    const real_t inv = (real_t)1 / (real_t)(k * k);
+    for (int ch = 0; ch < c; ++ch) {
+        real_t s = (real_t)0;
+        for (int di = 0; di < k; ++di) {
+            for (int dj = 0; dj < k; ++dj) s += win[(di * w + dj) * c + ch];
+        }
+        AT(y)[e * c + ch] = s * inv;
+    }
 }
 
-/* count = n*h*w*c: the sum of dy / k^2 over the windows covering this pixel. */
+/* count = n*h*w: per channel, the sum of dy / k^2 over the windows covering this pixel. */
 KERNEL void avgpool_backward(const long count, ARR(real_t, dx), ARR(const real_t, dy), const int h, const int w,
                              const int c, const int k, const int stride, const int oh, const int ow) {
     const long i = ITEM;
     if (i >= count) return;
-    const int ch = (index_t)i % c;
-    index_t r = (index_t)i / c;
-    const int xx = r % w; r /= w;
+    const index_t e = (index_t)i;
+    const int xx = e % w;
+    index_t r = e / w;
     const int y = r % h;
     const index_t b = r / h;
     const real_t inv = (real_t)1 / (real_t)(k * k);
-    real_t s = (real_t)0;
-    for (int oi = y / stride; oi >= 0 && oi * stride + k > y; --oi) {
-        if (oi >= oh) continue;
-        for (int oj = xx / stride; oj >= 0 && oj * stride + k > xx; --oj) {
-            if (oj < ow) s += AT(dy)[((b * oh + oi) * ow + oj) * c + ch] * inv;
+    GLOBAL real_t *out = AT(dx) + e * c;
+    for (int ch = 0; ch < c; ++ch) out[ch] = (real_t)0;
+    const int oi_last = WINDOW_LAST(y, stride, oh), oj_last = WINDOW_LAST(xx, stride, ow);
+    for (int oi = WINDOW_FIRST(y, k, stride); oi <= oi_last; ++oi) {
+        for (int oj = WINDOW_FIRST(xx, k, stride); oj <= oj_last; ++oj) {
+            const GLOBAL real_t *g = AT(dy) + ((b * oh + oi) * ow + oj) * c;
+            for (int ch = 0; ch < c; ++ch) out[ch] += g[ch] * inv;
         }
     }
-    AT(dx)[i] = s;
 }
 
 /* count = rows: per row, loss = -sum t * log_softmax(z) and delta = (softmax(z) - t) * scale, through the

@@ -117,7 +117,7 @@ class CupyBackend(ArrayModuleBackend):
         oh, ow = pool_out(h, kh, stride, pad), pool_out(w, kw, stride, pad)
         cols = self.xp.empty((n * oh * ow, kh * kw * c), x.dtype)
         i32 = np.int32
-        self.launch("im2col", x.dtype, cols.size, cols, x, i32(h), i32(w), i32(c), i32(kh), i32(kw), i32(stride),
+        self.launch("im2col", x.dtype, n * oh * ow * kh, cols, x, i32(h), i32(w), i32(c), i32(kh), i32(kw), i32(stride),
                     i32(pad), i32(oh), i32(ow))
         return cols
 
@@ -130,7 +130,7 @@ class CupyBackend(ArrayModuleBackend):
                              f"window, stride {stride}, pad {pad}")
         dx = self.xp.empty(x_shape, cols.dtype)
         i32 = np.int32
-        self.launch("col2im", cols.dtype, dx.size, dx, self._c(cols), i32(h), i32(w), i32(c), i32(kh), i32(kw),
+        self.launch("col2im", cols.dtype, n * h * w, dx, self._c(cols), i32(h), i32(w), i32(c), i32(kh), i32(kw),
                     i32(stride), i32(pad), i32(oh), i32(ow))
         return dx
 
@@ -140,7 +140,7 @@ class CupyBackend(ArrayModuleBackend):
         oh, ow = pool_out(h, k, stride), pool_out(w, k, stride)
         y, idx = self.xp.empty((n, oh, ow, c), x.dtype), self.xp.empty((n, oh, ow, c), self.xp.int32)
         i32 = np.int32
-        self.launch("maxpool", x.dtype, y.size, y, idx, x, i32(h), i32(w), i32(c), i32(k), i32(stride), i32(oh),
+        self.launch("maxpool", x.dtype, n * oh * ow, y, idx, x, i32(h), i32(w), i32(c), i32(k), i32(stride), i32(oh),
                     i32(ow))
         return y, idx
 
@@ -149,7 +149,7 @@ class CupyBackend(ArrayModuleBackend):
         n, h, w, c = x_shape
         dx = self.xp.empty(x_shape, dy.dtype)
         i32 = np.int32
-        self.launch("maxpool_backward", dy.dtype, dx.size, dx, self._c(dy), self._c(idx),
+        self.launch("maxpool_backward", dy.dtype, n * h * w, dx, self._c(dy), self._c(idx),
                     i32(h), i32(w), i32(c), i32(k), i32(stride), i32(dy.shape[1]), i32(dy.shape[2]))
         return dx
 
@@ -159,7 +159,7 @@ class CupyBackend(ArrayModuleBackend):
         oh, ow = pool_out(h, k, stride), pool_out(w, k, stride)
         y = self.xp.empty((n, oh, ow, c), x.dtype)
         i32 = np.int32
-        self.launch("avgpool", x.dtype, y.size, y, x, i32(h), i32(w), i32(c), i32(k), i32(stride), i32(oh),
+        self.launch("avgpool", x.dtype, n * oh * ow, y, x, i32(h), i32(w), i32(c), i32(k), i32(stride), i32(oh),
                     i32(ow))
         return y
 
@@ -167,6 +167,6 @@ class CupyBackend(ArrayModuleBackend):
         n, h, w, c = x_shape
         dx = self.xp.empty(x_shape, dy.dtype)
         i32 = np.int32
-        self.launch("avgpool_backward", dy.dtype, dx.size, dx, self._c(dy), i32(h), i32(w), i32(c), i32(k),
+        self.launch("avgpool_backward", dy.dtype, n * h * w, dx, self._c(dy), i32(h), i32(w), i32(c), i32(k),
                     i32(stride), i32(dy.shape[1]), i32(dy.shape[2]))
         return dx

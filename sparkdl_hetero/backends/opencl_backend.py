@@ -363,7 +363,7 @@ class OpenCLBackend(Backend):
         oh, ow = pool_out(h, kh, stride, pad), pool_out(w, kw, stride, pad)
         cols = self._empty((n * oh * ow, kh * kw * c), x.dtype)
         i32 = np.int32
-        self.launch("im2col", x.dtype, cols.size, cols, x, i32(h), i32(w), i32(c), i32(kh), i32(kw), i32(stride),
+        self.launch("im2col", x.dtype, n * oh * ow * kh, cols, x, i32(h), i32(w), i32(c), i32(kh), i32(kw), i32(stride),
                   i32(pad), i32(oh), i32(ow))
         return cols
 
@@ -376,7 +376,7 @@ class OpenCLBackend(Backend):
                              f"window, stride {stride}, pad {pad}")
         dx = self._empty(x_shape, cols.dtype)
         i32 = np.int32
-        self.launch("col2im", cols.dtype, dx.size, dx, self._check(cols, "col2im cols"), i32(h), i32(w), i32(c),
+        self.launch("col2im", cols.dtype, n * h * w, dx, self._check(cols, "col2im cols"), i32(h), i32(w), i32(c),
                   i32(kh), i32(kw), i32(stride), i32(pad), i32(oh), i32(ow))
         return dx
 
@@ -385,7 +385,7 @@ class OpenCLBackend(Backend):
         oh, ow = pool_out(h, k, stride), pool_out(w, k, stride)
         y, idx = self._empty((n, oh, ow, c), x.dtype), self._empty((n, oh, ow, c), np.int32)
         i32 = np.int32
-        self.launch("maxpool", x.dtype, y.size, y, idx, x, i32(h), i32(w), i32(c), i32(k), i32(stride), i32(oh),
+        self.launch("maxpool", x.dtype, n * oh * ow, y, idx, x, i32(h), i32(w), i32(c), i32(k), i32(stride), i32(oh),
                   i32(ow))
         return y, idx
 
@@ -394,7 +394,7 @@ class OpenCLBackend(Backend):
         n, h, w, c = x_shape
         dx = self._empty(x_shape, dy.dtype)
         i32 = np.int32
-        self.launch("maxpool_backward", dy.dtype, dx.size, dx, self._check(dy, "maxpool_backward dy"),
+        self.launch("maxpool_backward", dy.dtype, n * h * w, dx, self._check(dy, "maxpool_backward dy"),
                   self._check(idx, "maxpool_backward idx"), i32(h), i32(w), i32(c), i32(k), i32(stride),
                   i32(dy.shape[1]), i32(dy.shape[2]))
         return dx
@@ -404,14 +404,15 @@ class OpenCLBackend(Backend):
         oh, ow = pool_out(h, k, stride), pool_out(w, k, stride)
         y = self._empty((n, oh, ow, c), x.dtype)
         i32 = np.int32
-        self.launch("avgpool", x.dtype, y.size, y, x, i32(h), i32(w), i32(c), i32(k), i32(stride), i32(oh), i32(ow))
+        self.launch("avgpool", x.dtype, n * oh * ow, y, x, i32(h), i32(w), i32(c), i32(k), i32(stride), i32(oh),
+                    i32(ow))
         return y
 
     def avgpool_backward(self, dy: Array, x_shape: tuple[int, int, int, int], k: int, stride: int) -> Array:
         n, h, w, c = x_shape
         dx = self._empty(x_shape, dy.dtype)
         i32 = np.int32
-        self.launch("avgpool_backward", dy.dtype, dx.size, dx, self._check(dy, "avgpool_backward dy"), i32(h),
+        self.launch("avgpool_backward", dy.dtype, n * h * w, dx, self._check(dy, "avgpool_backward dy"), i32(h),
                   i32(w), i32(c), i32(k), i32(stride), i32(dy.shape[1]), i32(dy.shape[2]))
         return dx
 
