@@ -112,28 +112,45 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="fewer samples (a smoke run, not the figures)")
     p.add_argument("--output", default="bench-output")
+    p.add_argument("--batch-size", type=int, default=64, help="global batch size of sections 1-3")
+    p.add_argument("--sections", default="1234", help="which sections to run")
     opts = p.parse_args()
     job = _job()
     samples = 6000 if opts.quick else 12000
+    batch = ["--batch-size", str(opts.batch_size)]
     args = job.parse_args(["--samples", str(samples), "--epochs", "2", "--executors", "2",
-                           "--test-samples", "2000", "--output", opts.output])
+                           "--test-samples", "2000", "--output", opts.output, *batch])
     data = job.load(args)
     out: dict = {}
 
-    print("== 1. node-count speedup (LeNet-5, Adam, global batch 64) ==", flush=True)
-    rows = [job.run_one(args, data, n) for n in (1, 2)]
-    job.print_table(rows, rows[0]["epochSeconds"])
-    speedup = rows[0]["epochSeconds"] / rows[1]["epochSeconds"]
-    print(f"speedup at 2 executors: {speedup:.2f}x (goal >= 1.9x)", flush=True)
-    out["speedup"] = {"rows": rows, "speedup": speedup}
+    print(f"load average before: {os.getloadavg()} on {os.cpu_count()} cores (other users' processes count)")
+    if "1" in opts.sections or "2" in opts.sections:
+        print(f"== 1. node-count speedup (LeNet-5, Adam, global batch {opts.batch_size}) ==", flush=True)
+        rows = [job.run_one(args, data, n) for n in (1, 2)]
+        job.print_table(rows, rows[0]["epochSeconds"])
+        speedup = rows[0]["epochSeconds"] / rows[1]["epochSeconds"]
+        print(f"speedup at 2 executors: {speedup:.2f}x (goal >= 1.9x); load average {os.getloadavg()}", flush=True)
+        out["speedup"] = {"rows": rows, "speedup": speedup}
+    if "2" in opts.sections:
+        section2(rows[1]["samplesPerSecond"], data, opts.batch_size, out)
+    if "3" in opts.sections:
+        section3(job, samples, data, batch, out)
+    if "4" in opts.sections:
+        section4(job, opts.quick, out)
+    print(f"load average after: {os.getloadavg()}")
+    os.makedirs(opts.output, exist_ok=True)
+    with open(os.path.join(opts.output, "speedup.json"), "w") as f:
+        json.dump(out, f, indent=1)
+    return 0
 
+
+def section2(ours: float, data: tuple, batch: int, out: dict) -> None:
     print("\n== 2. samples/s at 2 executors vs PyTorch peers ==", flush=True)
-    ours = rows[1]["samplesPerSecond"]
     try:
         import torch  # noqa: F401
 
-        single = torch_single(data[0], data[1])
-        dist = torch_distributor(data[0], data[1])
+        single = torch_single(data[0], data[1], batch=batch)
+        dist = torch_distributor(data[0], data[1], batch)
         print(f"sparkdl-hetero barrier, 2 executors: {ours:,.0f} samples/s")
         print(f"PyTorch CPU, 1 process, 2 threads:  {single:,.0f} samples/s  -> ours / peer = {ours / single:.2f}")
         print(f"TorchDistributor, 2 processes:      {dist:,.0f} samples/s  -> ours / peer = {ours / dist:.2f} "
@@ -142,8 +159,10 @@ def main() -> int:
     except ImportError:
         print("torch is not installed: PyTorch peers skipped (pip install torch to compare)", flush=True)
 
+
+def section3(job, samples: int, data: tuple, batch: list[str], out: dict) -> None:  # noqa: ANN001
     print("\n== 3. a fast and a 3x slowed worker ==", flush=True)
-    args1 = job.parse_args(["--samples", str(samples), "--epochs", "1", "--test-samples", "0"])
+    args1 = job.parse_args(["--samples", str(samples), "--epochs", "1", "--test-samples", "0", *batch])
     fast = job.run_one(args1, data, 1, label="fast alone")
     slow = job.run_one(args1, data, 1, {0: 3.0}, label="slow alone (x3)")
     both = job.run_one(args1, data, 2, {1: 3.0}, True, "fast+slow, balanced")
@@ -155,8 +174,10 @@ def main() -> int:
           f"{plain['epochSeconds'] / ideal:.2f}x; fast alone {fast['epochSeconds']:.2f} s", flush=True)
     out["straggler"] = {"fast": fast, "slow": slow, "balanced": both, "unbalanced": plain, "ideal": ideal}
 
+
+def section4(job, quick: bool, out: dict) -> None:  # noqa: ANN001
     print("\n== 4. 5 epochs of LeNet-5 on all of Fashion-MNIST, 2 executors ==", flush=True)
-    args5 = job.parse_args(["--samples", "6000" if opts.quick else "60000", "--epochs", "5",
+    args5 = job.parse_args(["--samples", "6000" if quick else "60000", "--epochs", "5",
                             "--test-samples", "10000"])
     full = job.run_one(args5, job.load(args5), 2, label="2 executors, 5 epochs")
     job.print_table([full], full["epochSeconds"])
@@ -166,10 +187,6 @@ def main() -> int:
         print(f"rank {w['rank']}: peak RSS {w['peakRssMB']:.0f} MB vs bound 2 x {w['dataMB']:.0f} + 300 = "
               f"{bound:.0f} MB -> {'within' if w['peakRssMB'] <= bound else 'OVER'}")
     out["accuracy"] = full
-    os.makedirs(opts.output, exist_ok=True)
-    with open(os.path.join(opts.output, "speedup.json"), "w") as f:
-        json.dump(out, f, indent=1)
-    return 0
 
 
 if __name__ == "__main__":
