@@ -173,7 +173,7 @@ class PartitionedData:
     handles: list[Handle]
     num_features: int
     num_classes: int
-    arrow_df: object  # the persisted (features array<float>, label double) DataFrame, for rebuilding
+    arrow_df: object  # the (features array<float>, label double) DataFrame (cached unless the input is), to rebuild
     extra: dict = field(default_factory=dict)
 
     @property
@@ -207,7 +207,8 @@ class PartitionedData:
         finally:
             release_resident(fit_id)
             self.handles_rdd.unpersist()
-            self.arrow_df.unpersist()
+            if self.extra.get("persistedInput"):
+                self.arrow_df.unpersist()
 
 
 def _features_expr(df, features_col: str):  # noqa: ANN001, ANN202 -- pyspark objects
@@ -282,7 +283,10 @@ def prepare(df, features_col: str, label_col: str, num_features: int, num_classe
     fit_id = fit_id or uuid.uuid4().hex
     arrow_df = df.select(_features_expr(df, features_col).alias("x"),
                          F.col(label_col).cast("double").alias("y"))
-    arrow_df.persist(StorageLevel.MEMORY_AND_DISK)
+    level = df.storageLevel
+    persisted = not (level.useMemory or level.useDisk)
+    if persisted:  # as Spark ML does: cache an uncached input so a recomputed partition gets the same rows
+        arrow_df.persist(StorageLevel.MEMORY_AND_DISK)
     d, k = num_features, num_classes
     converted = arrow_df.mapInArrow(lambda it: _convert_partition(it, fit_id, d, k), _HANDLE_SCHEMA)
     handles_rdd = converted.rdd.map(lambda row: Handle(**row.asDict()))
@@ -293,7 +297,7 @@ def prepare(df, features_col: str, label_col: str, num_features: int, num_classe
         handles = sorted(handles_rdd.collect(), key=lambda h: h.part)
     finally:
         sc.setJobDescription(None)
-    data = PartitionedData(fit_id, handles_rdd, handles, d, k, arrow_df)
+    data = PartitionedData(fit_id, handles_rdd, handles, d, k, arrow_df, {"persistedInput": persisted})
     try:
         _raise_for(handles, features_col, label_col, d, k)
     except ValueError:

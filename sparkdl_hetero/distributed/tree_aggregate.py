@@ -359,7 +359,7 @@ class TreeAggregateTrainer:
             if state.iteration == 0 and not state.history:
                 state.history.append(float(res.fun))
         else:
-            stop = "max iterations (resumed from a finished checkpoint)"
+            stop = "max iterations"
         return self.result(state, stop)
 
     def gd(self, state: _State) -> TrainResult:
