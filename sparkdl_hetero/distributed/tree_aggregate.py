@@ -277,15 +277,13 @@ class TreeAggregateTrainer:
             self.bar.set_postfix(loss=f"{loss:.5g}", samples_s=f"{self.samples / elapsed:,.0f}", refresh=False)
             self.bar.update(n)
 
-    def checkpoint(self, state: _State, updater_state: dict | None = None, force: bool = False) -> None:
+    def checkpoint(self, state: _State, updater_state: dict | None = None) -> None:
         c = self.config
-        if c.checkpointDir and (force or (c.checkpointInterval > 0 and state.iteration % c.checkpointInterval == 0)):
+        if c.checkpointDir and c.checkpointInterval > 0 and state.iteration % c.checkpointInterval == 0:
             save_checkpoint(c.checkpointDir, Checkpoint(state.weights, state.iteration, state.history,
                                                         updater_state or {}, c.solver, state.extra))
 
     def result(self, state: _State, converged: str) -> TrainResult:
-        if self.bar is not None:
-            self.bar.close()
         seconds = time.perf_counter() - self.started
         return TrainResult(state.weights, list(state.history), state.iteration, {
             "mode": "treeAggregate", "solver": self.config.solver, "converged": converged,
@@ -303,11 +301,15 @@ class TreeAggregateTrainer:
             state = _State(ckpt.weights.astype(np.float64), ckpt.iteration, list(ckpt.history), dict(ckpt.extra))
         else:
             state = _State(np.asarray(initial_weights, dtype=np.float64).copy())
-        if c.solver == "l-bfgs":
-            return self.lbfgs(state)
-        if c.solver == "gd":
-            return self.gd(state)
-        return self.minibatch(state, ckpt.updater_state if ckpt is not None else None)
+        try:
+            if c.solver == "l-bfgs":
+                return self.lbfgs(state)
+            if c.solver == "gd":
+                return self.gd(state)
+            return self.minibatch(state, ckpt.updater_state if ckpt is not None else None)
+        finally:
+            if self.bar is not None:
+                self.bar.close()
 
     def lbfgs(self, state: _State) -> TrainResult:
         from scipy.optimize import minimize
