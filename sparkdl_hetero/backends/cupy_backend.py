@@ -8,25 +8,19 @@ kernel text (kernels/conv_pool.h, shared with the OpenCL backend) on an OpenCL d
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 
-from .base import Array, pool_out
+from .base import Array
 from .errors import BackendUnavailable
 from .kernel_source import check_launch_size, kernel_source
 from .numpy_backend import ArrayModuleBackend
+from .shared_kernels import ConvPoolKernels, KernelLauncher
 
 _INSTALL = ("Install it with: pip install 'sparkdl-hetero[gpu]' (cupy-cuda12x) on a machine with an NVIDIA GPU "
             "and driver")
 _BLOCK = 256
-
-
-class KernelLauncher(Protocol):
-    """Runs a kernel of kernels/conv_pool.h over ``count`` items; ``args`` are the kernel's parameters after
-    ``count``: arrays of the backend's module (each becomes a pointer + element offset pair) and NumPy scalars."""
-
-    def __call__(self, kernel: str, dtype: Any, count: int, *args: Any) -> None: ...
 
 
 class CudaLauncher:
@@ -75,8 +69,9 @@ def load_cupy(device: int) -> Any:
     return cupy
 
 
-class CupyBackend(ArrayModuleBackend):
-    """cupy arrays on one GPU (``device``, default 0); ``xp``/``launcher`` replace cupy and CUDA in tests."""
+class CupyBackend(ConvPoolKernels, ArrayModuleBackend):
+    """cupy arrays on one GPU (``device``, default 0); ``xp``/``launcher`` replace cupy and CUDA in tests.
+    softmax_xent, convolution and pooling come from :class:`ConvPoolKernels`, the rest from the array module."""
 
     name = "cupy"
 
@@ -101,72 +96,8 @@ class CupyBackend(ArrayModuleBackend):
         # cupy refuses implicit conversion to NumPy (np.array(gpu_array) raises): copy explicitly
         return self.xp.asnumpy(a) if self.xp is not np else super().to_host(a)
 
-    def _c(self, a: Array) -> Array:
-        return self.xp.ascontiguousarray(a)
+    def _empty(self, shape: tuple[int, ...], dtype: Any) -> Array:
+        return self.xp.empty(shape, dtype)
 
-    def softmax_xent(self, z: Array, target: Array, scale: float) -> tuple[float, Array]:
-        z, target = self._c(z), self._c(target)
-        rows, cols = z.shape
-        loss, delta = self.xp.empty((rows,), z.dtype), self.xp.empty(z.shape, z.dtype)
-        self.launch("softmax_xent", z.dtype, rows, loss, delta, z, target, np.int32(cols), z.dtype.type(scale))
-        return float(loss.sum(dtype=self.xp.float64)), delta
-
-    def im2col(self, x: Array, kh: int, kw: int, stride: int, pad: int) -> Array:
-        x = self._c(x)
-        n, h, w, c = x.shape
-        oh, ow = pool_out(h, kh, stride, pad), pool_out(w, kw, stride, pad)
-        cols = self.xp.empty((n * oh * ow, kh * kw * c), x.dtype)
-        i32 = np.int32
-        self.launch("im2col", x.dtype, n * oh * ow * kh, cols, x, i32(h), i32(w), i32(c), i32(kh), i32(kw), i32(stride),
-                    i32(pad), i32(oh), i32(ow))
-        return cols
-
-    def col2im(self, cols: Array, x_shape: tuple[int, int, int, int], kh: int, kw: int, stride: int,
-               pad: int) -> Array:
-        n, h, w, c = x_shape
-        oh, ow = pool_out(h, kh, stride, pad), pool_out(w, kw, stride, pad)
-        if cols.shape != (n * oh * ow, kh * kw * c):
-            raise ValueError(f"col2im: columns of shape {cols.shape} do not match {x_shape} with a {kh}x{kw} "
-                             f"window, stride {stride}, pad {pad}")
-        dx = self.xp.empty(x_shape, cols.dtype)
-        i32 = np.int32
-        self.launch("col2im", cols.dtype, n * h * w, dx, self._c(cols), i32(h), i32(w), i32(c), i32(kh), i32(kw),
-                    i32(stride), i32(pad), i32(oh), i32(ow))
-        return dx
-
-    def maxpool(self, x: Array, k: int, stride: int) -> tuple[Array, Array]:
-        x = self._c(x)
-        n, h, w, c = x.shape
-        oh, ow = pool_out(h, k, stride), pool_out(w, k, stride)
-        y, idx = self.xp.empty((n, oh, ow, c), x.dtype), self.xp.empty((n, oh, ow, c), self.xp.int32)
-        i32 = np.int32
-        self.launch("maxpool", x.dtype, n * oh * ow, y, idx, x, i32(h), i32(w), i32(c), i32(k), i32(stride), i32(oh),
-                    i32(ow))
-        return y, idx
-
-    def maxpool_backward(self, dy: Array, idx: Array, x_shape: tuple[int, int, int, int], k: int,
-                         stride: int) -> Array:
-        n, h, w, c = x_shape
-        dx = self.xp.empty(x_shape, dy.dtype)
-        i32 = np.int32
-        self.launch("maxpool_backward", dy.dtype, n * h * w, dx, self._c(dy), self._c(idx),
-                    i32(h), i32(w), i32(c), i32(k), i32(stride), i32(dy.shape[1]), i32(dy.shape[2]))
-        return dx
-
-    def avgpool(self, x: Array, k: int, stride: int) -> Array:
-        x = self._c(x)
-        n, h, w, c = x.shape
-        oh, ow = pool_out(h, k, stride), pool_out(w, k, stride)
-        y = self.xp.empty((n, oh, ow, c), x.dtype)
-        i32 = np.int32
-        self.launch("avgpool", x.dtype, n * oh * ow, y, x, i32(h), i32(w), i32(c), i32(k), i32(stride), i32(oh),
-                    i32(ow))
-        return y
-
-    def avgpool_backward(self, dy: Array, x_shape: tuple[int, int, int, int], k: int, stride: int) -> Array:
-        n, h, w, c = x_shape
-        dx = self.xp.empty(x_shape, dy.dtype)
-        i32 = np.int32
-        self.launch("avgpool_backward", dy.dtype, n * h * w, dx, self._c(dy), i32(h), i32(w), i32(c), i32(k),
-                    i32(stride), i32(dy.shape[1]), i32(dy.shape[2]))
-        return dx
+    def _kernel_input(self, a: Array, what: str) -> Array:
+        return self.xp.ascontiguousarray(a)  # a copy only when ``a`` is not contiguous

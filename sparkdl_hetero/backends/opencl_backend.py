@@ -16,10 +16,11 @@ from typing import Any
 
 import numpy as np
 
-from .base import ACTIVATIONS, Array, Backend, pool_out
+from .base import ACTIVATIONS, Array
 from .errors import BackendUnavailable
 from .kernel_source import check_launch_size, kernel_source
 from .numpy_backend import NumpyBackend
+from .shared_kernels import ConvPoolKernels
 
 try:
     import pyclblast
@@ -136,8 +137,9 @@ def _supports_fp64(device: Any) -> bool:
     return bool(device.double_fp_config) or "cl_khr_fp64" in device.extensions
 
 
-class OpenCLBackend(Backend):
-    """Every op on one OpenCL device (float32; float64 when the device has fp64)."""
+class OpenCLBackend(ConvPoolKernels):
+    """Every op on one OpenCL device (float32; float64 when the device has fp64). softmax_xent, convolution and
+    pooling come from :class:`ConvPoolKernels`."""
 
     name = "opencl"
 
@@ -190,13 +192,10 @@ class OpenCLBackend(Backend):
             raise ValueError(f"{what} must be contiguous (shape {a.shape}, strides {a.strides})")
         return a
 
+    _kernel_input = _check  # ConvPoolKernels' hook: arrays are checked, never copied
+
     def _empty(self, shape: tuple[int, ...], dtype: Any) -> Array:
         return cla.empty(self.queue, tuple(int(s) for s in shape), np.dtype(dtype), allocator=self._alloc)
-
-    @staticmethod
-    def _same_size(a: Array, b: Any, what: str) -> None:
-        if a.size != b.size:
-            raise ValueError(f"{what}: sizes differ ({a.shape} vs {b.shape})")
 
     # ---- memory ----------------------------------------------------------------------------------------
     def asarray(self, host: np.ndarray, dtype: Any = None) -> Array:
@@ -334,14 +333,6 @@ class OpenCLBackend(Backend):
         self.launch("softmax", z.dtype, rows, out, z, np.int32(cols))
         return out
 
-    def softmax_xent(self, z: Array, target: Array, scale: float) -> tuple[float, Array]:
-        rows, cols = self._check(z, "softmax_xent z").shape
-        self._same_size(z, target, "softmax_xent targets")
-        loss, delta = self._empty((rows,), z.dtype), self._empty(z.shape, z.dtype)
-        self.launch("softmax_xent", z.dtype, rows, loss, delta, z, self._check(target, "softmax_xent targets"),
-                  np.int32(cols), z.dtype.type(scale))
-        return self.sum(loss), delta
-
     def sigmoid_sq(self, z: Array, target: Array, scale: float) -> tuple[float, Array]:
         self._same_size(z, target, "sigmoid_sq targets")
         sq, delta = self._empty(z.shape, z.dtype), self._empty(z.shape, z.dtype)
@@ -357,65 +348,7 @@ class OpenCLBackend(Backend):
                   a.dtype.type(scale))
         return self.sum(r), delta
 
-    # ---- convolution and pooling (NHWC) ----------------------------------------------------------------
-    def im2col(self, x: Array, kh: int, kw: int, stride: int, pad: int) -> Array:
-        n, h, w, c = self._check(x, "im2col x").shape
-        oh, ow = pool_out(h, kh, stride, pad), pool_out(w, kw, stride, pad)
-        cols = self._empty((n * oh * ow, kh * kw * c), x.dtype)
-        i32 = np.int32
-        self.launch("im2col", x.dtype, n * oh * ow * kh, cols, x, i32(h), i32(w), i32(c), i32(kh), i32(kw), i32(stride),
-                  i32(pad), i32(oh), i32(ow))
-        return cols
-
-    def col2im(self, cols: Array, x_shape: tuple[int, int, int, int], kh: int, kw: int, stride: int,
-               pad: int) -> Array:
-        n, h, w, c = x_shape
-        oh, ow = pool_out(h, kh, stride, pad), pool_out(w, kw, stride, pad)
-        if cols.shape != (n * oh * ow, kh * kw * c):
-            raise ValueError(f"col2im: columns of shape {cols.shape} do not match {x_shape} with a {kh}x{kw} "
-                             f"window, stride {stride}, pad {pad}")
-        dx = self._empty(x_shape, cols.dtype)
-        i32 = np.int32
-        self.launch("col2im", cols.dtype, n * h * w, dx, self._check(cols, "col2im cols"), i32(h), i32(w), i32(c),
-                  i32(kh), i32(kw), i32(stride), i32(pad), i32(oh), i32(ow))
-        return dx
-
-    def maxpool(self, x: Array, k: int, stride: int) -> tuple[Array, Array]:
-        n, h, w, c = self._check(x, "maxpool x").shape
-        oh, ow = pool_out(h, k, stride), pool_out(w, k, stride)
-        y, idx = self._empty((n, oh, ow, c), x.dtype), self._empty((n, oh, ow, c), np.int32)
-        i32 = np.int32
-        self.launch("maxpool", x.dtype, n * oh * ow, y, idx, x, i32(h), i32(w), i32(c), i32(k), i32(stride), i32(oh),
-                  i32(ow))
-        return y, idx
-
-    def maxpool_backward(self, dy: Array, idx: Array, x_shape: tuple[int, int, int, int], k: int,
-                         stride: int) -> Array:
-        n, h, w, c = x_shape
-        dx = self._empty(x_shape, dy.dtype)
-        i32 = np.int32
-        self.launch("maxpool_backward", dy.dtype, n * h * w, dx, self._check(dy, "maxpool_backward dy"),
-                  self._check(idx, "maxpool_backward idx"), i32(h), i32(w), i32(c), i32(k), i32(stride),
-                  i32(dy.shape[1]), i32(dy.shape[2]))
-        return dx
-
-    def avgpool(self, x: Array, k: int, stride: int) -> Array:
-        n, h, w, c = self._check(x, "avgpool x").shape
-        oh, ow = pool_out(h, k, stride), pool_out(w, k, stride)
-        y = self._empty((n, oh, ow, c), x.dtype)
-        i32 = np.int32
-        self.launch("avgpool", x.dtype, n * oh * ow, y, x, i32(h), i32(w), i32(c), i32(k), i32(stride), i32(oh),
-                    i32(ow))
-        return y
-
-    def avgpool_backward(self, dy: Array, x_shape: tuple[int, int, int, int], k: int, stride: int) -> Array:
-        n, h, w, c = x_shape
-        dx = self._empty(x_shape, dy.dtype)
-        i32 = np.int32
-        self.launch("avgpool_backward", dy.dtype, n * h * w, dx, self._check(dy, "avgpool_backward dy"), i32(h),
-                  i32(w), i32(c), i32(k), i32(stride), i32(dy.shape[1]), i32(dy.shape[2]))
-        return dx
-
+    # ---- dropout ---------------------------------------------------------------------------------------
     def dropout_mask(self, shape: tuple[int, ...], keep: float, rng: np.random.Generator, dtype: Any) -> Array:
         # drawn on the host from the model's generator, so every backend drops the same units for one seed
         return self.asarray(_HOST.dropout_mask(shape, keep, rng, dtype))
