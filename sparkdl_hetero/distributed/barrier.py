@@ -602,10 +602,11 @@ def _root_cause(e: Exception) -> str:
     """The Python error inside a Spark failure message (the last traceback line that names an error)."""
     text = str(e)
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-    for marker in ("CommError", "InjectedFault", "FloatingPointError", "ValueError", "RuntimeError", "Error:"):
+    for marker in ("CommError", "InjectedFault", "FloatingPointError", "ValueError", "RuntimeError",
+                   "ExecutorLostFailure", "SparkException", "Error:"):
         hits = [ln for ln in lines if marker in ln]
-        if hits:
-            return hits[-1][:1000]
+        if hits:  # Python errors: the innermost (last) line; Spark's: the first, which says what failed
+            return (hits[0] if marker in ("ExecutorLostFailure", "SparkException") else hits[-1])[:1000]
     return (lines[0] if lines else repr(e))[:1000]
 
 
