@@ -217,7 +217,8 @@ class TreeAggregateTrainer:
     def evaluate(self, w: np.ndarray, job: _Job, label: str) -> tuple[np.ndarray, float, int]:
         """Gradient sum, loss sum and count over the rows ``job`` selects, at weights ``w``."""
         sc = self.sc
-        bc = sc.broadcast(np.ascontiguousarray(w, dtype=self.dtype))
+        with np.errstate(over="ignore"):  # weights beyond float32 become inf: the loss check reports it
+            bc = sc.broadcast(np.ascontiguousarray(w, dtype=self.dtype))
         sc.setJobDescription(f"sparkdl-hetero fit {self.data.fit_id[:8]}: {label}")
         sc.setLocalProperty("sparkdl.iteration", label)
         try:
