@@ -13,7 +13,8 @@ proportion to their measured compute throughput (``balance=True``; re-measured e
 worker sends the *sum* of its samples' gradients with its sample count; the all-reduced sum divided by the total
 count is exactly the mean gradient of the global batch. Throughputs ride in the same vector (one slot per rank),
 so every rank computes the same split. ``syncEvery=k>1``: k local steps on each worker, then the weights are
-averaged, weighted by the samples each worker used (local SGD / FedAvg). An epoch is ``ceil(rows / batchSize)``
+averaged, weighted by the samples each worker used (local SGD / FedAvg; shares then stay proportional to the
+rows, throughputs are not exchanged between averagings). An epoch is ``ceil(rows / batchSize)``
 global steps. ``validationFraction``: each worker holds out that share of its rows; the all-reduced validation loss
 after each epoch drives early stopping with ``patience`` -- every rank takes the same decision, so all stop
 together, and the best weights are returned.
