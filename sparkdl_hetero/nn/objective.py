@@ -19,6 +19,7 @@ class Replica(Protocol):
     """A copy of the trained parameters on one backend, computing mean losses and accumulating gradients."""
 
     num_weights: int
+    topology: FeedForwardTopology  # the trained model's topology
 
     def set_weights(self, weights: np.ndarray) -> None: ...
 
@@ -30,6 +31,10 @@ class Replica(Protocol):
 
     def compute_gradient(self, x: np.ndarray, y: np.ndarray, grad_out: np.ndarray | None = None,
                          scale: float = 1.0) -> float: ...
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        """The trained model's class probabilities for host rows ``x``."""
+        ...
 
 
 class Objective:
