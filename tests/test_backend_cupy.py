@@ -80,13 +80,18 @@ def test_kernel_ops_match_numpy(emulated, n, h, w, c, k, stride, pad):
     assert set(launcher.calls) == CUDA_KERNELS, "every op with an own kernel went through the launcher"
 
 
-def test_lenet_step_through_the_cupy_code_path_equals_numpy(emulated):
-    rng = np.random.default_rng(3)
+def assert_lenet_step_equals_numpy(backend: CupyBackend, seed: int, batch: int, rel: float) -> None:
+    """One LeNet-5 gradient step on ``backend`` gives the NumPy backend's loss (to ``rel``) and gradient."""
+    rng = np.random.default_rng(seed)
     topo = FeedForwardTopology.from_spec(LENET, (1, 28, 28))
-    x, y = rng.random((5, 784)).astype(np.float32), rng.integers(0, 10, 5)
-    ref, got = (FeedForwardModel(topo, seed=2, backend=b) for b in ("numpy", emulated))
-    assert got.compute_gradient(x, y) == pytest.approx(ref.compute_gradient(x, y), rel=1e-5)
+    x, y = rng.random((batch, 784)).astype(np.float32), rng.integers(0, 10, batch)
+    ref, got = (FeedForwardModel(topo, seed=2, backend=b) for b in ("numpy", backend))
+    assert got.compute_gradient(x, y) == pytest.approx(ref.compute_gradient(x, y), rel=rel)
     close(got.get_gradient(), ref.get_gradient(), 1e-3)
+
+
+def test_lenet_step_through_the_cupy_code_path_equals_numpy(emulated):
+    assert_lenet_step_equals_numpy(emulated, seed=3, batch=5, rel=1e-5)
     assert "cupy code on the host" in emulated.describe()
 
 
@@ -151,13 +156,7 @@ def test_gpu_ops_match_numpy():
 
 @pytest.mark.gpu
 def test_gpu_lenet_step_equals_numpy():
-    be = _gpu_backend()
-    rng = np.random.default_rng(6)
-    topo = FeedForwardTopology.from_spec(LENET, (1, 28, 28))
-    x, y = rng.random((8, 784)).astype(np.float32), rng.integers(0, 10, 8)
-    ref, got = (FeedForwardModel(topo, seed=2, backend=b) for b in ("numpy", be))
-    assert got.compute_gradient(x, y) == pytest.approx(ref.compute_gradient(x, y), rel=1e-4)
-    close(got.get_gradient(), ref.get_gradient(), 1e-3)
+    assert_lenet_step_equals_numpy(_gpu_backend(), seed=6, batch=8, rel=1e-4)
 
 
 @pytest.mark.gpu

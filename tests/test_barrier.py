@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import os
-import threading
 from collections.abc import Callable
 
 import numpy as np
 import pytest
+from _helpers import run_ranks
 
 from sparkdl_hetero.distributed.barrier import BarrierWorker, split_batch, train_worker
-from sparkdl_hetero.distributed.comm import Communicator, new_secret
+from sparkdl_hetero.distributed.comm import Communicator
 from sparkdl_hetero.distributed.config import TrainConfig
 from sparkdl_hetero.nn.model import FeedForwardModel
 from sparkdl_hetero.nn.objective import Objective
@@ -30,26 +30,9 @@ def objective(d: int = 6, k: int = 3) -> Objective:
     return Objective(FeedForwardTopology.multilayer_perceptron([d, 10, k]))
 
 
-def run_workers(world: int, fn: Callable[[Communicator], object], timeout: float = 20.0) -> list[object]:
-    comms = [Communicator(r, world, "127.0.0.1", timeout=timeout, max_elements=1 << 16) for r in range(world)]
-    addresses, secret = [c.address for c in comms], new_secret()
-    out: list[object] = [None] * world
-
-    def body(r: int) -> None:
-        try:
-            comms[r].connect(addresses, secret)
-            out[r] = fn(comms[r])
-        except Exception as e:  # noqa: BLE001 - handed to the test
-            out[r] = e
-        finally:
-            comms[r].close()
-
-    threads = [threading.Thread(target=body, args=(r,)) for r in range(world)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
-        assert not t.is_alive(), "a worker hung"
+def run_workers(world: int, fn: Callable[[Communicator], object]) -> list[object]:
+    """run_ranks, failing the test with the first rank's exception."""
+    out = run_ranks(world, fn, timeout=20.0, join_timeout=120.0)
     for r, res in enumerate(out):
         if isinstance(res, Exception):
             raise AssertionError(f"rank {r} failed: {res!r}") from res

@@ -6,39 +6,12 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Callable
 
 import numpy as np
 import pytest
+from _helpers import run_ranks
 
 from sparkdl_hetero.distributed.comm import MAGIC, CommError, Communicator, new_secret
-
-
-def run_ranks(world: int, fn: Callable[[Communicator], object], *, timeout: float = 10.0,
-              max_elements: int = 1 << 16) -> list[object]:
-    """Build a connected mesh of ``world`` communicators and run ``fn`` on each in its own thread.
-    Returns each rank's result or the exception it raised."""
-    comms = [Communicator(r, world, "127.0.0.1", timeout=timeout, max_elements=max_elements) for r in range(world)]
-    addresses = [c.address for c in comms]
-    secret = new_secret()
-    results: list[object] = [None] * world
-
-    def body(r: int) -> None:
-        try:
-            comms[r].connect(addresses, secret)
-            results[r] = fn(comms[r])
-        except Exception as e:  # noqa: BLE001 - handed back to the test
-            results[r] = e
-        finally:
-            comms[r].close()
-
-    threads = [threading.Thread(target=body, args=(r,)) for r in range(world)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=60)
-        assert not t.is_alive(), "a rank hung"
-    return results
 
 
 @pytest.mark.parametrize("algorithm", ["hub", "ring"])
