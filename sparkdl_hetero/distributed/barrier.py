@@ -20,8 +20,8 @@ after each epoch drives early stopping with ``patience`` -- every rank takes the
 together, and the best weights are returned.
 
 Full-batch solvers: ``gd`` (``w -= lr * mean gradient``) and ``l-bfgs`` -- every task runs the same scipy L-BFGS-B
-on the all-reduced full-batch loss and gradient (no driver round trip per iteration), with the treeAggregate
-mode's stopping rules.
+on the all-reduced full-batch loss and gradient (no driver round trip per iteration), with the stopping rules of
+:mod:`.lbfgs` shared with the treeAggregate mode.
 
 Checkpoints (rank 0 writes, every ``checkpointInterval`` steps, to ``checkpointDir`` -- a directory every
 executor can read, as Spark's own checkpoint directory) let a retried barrier stage resume where it was. When
@@ -50,12 +50,12 @@ from .checkpoint import Checkpoint, load_compatible, save_checkpoint
 from .comm import CommError, Communicator, new_secret
 from .config import TrainConfig, TrainResult
 from .data import prepare
+from .lbfgs import minimize_lbfgs
 
 REBALANCE_EVERY = 10  # steps between re-splits of the global batch
 WARMUP_STEPS = 2  # steps before the first re-split (the first measurements include one-off costs)
 _EMA = 0.3  # weight of the newest throughput measurement
 CHUNK_ROWS = 4096  # rows per forward/backward call in full-batch evaluations
-_FVAL_MEMORY = 20
 FAULT_PROPERTY = "sparkdl_hetero.injectFault"
 _OUT_SCHEMA = "rank int, meta string, weights binary"
 DRIVER_RETRIES = 2  # barrier jobs re-run by the driver after Spark gave up (each resumes from the checkpoint)
@@ -372,56 +372,28 @@ class BarrierWorker:
         return stop
 
     def lbfgs(self) -> str:
-        from scipy.optimize import minimize
-
         c = self.config
-        last: dict[str, Any] = {}
-        stop = ""
         t_iter = [time.perf_counter()]
 
         def fun(w: np.ndarray) -> tuple[float, np.ndarray]:
             self.weights = np.array(w, dtype=np.float64)
             f, g = self.full_batch()
             self._check_finite(f)
-            last.update(x=self.weights.copy(), f=f, g=g)
-            if not self.history:
-                self.history.append(f)
             return f, g
 
-        def callback(intermediate_result: Any) -> None:
-            nonlocal stop
+        def on_iteration(x: np.ndarray, f: float) -> None:
             self.iteration += 1
-            x = np.array(intermediate_result.x, dtype=np.float64)
-            f = float(intermediate_result.fun)
-            if not np.array_equal(last.get("x"), x):
-                self.weights = x
-                f, g = self.full_batch()
-            else:
-                g = last["g"]
             self.weights = x
-            self.history.append(f)
             now = time.perf_counter()
             self.step_seconds.append(now - t_iter[0])
             t_iter[0] = now
             self._checkpoint()
             self._maybe_fault()
-            hist = self.history[1:][-_FVAL_MEMORY:]
-            if len(hist) >= _FVAL_MEMORY and abs(f - max(hist)) <= c.tol * abs(self.history[0]):
-                stop = "function values converged"
-            elif float(np.linalg.norm(g)) <= max(c.tol * f, 1e-8):
-                stop = "gradient converged"
-            if stop:
-                raise StopIteration
 
         remaining = c.maxIter - self.iteration
         if remaining <= 0:
             return "max iterations (resumed from a finished checkpoint)"
-        start = self.weights.copy()
-        res = minimize(fun, start, jac=True, method="L-BFGS-B", callback=callback,
-                       options={"maxiter": remaining, "maxcor": 10, "ftol": 0.0, "gtol": 0.0,
-                                "maxfun": max(15000, 50 * remaining)})
-        if not stop:
-            stop = "max iterations" if self.iteration >= c.maxIter else f"l-bfgs stopped: {res.message}"
+        res, stop = minimize_lbfgs(fun, self.weights.copy(), remaining, c.tol, self.history, on_iteration)
         if self.iteration == 0:
             self.weights = np.array(res.x, dtype=np.float64)
         return stop

@@ -4,10 +4,8 @@ Each evaluation broadcasts the flat weights (float32), runs one ``treeAggregate`
 :mod:`.data` -- every task sums gradient, loss and count over its partition's resident blocks with a replica
 built once per Python worker -- and the driver divides and updates. Solvers:
 
-- ``l-bfgs``: scipy's L-BFGS-B (10 corrections) on the full-batch mean loss + L2; stops on ``maxIter`` or
-  Spark's (Breeze's) convergence test with ``tol``: the loss improved by at most ``tol * |initial loss|`` over the
-  last 20 iterations, or ``||gradient|| <= max(tol * loss, 1e-8)``. ``objectiveHistory`` holds the initial loss
-  and the loss after each iteration, as Spark's ``summary.objectiveHistory``.
+- ``l-bfgs``: :func:`.lbfgs.minimize_lbfgs` (scipy's L-BFGS-B with Spark's stopping rules and
+  ``objectiveHistory``) on the full-batch mean loss + L2.
 - ``gd``: Spark's ``GradientDescent`` as the MLP uses it: each iteration samples ``miniBatchFraction`` of the rows
   (1.0: all), ``w -= lr * (mean gradient + regParam * w)``; stops when ``||w_i - w_(i-1)|| < tol * max(||w_i||,
   1)``. The history holds the loss before each update.
@@ -41,9 +39,9 @@ from ..nn.optim import learning_rate, make_updater
 from .checkpoint import Checkpoint, load_compatible, save_checkpoint
 from .config import TrainConfig, TrainResult
 from .data import PartitionedData, resident_blocks
+from .lbfgs import minimize_lbfgs
 
 CHUNK_ROWS = 4096  # rows per forward/backward call inside a task: big GEMMs, bounded activation memory
-_FVAL_MEMORY = 20  # Breeze's default history length for the function-value convergence test
 
 
 class TrainingDivergedError(FloatingPointError):
@@ -318,56 +316,33 @@ class TreeAggregateTrainer:
                 self.bar.close()
 
     def lbfgs(self, state: _State) -> TrainResult:
-        from scipy.optimize import minimize
-
         c = self.config
         full = self.job()
-        last: dict[str, Any] = {}
         good = state.weights.copy()
+        first = [True]
 
         def fun(w: np.ndarray) -> tuple[float, np.ndarray]:
             f, g, _ = self.loss_and_grad(w, full, f"l-bfgs iteration {state.iteration + 1}, "
                                                   f"evaluation {self.evaluations + 1}")
-            self.diverged(f, state.iteration + (1 if last else 0), good, state.history)
-            last.update(x=w.copy(), f=f, g=g)
-            if not state.history:  # the initial loss, as Spark's history starts
-                state.history.append(f)
+            self.diverged(f, state.iteration + (0 if first[0] else 1), good, state.history)
+            first[0] = False
             return f, g
 
-        stop = ""
-
-        def callback(intermediate_result: Any) -> None:
-            nonlocal stop, good
+        def on_iteration(x: np.ndarray, f: float) -> None:
+            nonlocal good
             state.iteration += 1
-            x = intermediate_result.x
-            f = float(intermediate_result.fun)
-            g = last["g"] if np.array_equal(last.get("x"), x) else self.loss_and_grad(x, full, "gradient")[1]
-            state.weights = np.array(x, dtype=np.float64)
-            good = state.weights.copy()
-            state.history.append(f)
+            state.weights = x
+            good = x.copy()
             self.tick(f)
             self.checkpoint(state)
-            hist = state.history[1:][-_FVAL_MEMORY:]
-            f0 = abs(state.history[0])
-            if len(hist) >= _FVAL_MEMORY and abs(f - max(hist)) <= c.tol * f0:
-                stop = "function values converged"
-            elif float(np.linalg.norm(g)) <= max(c.tol * f, 1e-8):
-                stop = "gradient converged"
-            if stop:
-                raise StopIteration
 
         remaining = c.maxIter - state.iteration
         self.progress(c.maxIter, state.iteration, "iteration")
-        if remaining > 0:
-            res = minimize(fun, state.weights, jac=True, method="L-BFGS-B", callback=callback,
-                           options={"maxiter": remaining, "maxcor": 10, "ftol": 0.0, "gtol": 0.0,
-                                    "maxfun": max(15000, 50 * remaining)})
-            if not stop:
-                stop = "max iterations" if state.iteration >= c.maxIter else f"l-bfgs stopped: {res.message}"
-            if state.iteration == 0 and not state.history:
-                state.history.append(float(res.fun))
-        else:
-            stop = "max iterations"
+        if remaining <= 0:
+            return self.result(state, "max iterations")
+        res, stop = minimize_lbfgs(fun, state.weights, remaining, c.tol, state.history, on_iteration)
+        if state.iteration == 0 and not state.history:
+            state.history.append(float(res.fun))
         return self.result(state, stop)
 
     def gd(self, state: _State) -> TrainResult:
