@@ -12,6 +12,32 @@
 #define WINDOW_FIRST(pos, k, stride) ((pos) - (k) + 1 <= 0 ? 0 : ((pos) - (k) + (stride)) / (stride))
 #define WINDOW_LAST(pos, stride, out) ((pos) / (stride) < (out) - 1 ? (pos) / (stride) : (out) - 1)
 
+/* Declares the coordinates of pixel e of an (n, height, width) grid, e = (b * height + row) * width + col:
+ * `const int col`, `const int row` and `const index_t b`, under the names given. */
+#define PIXEL_COORDS(e, height, width, b, row, col) \
+    const int col = (e) % (width);                  \
+    const int row = (e) / (width) % (height);       \
+    const index_t b = (e) / (width) / (height)
+
+/* Sets the c channels of pixel e of the NHWC tensor a to zero and returns a pointer to them: the gathering backward
+ * passes accumulate into it. */
+DEVICE_FN GLOBAL real_t *zeroed_pixel(GLOBAL real_t *a, const index_t e, const int c) {
+    GLOBAL real_t *p = a + e * c;
+    for (int ch = 0; ch < c; ++ch) p[ch] = (real_t)0;
+    return p;
+}
+
+/* Returns lse = log(sum_j exp(zr[j] - m)) and stores in *m the maximum m of the row zr[0..cols): then
+ * log_softmax(z)_j = zr[j] - m - lse, with nothing overflowing. */
+DEVICE_FN real_t row_log_sum_exp(const GLOBAL real_t *zr, const int cols, real_t *m) {
+    real_t mx = zr[0];
+    for (int j = 1; j < cols; ++j) mx = zr[j] > mx ? zr[j] : mx;
+    real_t s = (real_t)0;
+    for (int j = 0; j < cols; ++j) s += exp(zr[j] - mx);
+    *m = mx;
+    return log(s);
+}
+
 /* count = n*oh*ow*kh: one kernel row of one output position each, kw*c contiguous column values (zeros where
  * the window reaches into the padding). */
 KERNEL void im2col(const long count, ARR(real_t, cols), ARR(const real_t, x), const int h, const int w, const int c,
@@ -20,10 +46,7 @@ KERNEL void im2col(const long count, ARR(real_t, cols), ARR(const real_t, x), co
     if (i >= count) return;
     const index_t e = (index_t)i;
     const int ki = e % kh;
-    index_t r = e / kh;
-    const int oj = r % ow; r /= ow;
-    const int oi = r % oh;
-    const index_t b = r / oh;
+    PIXEL_COORDS(e / kh, oh, ow, b, oi, oj);
     const int y = oi * stride - pad + ki;
     const int x0 = oj * stride - pad;
     GLOBAL real_t *dst = AT(cols) + e * kw * c;
@@ -41,12 +64,8 @@ KERNEL void col2im(const long count, ARR(real_t, dx), ARR(const real_t, cols), c
     const long i = ITEM;
     if (i >= count) return;
     const index_t e = (index_t)i;
-    const int xx = e % w;
-    index_t r = e / w;
-    const int y = r % h;
-    const index_t b = r / h;
-    GLOBAL real_t *out = AT(dx) + e * c;
-    for (int ch = 0; ch < c; ++ch) out[ch] = (real_t)0;
+    PIXEL_COORDS(e, h, w, b, y, xx);
+    GLOBAL real_t *out = zeroed_pixel(AT(dx), e, c);
     const int py = y + pad, px = xx + pad;
     const int oi_last = WINDOW_LAST(py, stride, oh), oj_last = WINDOW_LAST(px, stride, ow);
     for (int oi = WINDOW_FIRST(py, kh, stride); oi <= oi_last; ++oi) {
@@ -65,10 +84,7 @@ KERNEL void maxpool(const long count, ARR(real_t, y), ARR(int, idx), ARR(const r
     const long i = ITEM;
     if (i >= count) return;
     const index_t e = (index_t)i;
-    const int oj = e % ow;
-    index_t r = e / ow;
-    const int oi = r % oh;
-    const index_t b = r / oh;
+    PIXEL_COORDS(e, oh, ow, b, oi, oj);
     const GLOBAL real_t *win = AT(x) + ((b * h + oi * stride) * w + oj * stride) * c;
     for (int ch = 0; ch < c; ++ch) {
         real_t best = win[ch];
@@ -94,12 +110,8 @@ KERNEL void maxpool_backward(const long count, ARR(real_t, dx), ARR(const real_t
     const long i = ITEM;
     if (i >= count) return;
     const index_t e = (index_t)i;
-    const int xx = e % w;
-    index_t r = e / w;
-    const int y = r % h;
-    const index_t b = r / h;
-    GLOBAL real_t *out = AT(dx) + e * c;
-    for (int ch = 0; ch < c; ++ch) out[ch] = (real_t)0;
+    PIXEL_COORDS(e, h, w, b, y, xx);
+    GLOBAL real_t *out = zeroed_pixel(AT(dx), e, c);
     const int oi_last = WINDOW_LAST(y, stride, oh), oj_last = WINDOW_LAST(xx, stride, ow);
     for (int oi = WINDOW_FIRST(y, k, stride); oi <= oi_last; ++oi) {
         for (int oj = WINDOW_FIRST(xx, k, stride); oj <= oj_last; ++oj) {
@@ -118,10 +130,7 @@ KERNEL void avgpool(const long count, ARR(real_t, y), ARR(const real_t, x), cons
     const long i = ITEM;
     if (i >= count) return;
     const index_t e = (index_t)i;
-    const int oj = e % ow;
-    index_t r = e / ow;
-    const int oi = r % oh;
-    const index_t b = r / oh;
+    PIXEL_COORDS(e, oh, ow, b, oi, oj);
     const GLOBAL real_t *win = AT(x) + ((b * h + oi * stride) * w + oj * stride) * c;
     const real_t inv = (real_t)1 / (real_t)(k * k);
     for (int ch = 0; ch < c; ++ch) {
@@ -139,13 +148,9 @@ KERNEL void avgpool_backward(const long count, ARR(real_t, dx), ARR(const real_t
     const long i = ITEM;
     if (i >= count) return;
     const index_t e = (index_t)i;
-    const int xx = e % w;
-    index_t r = e / w;
-    const int y = r % h;
-    const index_t b = r / h;
+    PIXEL_COORDS(e, h, w, b, y, xx);
     const real_t inv = (real_t)1 / (real_t)(k * k);
-    GLOBAL real_t *out = AT(dx) + e * c;
-    for (int ch = 0; ch < c; ++ch) out[ch] = (real_t)0;
+    GLOBAL real_t *out = zeroed_pixel(AT(dx), e, c);
     const int oi_last = WINDOW_LAST(y, stride, oh), oj_last = WINDOW_LAST(xx, stride, ow);
     for (int oi = WINDOW_FIRST(y, k, stride); oi <= oi_last; ++oi) {
         for (int oj = WINDOW_FIRST(xx, k, stride); oj <= oj_last; ++oj) {
@@ -164,11 +169,8 @@ KERNEL void softmax_xent(const long count, ARR(real_t, loss), ARR(real_t, delta)
     const GLOBAL real_t *zr = AT(z) + i * cols;
     const GLOBAL real_t *tr = AT(t) + i * cols;
     GLOBAL real_t *dr = AT(delta) + i * cols;
-    real_t m = zr[0];
-    for (int j = 1; j < cols; ++j) m = zr[j] > m ? zr[j] : m;
-    real_t s = (real_t)0;
-    for (int j = 0; j < cols; ++j) s += exp(zr[j] - m);
-    const real_t lse = log(s);
+    real_t m;
+    const real_t lse = row_log_sum_exp(zr, cols, &m);
     real_t l = (real_t)0;
     for (int j = 0; j < cols; ++j) {
         const real_t lp = zr[j] - m - lse;

@@ -74,7 +74,7 @@ KERNEL void sum_partial(const long count, ARR(real_t, partial), ARR(const real_t
     AT(partial)[p] = s;
 }
 
-inline real_t sigmoid_of(const real_t x) {
+DEVICE_FN real_t sigmoid_of(const real_t x) {
     const real_t e = exp(-fabs(x)); /* never overflows */
     return x >= (real_t)0 ? (real_t)1 / ((real_t)1 + e) : e / ((real_t)1 + e);
 }
@@ -118,11 +118,8 @@ KERNEL void softmax(const long count, ARR(real_t, out), ARR(const real_t, z), co
     if (i >= count) return;
     const GLOBAL real_t *zr = AT(z) + i * cols;
     GLOBAL real_t *o = AT(out) + i * cols;
-    real_t m = zr[0];
-    for (int j = 1; j < cols; ++j) m = zr[j] > m ? zr[j] : m;
-    real_t s = (real_t)0;
-    for (int j = 0; j < cols; ++j) s += exp(zr[j] - m);
-    const real_t lse = log(s);
+    real_t m;
+    const real_t lse = row_log_sum_exp(zr, cols, &m);
     for (int j = 0; j < cols; ++j) o[j] = exp(zr[j] - m - lse);
 }
 
