@@ -48,8 +48,9 @@ from ..nn.objective import Objective
 from ..nn.optim import learning_rate, make_updater
 from .checkpoint import Checkpoint, load_compatible, save_checkpoint
 from .comm import CommError, Communicator, new_secret
-from .config import TrainConfig, TrainResult
+from .config import TrainConfig, TrainingDivergedError, TrainResult
 from .data import prepare
+from .executor import blas_limit
 from .lbfgs import minimize_lbfgs
 
 REBALANCE_EVERY = 10  # steps between re-splits of the global batch
@@ -205,8 +206,9 @@ class BarrierWorker:
 
     def _check_finite(self, f: float) -> None:
         if not math.isfinite(f):
-            raise FloatingPointError(f"the loss became {f} at iteration {self.iteration} ({self.config.solver}, "
-                                     f"stepSize {self.config.stepSize}); training stopped")
+            i = self.iteration + 1  # the iteration being computed, numbered from 1 as in treeAggregate mode
+            raise TrainingDivergedError(f"the loss became {f} at iteration {i} ({self.config.solver}, stepSize "
+                                        f"{self.config.stepSize}); training stopped", None, i, list(self.history))
 
     def _validation(self) -> tuple[float, float]:
         """All-reduced (mean loss, accuracy) on the held-out rows at the current weights."""
@@ -464,8 +466,6 @@ def _barrier_task(batches: Iterator, objective: Objective, config: TrainConfig, 
     import pyarrow as pa
     from pyspark import BarrierTaskContext
 
-    from .tree_aggregate import _blas_limit
-
     ctx = BarrierTaskContext.get()
     rank = ctx.partitionId()
     world = len(ctx.getTaskInfos())
@@ -484,19 +484,27 @@ def _barrier_task(batches: Iterator, objective: Objective, config: TrainConfig, 
         infos = [json.loads(s) for s in ctx.allGather(json.dumps(
             {"host": comm.address[0], "port": comm.address[1], "secret": secret}))]
         comm.connect([(i["host"], i["port"]) for i in infos], bytes.fromhex(infos[0]["secret"]))
-        with _blas_limit(max(1, int(ctx.cpus()))):
-            worker, stop, summaries = train_worker(comm, objective, config, x, y, initial_weights,
-                                                   _fault_step(ctx, rank))
+        diverged: TrainingDivergedError | None = None
+        with blas_limit(max(1, int(ctx.cpus()))):
+            try:
+                worker, stop, summaries = train_worker(comm, objective, config, x, y, initial_weights,
+                                                       _fault_step(ctx, rank))
+            except TrainingDivergedError as e:  # the loss is all-reduced: every rank stops at the same step
+                diverged = e
     except BaseException as e:
         comm.abort(e)
         raise
     comm.close()
     if rank == 0:
-        meta = {"history": worker.history, "iterations": worker.iteration, "stop": stop,
-                "workers": summaries, "extra": {k: v for k, v in worker.extra.items()
-                                                if k in ("validation", "finalShares", "throughput")}}
-        yield pa.RecordBatch.from_pylist([{"rank": 0, "meta": json.dumps(meta),
-                                           "weights": worker.weights.tobytes()}],
+        if diverged is not None:  # answered, not raised: the driver raises the same error type as treeAggregate
+            meta: dict = {"diverged": str(diverged), "iterations": diverged.iteration, "history": diverged.history}
+            weights = b""
+        else:
+            meta = {"history": worker.history, "iterations": worker.iteration, "stop": stop,
+                    "workers": summaries, "extra": {k: v for k, v in worker.extra.items()
+                                                    if k in ("validation", "finalShares", "throughput")}}
+            weights = worker.weights.tobytes()
+        yield pa.RecordBatch.from_pylist([{"rank": 0, "meta": json.dumps(meta), "weights": weights}],
                                          schema=pa.schema([("rank", pa.int32()), ("meta", pa.string()),
                                                            ("weights", pa.binary())]))
 
@@ -565,6 +573,8 @@ def fit_barrier(df: Any, features_col: str, label_col: str, objective: Objective
     if len(rows) != 1:
         raise RuntimeError(f"barrier training returned {len(rows)} results, expected one from rank 0")
     meta = json.loads(rows[0]["meta"])
+    if "diverged" in meta:
+        raise TrainingDivergedError(meta["diverged"], None, meta["iterations"], meta["history"])
     weights = np.frombuffer(rows[0]["weights"], dtype=np.float64).copy()
     stats = _stats(meta, config, world, seconds)
     stats["failedAttempts"] = failures

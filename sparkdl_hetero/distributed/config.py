@@ -1,4 +1,4 @@
-"""Training configuration and result shared by every distributed mode (plain data, no Spark objects)."""
+"""Training configuration, result and divergence error shared by every distributed mode (no Spark objects)."""
 
 from __future__ import annotations
 
@@ -70,3 +70,14 @@ class TrainResult:
     objectiveHistory: list[float] = field(default_factory=list)
     iterations: int = 0
     stats: dict = field(default_factory=dict)  # mode-specific: per-worker timings, backends used, ...
+
+
+class TrainingDivergedError(FloatingPointError):
+    """The loss became NaN or infinite (raised by every mode); ``weights`` are the last weights with a finite loss
+    (``None`` before the first finite one, and in barrier mode, whose workers do not ship weights on failure)."""
+
+    def __init__(self, message: str, weights: np.ndarray | None, iteration: int, history: list[float]) -> None:
+        super().__init__(message)
+        self.weights = weights
+        self.iteration = iteration
+        self.history = history

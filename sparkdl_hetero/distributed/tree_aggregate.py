@@ -37,21 +37,12 @@ import numpy as np
 from ..nn.objective import Objective
 from ..nn.optim import learning_rate, make_updater
 from .checkpoint import Checkpoint, load_compatible, save_checkpoint
-from .config import TrainConfig, TrainResult
+from .config import TrainConfig, TrainingDivergedError, TrainResult
 from .data import PartitionedData, resident_blocks
+from .executor import blas_limit
 from .lbfgs import minimize_lbfgs
 
 CHUNK_ROWS = 4096  # rows per forward/backward call inside a task: big GEMMs, bounded activation memory
-
-
-class TrainingDivergedError(FloatingPointError):
-    """The loss became NaN or infinite; ``weights`` are the last weights with a finite loss."""
-
-    def __init__(self, message: str, weights: np.ndarray | None, iteration: int, history: list[float]) -> None:
-        super().__init__(message)
-        self.weights = weights
-        self.iteration = iteration
-        self.history = history
 
 
 # ---- executor side ---------------------------------------------------------------------------------------
@@ -74,7 +65,6 @@ class _Job:
 
 _REPLICAS: dict[tuple, tuple[Any, str]] = {}  # per Python worker: (fit id, backend, dtype) -> (replica, account)
 _PERMS: dict[tuple, np.ndarray] = {}  # per Python worker: (fit id, seed, partition, epoch) -> row permutation
-_CONTROLLER: list = []
 
 
 def _replica(job: _Job) -> tuple[Any, str]:
@@ -111,14 +101,6 @@ def _rows(job: _Job, part: int, n: int) -> np.ndarray | None:
     return np.sort(perm[s * n // steps:(s + 1) * n // steps])
 
 
-def _blas_limit(cpus: int) -> Any:
-    from threadpoolctl import ThreadpoolController
-
-    if not _CONTROLLER:
-        _CONTROLLER.append(ThreadpoolController())
-    return _CONTROLLER[0].limit(limits=cpus, user_api="blas")
-
-
 def partition_gradient(job: _Job, x: np.ndarray, y: np.ndarray, part: int, weights: np.ndarray,
                        cpus: int = 1) -> tuple[np.ndarray | None, float, int, str]:
     """(gradient sum, loss sum, count, backend account) of one partition's selected rows at ``weights``."""
@@ -130,7 +112,7 @@ def partition_gradient(job: _Job, x: np.ndarray, y: np.ndarray, part: int, weigh
     rep.set_weights(weights)
     rep.zero_grad()
     loss = 0.0
-    with _blas_limit(cpus):
+    with blas_limit(cpus):
         for lo in range(0, m, CHUNK_ROWS):
             hi = min(m, lo + CHUNK_ROWS)
             if idx is None:
