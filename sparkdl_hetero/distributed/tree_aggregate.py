@@ -1,5 +1,6 @@
 """Training through ``treeAggregate``: the optimizer runs on the driver, executors compute gradient sums.
 
+The objective (with a mentor's weights, for distillation) is broadcast once per fit and destroyed at its end.
 Each evaluation broadcasts the flat weights (float32), runs one ``treeAggregate`` over the cached handles RDD of
 :mod:`.data` -- every task sums gradient, loss and count over its partition's resident blocks with a replica
 built once per Python worker -- and the driver divides and updates. Solvers:
@@ -48,10 +49,11 @@ CHUNK_ROWS = 4096  # rows per forward/backward call inside a task: big GEMMs, bo
 # ---- executor side ---------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class _Job:
-    """What a task needs besides the weights: which rows, and how to build the replica."""
+    """What a task needs besides the weights: which rows, and how to build the replica. The objective (a mentor's
+    weights included) travels as a broadcast made once per fit, so a task ships only this small record."""
 
     fit_id: str
-    objective: Objective
+    objective: Any  # Broadcast of the cloudpickled Objective
     backend: str
     dtype: str
     seed: int
@@ -78,7 +80,10 @@ def _replica(job: _Job) -> tuple[Any, str]:
         while len(_REPLICAS) >= 4:  # a worker serving several fits (cross-validation) keeps the latest few
             _REPLICAS.pop(next(iter(_REPLICAS)))
         backend, account = task_backend(job.backend)
-        entry = _REPLICAS[key] = (job.objective.replica(backend, np.dtype(job.dtype), job.seed), account)
+        from pyspark import cloudpickle
+
+        objective = cloudpickle.loads(job.objective.value)
+        entry = _REPLICAS[key] = (objective.replica(backend, np.dtype(job.dtype), job.seed), account)
     return entry
 
 
@@ -192,6 +197,7 @@ class TreeAggregateTrainer:
         self.compute_seconds = 0.0  # per evaluation, the slowest task's time in forward/backward, summed
         self.started = time.perf_counter()
         self.bar: Any = None
+        self.objective_bc: Any = None  # the objective, broadcast once for the whole fit
 
     # -- one distributed evaluation --
     def evaluate(self, w: np.ndarray, job: _Job, label: str) -> tuple[np.ndarray, float, int]:
@@ -241,7 +247,11 @@ class TreeAggregateTrainer:
 
     def job(self, **kw: Any) -> _Job:
         c = self.config
-        return _Job(self.data.fit_id, self.objective, c.backend, c.dtype, c.seed, **kw)
+        if self.objective_bc is None:
+            from pyspark import cloudpickle
+
+            self.objective_bc = self.sc.broadcast(cloudpickle.dumps(self.objective))
+        return _Job(self.data.fit_id, self.objective_bc, c.backend, c.dtype, c.seed, **kw)
 
     # -- bookkeeping --
     def diverged(self, f: float, iteration: int, good: np.ndarray | None, history: list[float]) -> None:
@@ -296,6 +306,9 @@ class TreeAggregateTrainer:
         finally:
             if self.bar is not None:
                 self.bar.close()
+            if self.objective_bc is not None:
+                self.objective_bc.destroy()
+                self.objective_bc = None
 
     def lbfgs(self, state: _State) -> TrainResult:
         c = self.config
