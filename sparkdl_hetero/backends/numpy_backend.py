@@ -9,12 +9,28 @@ import numpy as np
 from .base import Array, Backend, _row_rmse, pool_out
 
 
+def _fused_expit(xp: Any) -> Any:
+    """The array module's one-pass, overflow-free logistic function with its input's dtype (scipy's expit for
+    NumPy, cupyx's for CuPy), or ``None`` for other modules (the generic code is used)."""
+    name = getattr(xp, "__name__", "")
+    if name == "numpy":
+        from scipy.special import expit
+
+        return expit
+    if name == "cupy":
+        from cupyx.scipy.special import expit
+
+        return expit
+    return None
+
+
 class ArrayModuleBackend(Backend):
     """Implements every op with a NumPy-compatible array module ``xp``."""
 
     def __init__(self, xp: Any = np) -> None:
         self.xp = xp
         self._ones_cache: dict[str, Array] = {}
+        self._expit = _fused_expit(xp)
 
     # ---- memory --------------------------------------------------------------------------------------
     def asarray(self, host: np.ndarray, dtype: Any = None) -> Array:
@@ -93,6 +109,8 @@ class ArrayModuleBackend(Backend):
 
     # ---- activations and losses ----------------------------------------------------------------------
     def _sigmoid(self, x: Array) -> Array:
+        if self._expit is not None:
+            return self._expit(x)
         xp = self.xp
         # exp of a non-positive number never overflows
         e = xp.exp(-xp.abs(x))
@@ -114,8 +132,11 @@ class ArrayModuleBackend(Backend):
 
     def activation_backward(self, kind: str, y: Array, delta: Array, alpha: float = 0.01) -> Array:
         xp = self.xp
-        if kind == "sigmoid":
-            return delta * y * (1 - y)
+        if kind == "sigmoid":  # delta * y * (1 - y) with one temporary
+            out = 1 - y
+            out *= y
+            out *= delta
+            return out
         if kind == "tanh":
             return delta * (1 - y * y)
         if kind == "relu":
