@@ -234,3 +234,14 @@ def test_deep_classifier_in_barrier_mode(blob_df) -> None:  # noqa: ANN001
     acc = model.transform(blob_df).selectExpr("avg(cast(prediction = label as double))").first()[0]
     assert acc > 0.9
     assert len(model.summary.objectiveHistory) == 3
+
+
+def test_diverging_loss_raises_the_same_error_as_tree_aggregate(blob_df) -> None:  # noqa: ANN001
+    from sparkdl_hetero.distributed.config import TrainingDivergedError
+    from sparkdl_hetero.distributed.fit import fit
+
+    cfg = TrainConfig(mode="barrier", solver="gd", stepSize=1e40, maxIter=5, numWorkers=2, verbose=False)
+    with pytest.raises(TrainingDivergedError, match=r"the loss became (nan|inf) at iteration 2 \(gd, stepSize") as e:
+        fit(blob_df, "features", "label", objective(), cfg)
+    assert e.value.iteration == 2 and e.value.weights is None  # barrier workers do not ship weights on failure
+    assert len(e.value.history) == 1 and np.isfinite(e.value.history[0])  # iteration 1's loss at the start weights
