@@ -42,7 +42,8 @@ export PYSPARK_DRIVER_PYTHON="$PWD/$VENV/bin/python"
 task=${1:-}
 shift || true
 case "$task" in
-  train) exec "$VENV/bin/spark-submit" --master "${MASTER:-local[2]}" --driver-memory 4g jobs/train.py "$@" ;;
+  train) exec "$VENV/bin/spark-submit" --master "${MASTER:-local[2]}" --driver-memory 4g --conf spark.log.level=WARN \
+    jobs/train.py "$@" ;;
   test)  exec "$VENV/bin/python" -m pytest -q "$@" ;;
   *) echo "usage: ./dev.sh train|test [args]" >&2; exit 2 ;;
 esac

@@ -55,7 +55,7 @@ class _Job:
     weights included) travels as a broadcast made once per fit, so a task ships only this small record."""
 
     fit_id: str
-    objective: Any  # Broadcast of the cloudpickled Objective
+    objective: Any  # Broadcast of the Objective
     backend: str
     dtype: str
     seed: int
@@ -82,10 +82,7 @@ def _replica(job: _Job) -> tuple[Any, str]:
         while len(_REPLICAS) >= 4:  # a worker serving several fits (cross-validation) keeps the latest few
             _REPLICAS.pop(next(iter(_REPLICAS)))
         backend, account = task_backend(job.backend)
-        from pyspark import cloudpickle
-
-        objective = cloudpickle.loads(job.objective.value)
-        entry = _REPLICAS[key] = (objective.replica(backend, np.dtype(job.dtype), job.seed), account)
+        entry = _REPLICAS[key] = (job.objective.value.replica(backend, np.dtype(job.dtype), job.seed), account)
     return entry
 
 
@@ -248,9 +245,7 @@ class TreeAggregateTrainer:
     def job(self, **kw: Any) -> _Job:
         c = self.config
         if self.objective_bc is None:
-            from pyspark import cloudpickle
-
-            self.objective_bc = self.sc.broadcast(cloudpickle.dumps(self.objective))
+            self.objective_bc = self.sc.broadcast(self.objective)
         return _Job(self.data.fit_id, self.objective_bc, c.backend, c.dtype, c.seed, **kw)
 
     # -- bookkeeping --
