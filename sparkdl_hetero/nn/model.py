@@ -63,7 +63,6 @@ class FeedForwardModel:
                                self.gradient[offs[i]:offs[i + 1]], be, self.rng)
             for i, layer in enumerate(topology.layers[:-1])
         ]
-        self._outputs: list[Array] = []
 
     @staticmethod
     def initial_weights(topology: FeedForwardTopology, rng: np.random.Generator) -> np.ndarray:
@@ -110,7 +109,6 @@ class FeedForwardModel:
         for lm in self.layer_models:
             a = lm.forward(a, training)
             outs.append(a)
-        self._outputs = outs
         return outs
 
     def predict_raw(self, x: np.ndarray) -> np.ndarray:
