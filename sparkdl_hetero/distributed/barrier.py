@@ -19,7 +19,7 @@ global steps. ``validationFraction``: each worker holds out that share of its ro
 after each epoch drives early stopping with ``patience`` -- every rank takes the same decision, so all stop
 together, and the best weights are returned.
 
-Full-batch solvers: ``gd`` (``w -= lr * mean gradient``) and ``l-bfgs`` -- every task runs the same scipy L-BFGS-B
+Full-batch solvers: ``gd`` (``w -= lr * mean gradient``) and ``l-bfgs`` -- every task runs the same L-BFGS
 on the all-reduced full-batch loss and gradient (no driver round trip per iteration), with the stopping rules of
 :mod:`.lbfgs` shared with the treeAggregate mode.
 
@@ -395,9 +395,9 @@ class BarrierWorker:
         remaining = c.maxIter - self.iteration
         if remaining <= 0:
             return "max iterations (resumed from a finished checkpoint)"
-        res, stop = minimize_lbfgs(fun, self.weights.copy(), remaining, c.tol, self.history, on_iteration)
+        x, _, stop = minimize_lbfgs(fun, self.weights.copy(), remaining, c.tol, self.history, on_iteration)
         if self.iteration == 0:
-            self.weights = np.array(res.x, dtype=np.float64)
+            self.weights = x
         return stop
 
     # ---- summary ---------------------------------------------------------------------------------------

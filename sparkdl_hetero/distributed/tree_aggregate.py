@@ -4,11 +4,11 @@ The objective (with a mentor's weights, for distillation) is broadcast once per 
 Each evaluation ships the flat weights (float32) in the task closure (no broadcast to create and destroy),
 runs one ``treeAggregate`` over the cached handles RDD of :mod:`.data` -- every task sums gradient (float32),
 loss and count over its partition's resident blocks with a replica built once per Python worker -- and the driver
-sums in float64, divides and updates. The driver's solver runs with one BLAS thread (two made scipy's L-BFGS-B
-and the vector norms ~20 ms slower per evaluation on 2 busy cores). Solvers:
+sums in float64, divides and updates. The driver's solver runs with one BLAS thread (two made its vector operations
+slower on 2 busy cores). Solvers:
 
-- ``l-bfgs``: :func:`.lbfgs.minimize_lbfgs` (scipy's L-BFGS-B with Spark's stopping rules and
-  ``objectiveHistory``) on the full-batch mean loss + L2.
+- ``l-bfgs``: :func:`.lbfgs.minimize_lbfgs` (Breeze's L-BFGS as Spark runs it: two-loop recursion, strong Wolfe
+  line search, Spark's stopping rules and ``objectiveHistory``) on the full-batch mean loss + L2.
 - ``gd``: Spark's ``GradientDescent`` as the MLP uses it: each iteration samples ``miniBatchFraction`` of the rows
   (1.0: all), ``w -= lr * (mean gradient + regParam * w)``; stops when ``||w_i - w_(i-1)|| < tol * max(||w_i||,
   1)``. The history holds the loss before each update.
@@ -335,9 +335,7 @@ class TreeAggregateTrainer:
         self.progress(c.maxIter, state.iteration, "iteration")
         if remaining <= 0:
             return self.result(state, "max iterations")
-        res, stop = minimize_lbfgs(fun, state.weights, remaining, c.tol, state.history, on_iteration)
-        if state.iteration == 0 and not state.history:
-            state.history.append(float(res.fun))
+        _, _, stop = minimize_lbfgs(fun, state.weights, remaining, c.tol, state.history, on_iteration)
         return self.result(state, stop)
 
     def gd(self, state: _State) -> TrainResult:
