@@ -149,6 +149,24 @@ def test_float32_stays_float32_in_place():
         assert all(v.dtype == np.float32 for k, v in up.state_dict().items() if k != "steps")
 
 
+@pytest.mark.parametrize("cfg", [TrainConfig(solver="sgd"), TrainConfig(solver="momentum", momentum=0.7),
+                                 TrainConfig(solver="momentum", momentum=0.7, nesterov=True),
+                                 TrainConfig(solver="adam", beta1=0.8, beta2=0.99, epsilon=1e-6)])
+def test_float32_gradients_keep_float32_state_and_update_float64_weights(cfg):
+    rng = np.random.default_rng(3)
+    grads = rng.normal(size=(5, 4)).astype(np.float32)
+    w0 = rng.normal(size=4)
+    w = w0.copy()
+    up = make_updater(cfg)
+    for g in grads:
+        up.step(w, g, 0.05)
+    assert w.dtype == np.float64
+    assert all(v.dtype == np.float32 for k, v in up.state_dict().items() if k != "steps")
+    ref, _ = _run(cfg, grads.astype(np.float64), w0=w0, lr=0.05)  # the same steps in float64
+    assert not np.array_equal(w, ref)  # float32 state: rounded differently...
+    np.testing.assert_allclose(w, ref, rtol=1e-6, atol=1e-7)  # ...but only by float32 rounding
+
+
 def test_step_shape_mismatch():
     with pytest.raises(ValueError, match=r"same length, got \(3,\) and \(2,\)"):
         make_updater(TrainConfig(solver="sgd")).step(np.ones(3), np.ones(2), 0.1)

@@ -7,7 +7,10 @@ Conventions follow PyTorch's ``torch.optim`` so runs can be compared one for one
 - ``adam``: ``m = b1 m + (1 - b1) g``, ``v = b2 v + (1 - b2) g^2``,
   ``w -= lr * (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps)``.
 
-L2 regularization (``regParam``) is not applied here: the trainer adds ``regParam * w`` to the gradient, as
+State (moments, velocity) and the arithmetic of a step are in the *gradient's* dtype, applied in place to the
+weights in theirs: float32 gradients update float64 master weights with float32 moments (as PyTorch keeps the
+state of a float32 model), half the memory traffic of a float64 step; every pass writes into buffers allocated
+once. L2 regularization (``regParam``) is not applied here: the trainer adds ``regParam * w`` to the gradient, as
 Spark does. The configuration is any object with Spark-style attributes (``solver``, ``stepSize``,
 ``momentum``, ``nesterov``, ``beta1``, ``beta2``, ``epsilon``, ``lrSchedule``, ``lrDecay``, ``lrDecaySteps``);
 missing ones take :class:`~sparkdl_hetero.distributed.config.TrainConfig`'s defaults.
@@ -37,10 +40,11 @@ class Updater(ABC):
             raise ValueError(f"weights and grad must be vectors of the same length, got {weights.shape} and "
                              f"{grad.shape}")
         self.steps += 1
-        self._step(weights, grad, weights.dtype.type(lr))
+        self._step(weights, grad, grad.dtype.type(lr))
 
     @abstractmethod
-    def _step(self, w: np.ndarray, g: np.ndarray, lr: np.floating) -> None: ...
+    def _step(self, w: np.ndarray, g: np.ndarray, lr: np.floating) -> None:
+        """One step; ``lr`` has the gradient's dtype."""
 
     def _buffers(self) -> dict[str, np.ndarray | None]:
         return {}
@@ -63,12 +67,13 @@ class Updater(ABC):
             setattr(self, k, np.array(d[k], copy=True) if k in d else None)
 
     @staticmethod
-    def _like(buf: np.ndarray | None, w: np.ndarray, name: str) -> np.ndarray:
+    def _like(buf: np.ndarray | None, g: np.ndarray, name: str) -> np.ndarray:
+        """``buf`` as a state buffer for gradient ``g`` (its shape and dtype): zeros when absent."""
         if buf is None:
-            return np.zeros_like(w)
-        if buf.shape != w.shape:
-            raise ValueError(f"updater state {name!r} has shape {buf.shape} but the weights have {w.shape}")
-        return buf if buf.dtype == w.dtype else buf.astype(w.dtype)
+            return np.zeros_like(g)
+        if buf.shape != g.shape:
+            raise ValueError(f"updater state {name!r} has shape {buf.shape} but the weights have {g.shape}")
+        return buf if buf.dtype == g.dtype else buf.astype(g.dtype)
 
 
 class SGD(Updater):
@@ -85,19 +90,24 @@ class Momentum(Updater):
         super().__init__()
         self.momentum, self.nesterov = momentum, nesterov
         self.velocity: np.ndarray | None = None
+        self._scratch: np.ndarray | None = None
 
     def _buffers(self) -> dict[str, np.ndarray | None]:
         return {"velocity": self.velocity}
 
     def _step(self, w: np.ndarray, g: np.ndarray, lr: np.floating) -> None:
-        v = self.velocity = self._like(self.velocity, w, "velocity")
-        mu = w.dtype.type(self.momentum)
+        v = self.velocity = self._like(self.velocity, g, "velocity")
+        tmp = self._scratch = _scratch(self._scratch, g)
+        mu = g.dtype.type(self.momentum)
         v *= mu
         v += g
-        if self.nesterov:
-            w -= lr * (g + mu * v)
+        if self.nesterov:  # lr (g + mu v)
+            np.multiply(v, mu, out=tmp)
+            tmp += g
+            tmp *= lr
         else:
-            w -= lr * v
+            np.multiply(v, lr, out=tmp)
+        w -= tmp
 
 
 class Adam(Updater):
@@ -114,11 +124,10 @@ class Adam(Updater):
         return {"m": self.m, "v": self.v}
 
     def _step(self, w: np.ndarray, g: np.ndarray, lr: np.floating) -> None:
-        m = self.m = self._like(self.m, w, "m")
-        v = self.v = self._like(self.v, w, "v")
-        if self._scratch is None or self._scratch.shape != w.shape or self._scratch.dtype != w.dtype:
-            self._scratch = np.empty_like(w)
-        tmp, t = self._scratch, w.dtype.type
+        m = self.m = self._like(self.m, g, "m")
+        v = self.v = self._like(self.v, g, "v")
+        tmp = self._scratch = _scratch(self._scratch, g)
+        t = g.dtype.type
         m *= t(self.beta1)
         np.multiply(g, t(1.0 - self.beta1), out=tmp)
         m += tmp
@@ -134,6 +143,11 @@ class Adam(Updater):
         np.divide(m, tmp, out=tmp)
         tmp *= t(float(lr) * s2 / c1)
         w -= tmp
+
+
+def _scratch(buf: np.ndarray | None, g: np.ndarray) -> np.ndarray:
+    """A reusable temporary shaped and typed like ``g``."""
+    return buf if buf is not None and buf.shape == g.shape and buf.dtype == g.dtype else np.empty_like(g)
 
 
 def _get(cfg: Any, name: str, default: Any) -> Any:
