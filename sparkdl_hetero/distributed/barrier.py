@@ -27,10 +27,11 @@ Checkpoints (rank 0 writes, every ``checkpointInterval`` steps, to ``checkpointD
 executor can read, as Spark's own checkpoint directory) let a retried barrier stage resume where it was. When
 Spark gives up on the stage (e.g. ``spark.task.maxFailures=1`` in local mode), the driver re-runs the job up to
 :data:`DRIVER_RETRIES` times, again resuming from the checkpoint; input and divergence errors are not retried.
-``config.straggler`` ({rank: factor}) slows a worker by sleeping ``(factor - 1)`` x its compute time per step:
-a benchmarking aid reproducing a slow device. Testing aid: the Spark local property
-``sparkdl_hetero.injectFault = "rank:step:marker-file"`` makes that rank raise at that step once (the marker file
-records that the fault happened; retried attempts run normally).
+``config.straggler`` ({rank: factor}) slows a worker by sleeping ``(factor - 1)`` x its compute time per step
+(a sleep's overshoot is taken off the next one, so the worker is ``factor`` x slower on average, not more):
+a benchmarking aid reproducing a slow device whose own core idles while it is busy. Testing aid: the Spark local
+property ``sparkdl_hetero.injectFault = "rank:step:marker-file"`` makes that rank raise at that step once (the marker
+file records that the fault happened; retried attempts run normally).
 """
 
 from __future__ import annotations
@@ -143,6 +144,10 @@ class BarrierWorker:
         self.straggle = float({int(k): v for k, v in dict(config.straggler).items()}.get(self.rank, 1.0))
         if self.straggle < 1.0:
             raise ValueError(f"straggler factors must be >= 1, got {self.straggle} for rank {self.rank}")
+        self._sleep_owed = 0.0  # straggler emulation: delay still owed (negative: a sleep overshot)
+        # per-step buffers, allocated once: the replica's weights and the vector all-reduced every step
+        self._w_model = np.empty(self.nw, self.dtype)
+        self._reduced = np.zeros(self.nw + 2 + self.world, self.dtype)
         # timings of this rank
         self.step_seconds: list[float] = []
         self.compute_seconds = 0.0
@@ -159,7 +164,8 @@ class BarrierWorker:
         the current weights, straggler delay included."""
         t0 = time.perf_counter()
         rep = self.replica
-        rep.set_weights(self.weights.astype(self.dtype))
+        np.copyto(self._w_model, self.weights, casting="same_kind")
+        rep.set_weights(self._w_model)
         rep.zero_grad()
         m = len(self.y) if idx is None else len(idx)
         loss = 0.0
@@ -170,7 +176,11 @@ class BarrierWorker:
         g = rep.get_gradient() if m else np.zeros(self.nw, self.dtype)
         elapsed = time.perf_counter() - t0
         if self.straggle > 1.0:
-            time.sleep((self.straggle - 1.0) * elapsed)
+            self._sleep_owed += (self.straggle - 1.0) * elapsed
+            if self._sleep_owed > 0:
+                t1 = time.perf_counter()
+                time.sleep(self._sleep_owed)
+                self._sleep_owed -= time.perf_counter() - t1
         self.compute_seconds += time.perf_counter() - t0
         self.samples += m
         return g, loss, m
@@ -181,26 +191,31 @@ class BarrierWorker:
         self.comm_seconds += time.perf_counter() - t0
         return out
 
-    def combined_gradient(self, idx: np.ndarray | None) -> tuple[np.ndarray, float, int, np.ndarray]:
-        """The mean gradient and mean loss over every worker's selected rows (float64), the total count, and
-        every rank's compute throughput for this step (samples/s) -- identical on all ranks."""
+    def combined_gradient(self, idx: np.ndarray | None, float64: bool = True
+                          ) -> tuple[np.ndarray, float, int, np.ndarray]:
+        """The mean gradient and mean loss over every worker's selected rows, the total count, and every rank's
+        compute throughput for this step (samples/s) -- identical on all ranks. The gradient is float64, or
+        with ``float64=False`` in the model's dtype (the sum is all-reduced in that dtype either way)."""
         c0 = self.compute_seconds
         g, loss, m = self._gradient_sum(idx)
-        v = np.zeros(self.nw + 2 + self.world, dtype=np.float32 if self.dtype == np.float32 else np.float64)
-        v[:self.nw] = g
-        v[self.nw] = loss
-        v[self.nw + 1] = m
-        v[self.nw + 2 + self.rank] = m / max(self.compute_seconds - c0, 1e-9)
-        out = self._allreduce(v).astype(np.float64)
-        total = int(round(out[self.nw + 1]))
+        v, nw = self._reduced, self.nw
+        v[:nw] = g
+        v[nw:] = 0
+        v[nw] = loss
+        v[nw + 1] = m
+        v[nw + 2 + self.rank] = m / max(self.compute_seconds - c0, 1e-9)
+        out = self._allreduce(v)  # a fresh vector: divided in place below
+        total = int(round(float(out[nw + 1])))
         if total == 0:
             raise ValueError("no worker has rows to train on")
-        return out[:self.nw] / total, float(out[self.nw]) / total, total, out[self.nw + 2:]
+        mean = out[:nw].astype(np.float64) if float64 else out[:nw]
+        mean /= mean.dtype.type(total)
+        return mean, float(out[nw]) / total, total, out[nw + 2:].astype(np.float64)
 
     def _regularized(self, f: float, g: np.ndarray) -> tuple[float, np.ndarray]:
         reg = self.config.regParam
         if reg:
-            g = g + reg * self.weights
+            g = (g + reg * self.weights).astype(g.dtype, copy=False)
             f += 0.5 * reg * float(self.weights @ self.weights)
         return f, g
 
@@ -227,9 +242,13 @@ class BarrierWorker:
         if self.iteration == self.fault_step:
             raise InjectedFault(f"injected fault on rank {self.rank} at step {self.iteration}")
 
+    def _checkpoint_due(self) -> bool:
+        c = self.config
+        return self.rank == 0 and bool(c.checkpointDir) and self.iteration % c.checkpointInterval == 0
+
     def _checkpoint(self, force: bool = False) -> None:
         c = self.config
-        if self.rank == 0 and c.checkpointDir and (force or self.iteration % c.checkpointInterval == 0):
+        if self.rank == 0 and c.checkpointDir and (force or self._checkpoint_due()):
             save_checkpoint(c.checkpointDir, Checkpoint(self.weights, self.iteration, self.history,
                                                         self.updater_state, c.solver, self.extra))
 
@@ -283,20 +302,26 @@ class BarrierWorker:
         k = max(1, c.syncEvery)
         local_samples = 0
         stop = f"{epochs} epochs"
+
+        def snapshot() -> None:  # what a checkpoint holds (taken when one is written, not every step)
+            self.updater_state = updater.state_dict()
+            self.extra.update(epochLossSum=loss_sum, epochCount=count, bestLoss=best[0], badEpochs=best[1],
+                              throughput=[float(v) for v in throughput], shares=[int(s) for s in shares])
+
         while self.iteration < total:
             self._maybe_fault()
             t = self.iteration
             t0 = time.perf_counter()
             idx = cursor.take(int(shares[self.rank]))
             lr = learning_rate(c, t, total)
-            if k == 1:
-                g, f, n, thr = self.combined_gradient(idx)
+            if k == 1:  # the update runs in the model's dtype (float32 moments for a float32 model)
+                g, f, n, thr = self.combined_gradient(idx, float64=False)
                 f, g = self._regularized(f, g)
                 self._check_finite(f)
                 updater.step(self.weights, g, lr)
             else:  # a local step; the weights are averaged every k steps
                 g, loss, n = self._gradient_sum(idx)
-                f, g = self._regularized(loss / max(n, 1), g.astype(np.float64) / max(n, 1))
+                f, g = self._regularized(loss / max(n, 1), g / g.dtype.type(max(n, 1)))
                 if n:
                     updater.step(self.weights, g, lr)
                 local_samples += n
@@ -313,7 +338,6 @@ class BarrierWorker:
                 if c.balance and (not measured or self.iteration % REBALANCE_EVERY == 0):
                     shares = split_batch(batch, throughput)
                 measured = True
-            self.updater_state = updater.state_dict()
             if self.iteration % steps_per_epoch == 0:
                 if k > 1:  # the epoch's mean loss over every worker's samples
                     tot = self._allreduce(np.array([loss_sum, count], dtype=np.float64))
@@ -330,10 +354,10 @@ class BarrierWorker:
                     if best[1] >= c.patience:
                         stop = f"early stopping: validation loss did not improve for {c.patience} epochs"
                         break
-            self.extra.update(epochLossSum=loss_sum, epochCount=count, bestLoss=best[0], badEpochs=best[1],
-                              throughput=[float(v) for v in throughput], shares=[int(s) for s in shares])
-            if self.iteration % k == 0:
+            if self.iteration % k == 0 and self._checkpoint_due():
+                snapshot()
                 self._checkpoint()
+        snapshot()  # for the final checkpoint and the summary
         if self.val_rows and best[1] > 0:  # the best validated weights, not the last ones
             self.weights = best_weights
         self.extra["finalShares"] = [int(s) for s in shares]
