@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import socket
 import struct
 import threading
@@ -14,7 +15,7 @@ from _helpers import run_ranks
 from sparkdl_hetero.distributed.comm import MAGIC, CommError, Communicator, new_secret
 
 
-@pytest.mark.parametrize("algorithm", ["hub", "ring"])
+@pytest.mark.parametrize("algorithm", ["hub", "ring", "auto"])  # auto: the direct exchange with 2 ranks
 @pytest.mark.parametrize("world", [2, 3, 4])
 def test_allreduce_equals_sum_and_is_bit_identical(algorithm: str, world: int) -> None:
     rng = np.random.default_rng(world)
@@ -200,3 +201,30 @@ def test_dead_peer_is_named_at_once() -> None:
         assert err.rank == 1
         assert "rank 1" in str(err)
         assert elapsed < 5.0  # the closed socket is noticed, not the 30 s timeout
+
+
+@pytest.mark.parametrize("dies", [False, True])
+def test_two_rank_exchange_names_a_stalled_or_dead_peer(dies: bool) -> None:
+    timeout = 30.0 if dies else 1.0  # a death is noticed at once, not after the timeout
+
+    def fn(c: Communicator) -> object:
+        c.allreduce(np.ones(8), "auto")
+        if c.rank == 1:
+            if dies:
+                for p in c._peers.values():
+                    p.sock.shutdown(socket.SHUT_RDWR)
+            else:
+                time.sleep(3 * timeout + 2)
+            return None
+        t0 = time.monotonic()
+        try:
+            c.allreduce(np.ones(8), "auto")
+        except CommError as e:
+            return e, time.monotonic() - t0
+        return "no error"
+
+    err, elapsed = run_ranks(2, fn, timeout=timeout)[0]
+    assert isinstance(err, CommError) and err.rank == 1, err
+    assert re.search(r"rank 1 (closed the connection or died|died or stalled)" if dies
+                     else r"rank 1 sent nothing for 1 s", str(err)), str(err)
+    assert elapsed < (5.0 if dies else 2 * timeout + 1.5)
