@@ -450,3 +450,52 @@ def test_trainer_on_a_device_backend_matches_numpy(spark_data_dir):
     np.testing.assert_allclose(results[1][0], results[0][0], rtol=1e-4)
     np.testing.assert_allclose(results[1][1], results[0][1], rtol=1e-3, atol=1e-4)
     assert not np.allclose(results[0][1], FeedForwardModel(topo, seed=5).get_weights())
+
+
+# ---- NumpyBackend's fast paths against the generic array-module code ------------------------------------------
+@pytest.mark.parametrize("n, h, w, c, k", [(4, 28, 28, 6, 2), (2, 10, 10, 16, 2), (1, 7, 9, 2, 2), (2, 9, 7, 3, 3),
+                                           (3, 6, 6, 1, 3)])
+@pytest.mark.parametrize("kind", ["normal", "relu", "integers"])
+def test_maxpool_disjoint_windows_fast_path_equals_general_path(n, h, w, c, k, kind):
+    """Same maxima, same first-in-raster-order argmax (ties: relu zeros, repeated integers), same input delta."""
+    from sparkdl_hetero.backends.numpy_backend import ArrayModuleBackend
+
+    rng = np.random.default_rng(h * w + c)
+    x = rng.normal(size=(n, h, w, c)).astype(np.float32)
+    x = {"normal": x, "relu": np.maximum(x, 0), "integers": np.round(x)}[kind]
+    fast, general = NumpyBackend(), ArrayModuleBackend(np)
+    y, idx = fast.maxpool(x, k, k)
+    wy, widx = general.maxpool(x, k, k)
+    np.testing.assert_array_equal(y, wy)
+    assert idx.dtype == widx.dtype
+    np.testing.assert_array_equal(idx, widx)
+    dy = rng.normal(size=y.shape).astype(np.float32)
+    np.testing.assert_array_equal(fast.maxpool_backward(dy, idx, x.shape, k, k),
+                                  general.maxpool_backward(dy, widx, x.shape, k, k))
+
+
+@pytest.mark.parametrize("rows, cols", [(25088, 6), (3200, 16), (96, 10), (7, 3), (64, 120), (1, 6)])
+def test_bias_add_and_column_sum_on_narrow_rows_equal_the_plain_ops(rows, cols):
+    rng = np.random.default_rng(rows)
+    be = NumpyBackend()
+    x = rng.normal(size=(rows, cols)).astype(np.float32)
+    b = rng.normal(size=cols).astype(np.float32)
+    y = x.copy()
+    be.add_row(y, b)
+    np.testing.assert_array_equal(y, x + b)
+    out = rng.normal(size=cols).astype(np.float32)
+    want = 0.5 * x.astype(np.float64).sum(axis=0) + 0.25 * out
+    be.col_sum(x, out, alpha=0.5, beta=0.25)
+    np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5 * np.sqrt(rows))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_sigmoid_equals_scipy_expit_and_saturates(dtype):
+    from scipy.special import expit
+
+    x = np.concatenate([np.linspace(-30, 30, 601), [-1e4, -200.0, -90.0, 0.0, 90.0, 200.0, 1e4]]).astype(dtype)
+    with np.errstate(over="raise", divide="raise", invalid="raise"):  # no overflow warning escapes
+        y = NumpyBackend().activation("sigmoid", x)
+    assert y.dtype == dtype
+    np.testing.assert_allclose(y, expit(x), rtol=4 * np.finfo(dtype).eps, atol=np.finfo(dtype).tiny)
+    assert y[-7] == 0.0 and y[-1] == 1.0 and y[-4] == 0.5
