@@ -499,3 +499,27 @@ def test_sigmoid_equals_scipy_expit_and_saturates(dtype):
     assert y.dtype == dtype
     np.testing.assert_allclose(y, expit(x), rtol=4 * np.finfo(dtype).eps, atol=np.finfo(dtype).tiny)
     assert y[-7] == 0.0 and y[-1] == 1.0 and y[-4] == 0.5
+
+
+@pytest.mark.parametrize("m, k, n, trans_a, trans_b", [(20000, 25, 6, False, False), (20000, 25, 6, True, False),
+                                                        (25, 20000, 6, False, False), (25, 20000, 6, True, True),
+                                                        (9000, 150, 16, False, False)])
+@pytest.mark.parametrize("beta", [0.0, 1.0, 0.5])
+def test_skinny_gemm_in_pieces_equals_one_product(monkeypatch, m, k, n, trans_a, trans_b, beta):
+    """Skinny float32 products run in pieces under OpenBLAS's small-kernel limit (forced on here, whatever the
+    core): the same product, with or without ``out``/``beta``."""
+    from sparkdl_hetero.backends import numpy_backend
+
+    monkeypatch.setattr(numpy_backend, "_small_gemm_kernels", lambda: True)
+    assert numpy_backend._skinny_piece(m, k, n, np.float32) > 0 or min(m, k) * n * 1024 > 10**6
+    rng = np.random.default_rng(m + k)
+    a = rng.normal(size=(k, m) if trans_a else (m, k)).astype(np.float32)
+    b = rng.normal(size=(n, k) if trans_b else (k, n)).astype(np.float32)
+    want = (a.T if trans_a else a).astype(np.float64) @ (b.T if trans_b else b)
+    be = NumpyBackend()
+    np.testing.assert_allclose(be.gemm(a, b, trans_a=trans_a, trans_b=trans_b), want, rtol=1e-4, atol=1e-4)
+    out = rng.normal(size=want.shape).astype(np.float32)
+    expect = want + beta * out
+    got = be.gemm(a, b, out=out, trans_a=trans_a, trans_b=trans_b, beta=beta)
+    assert got is out
+    np.testing.assert_allclose(out, expect, rtol=1e-4, atol=1e-4)
