@@ -56,6 +56,17 @@ def _rows_per_run(rows: int, cols: int) -> int:
     return r
 
 
+def _pixels(a: np.ndarray) -> np.ndarray:
+    """A C-contiguous (..., c) array as its (...) pixels, each one opaque item of c values (same memory): a
+    strided copy of pixels then runs item by item instead of paying NumPy's per-run cost every c values."""
+    return a.view(np.dtype((np.void, a.shape[-1] * a.itemsize)))[..., 0]
+
+
+def _unpixels(p: np.ndarray, dtype: Any, c: int) -> np.ndarray:
+    """The inverse of :func:`_pixels` for a C-contiguous array of pixels: shape ``p.shape + (c,)``."""
+    return p.view(dtype).reshape(p.shape + (c,))
+
+
 def _fused_expit(xp: Any) -> Any:
     """The array module's overflow-free logistic function with its input's dtype (:func:`_numpy_expit` for
     NumPy, cupyx's one-pass expit for CuPy), or ``None`` for other modules (the generic code is used)."""
@@ -373,28 +384,37 @@ class NumpyBackend(ArrayModuleBackend):
     def maxpool(self, x: Array, k: int, stride: int) -> tuple[Array, Array]:
         if stride != k or k == 1:
             return super().maxpool(x, k, stride)
-        # disjoint windows: reduce each window row first (strided, runs of c), then the k row maxima per window
-        # (contiguous runs of ow*c). First in raster order = first row holding the maximum, first column in it,
-        # so "strictly greater replaces" at both stages picks the same index as the general path.
+        # disjoint windows. First in raster order = first row holding the maximum, first column in it, so
+        # "strictly greater replaces" along rows and then down columns picks the general path's index.
         n, h, w, c = x.shape
         oh, ow = pool_out(h, k, k), pool_out(w, k, k)
-        xr = x[:, :oh * k, :ow * k].reshape(n, oh * k, ow, k, c)
+        flat = np.ascontiguousarray(x).reshape(-1)
+        size, span = flat.size, (k - 1) * c
         itype = np.int8 if k * k < 128 else np.int32
-        hm = xr[:, :, :, 0].copy()
-        col = np.zeros(hm.shape, dtype=itype)
-        for b in range(1, k):
-            gt = xr[:, :, :, b] > hm
-            np.maximum(hm, xr[:, :, :, b], out=hm)
-            col += (b - col) * gt  # col = b where gt; arithmetic: masked stores crawl on irregular masks
-        rows = hm.reshape(n, oh, k, ow, c)
-        cols = col.reshape(n, oh, k, ow, c)
-        y = rows[:, :, 0].copy()
-        idx = cols[:, :, 0].copy()
+        # 1. the maximum of the k pixels of a row starting at every position (whole-array shifted passes; only
+        # the window starts are used): position q and q + b*c are horizontal neighbours
+        hm = np.zeros(size, dtype=x.dtype)
+        col = np.zeros(size, dtype=itype)
+        head, chead = hm[:size - span], col[:size - span]
+        np.greater(flat[c:size - span + c], flat[:size - span], casting="unsafe",
+                   out=chead.view(np.bool_) if itype == np.int8 else chead)  # a bool view: no cast
+        np.maximum(flat[:size - span], flat[c:size - span + c], out=head)
+        for b in range(2, k):
+            cand = flat[b * c:size - span + b * c]
+            gt = cand > head
+            np.maximum(head, cand, out=head)
+            chead += (b - chead) * gt  # col = b where gt; arithmetic: masked stores crawl on irregular masks
+        # 2. down the k rows of each window: whole image rows
+        rows = hm.reshape(n, h, w * c)[:, :oh * k].reshape(n, oh, k, w * c)
+        cols = col.reshape(n, h, w * c)[:, :oh * k].reshape(n, oh, k, w * c)
+        y, idx = rows[:, :, 0].copy(), cols[:, :, 0].copy()
         for a in range(1, k):
             gt = rows[:, :, a] > y
             np.maximum(y, rows[:, :, a], out=y)
             idx += (a * k + cols[:, :, a] - idx) * gt
-        return y, idx
+        # 3. the window starts, copied as whole pixels
+        return (_unpixels(_pixels(y.reshape(n, oh, w, c))[:, :, :ow * k:k].copy(), x.dtype, c),
+                _unpixels(_pixels(idx.reshape(n, oh, w, c))[:, :, :ow * k:k].copy(), itype, c))
 
     def maxpool_backward(self, dy: Array, idx: Array, x_shape: tuple[int, int, int, int], k: int,
                          stride: int) -> Array:
@@ -402,10 +422,10 @@ class NumpyBackend(ArrayModuleBackend):
         oh, ow = dy.shape[1], dy.shape[2]
         if stride != k or h != oh * k or w != ow * k:
             return super().maxpool_backward(dy, idx, x_shape, k, stride)
-        dx = np.empty(x_shape, dtype=dy.dtype)  # the disjoint windows tile the image: every element is written
-        win = dx.reshape(n, oh, k, ow, k, c)
+        dx = np.empty(x_shape, dtype=dy.dtype)  # the disjoint windows tile the image: every pixel is written
+        win = _pixels(dx).reshape(n, oh, k, ow, k)
         for p in range(k * k):
-            np.multiply(dy, idx == p, out=win[:, :, p // k, :, p % k])
+            win[:, :, p // k, :, p % k] = _pixels(dy * (idx == p))
         return dx
 
     def conv_backward_input(self, dy: Array, w: Array, x_shape: tuple[int, int, int, int], kh: int, kw: int,
