@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from _helpers import run_ranks
 
-from sparkdl_hetero.distributed.barrier import BarrierWorker, split_batch, train_worker
+from sparkdl_hetero.distributed.barrier import BarrierWorker, rebalance, split_batch, train_worker
 from sparkdl_hetero.distributed.comm import Communicator
 from sparkdl_hetero.distributed.config import TrainConfig
 from sparkdl_hetero.nn.model import FeedForwardModel
@@ -50,6 +50,15 @@ def test_split_batch_is_proportional_and_exact() -> None:
         s = split_batch(100, w)
         assert s.sum() == 100 and (s >= 1).all()
         assert np.all(np.abs(s - 95 * w / w.sum() - 1) <= 1.0)
+
+
+def test_rebalance_moves_rows_only_when_the_predicted_step_is_shorter() -> None:
+    even = np.array([32, 32])
+    # 3% apart (noise between equal workers): 33/31 would shorten the slowest rank's time by ~1%: kept as is
+    assert rebalance(even, np.array([1.03, 1.0])).tolist() == [32, 32]
+    assert rebalance(even, np.array([1.03, 1.0]), force=True).tolist() == split_batch(64, [1.03, 1.0]).tolist()
+    assert rebalance(even, np.array([3.0, 1.0])).tolist() == [48, 16]  # a real straggler: 25% shorter
+    assert rebalance(np.array([48, 16]), np.array([1.0, 1.0])).tolist() == [32, 32]  # it caught up
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])

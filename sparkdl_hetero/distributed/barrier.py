@@ -8,8 +8,9 @@ mesh (:mod:`.comm`) and from then on never talk to Spark: each step is local for
 and the same update on every replica, so the replicas stay bit-identical.
 
 Mini-batch solvers (``sgd``, ``momentum``, ``adam``): the global batch ``batchSize`` is split among the workers in
-proportion to their measured compute throughput (``balance=True``; re-measured every step and re-split every
-:data:`REBALANCE_EVERY` steps) or to their number of rows (``balance=False``: plain synchronous training). Each
+proportion to their measured compute throughput (``balance=True``; re-measured every step -- an exponential
+average -- and re-split every :data:`REBALANCE_EVERY` steps when that shortens the predicted step by more than
+:data:`REBALANCE_GAIN`) or to their number of rows (``balance=False``: plain synchronous training). Each
 worker sends the *sum* of its samples' gradients with its sample count; the all-reduced sum divided by the total
 count is exactly the mean gradient of the global batch. Throughputs ride in the same vector (one slot per rank),
 so every rank computes the same split. ``syncEvery=k>1``: k local steps on each worker, then the weights are
@@ -55,6 +56,7 @@ from .executor import blas_limit
 from .lbfgs import minimize_lbfgs
 
 REBALANCE_EVERY = 10  # steps between re-splits of the global batch
+REBALANCE_GAIN = 0.02  # a re-split is applied only if it shortens the predicted step by this fraction
 WARMUP_STEPS = 2  # steps before the first re-split (the first measurements include one-off costs)
 _EMA = 0.3  # weight of the newest throughput measurement
 CHUNK_ROWS = 4096  # rows per forward/backward call in full-batch evaluations
@@ -81,6 +83,17 @@ def split_batch(batch: int, weights: np.ndarray) -> np.ndarray:
     order = np.argsort(-(exact - shares), kind="stable")
     shares[order[:rest - int(shares.sum())]] += 1
     return shares + floor
+
+
+def rebalance(shares: np.ndarray, throughput: np.ndarray, force: bool = False) -> np.ndarray:
+    """The split of ``sum(shares)`` in proportion to ``throughput``, kept only if it shortens the predicted step
+    (the slowest rank's share / throughput) by more than :data:`REBALANCE_GAIN` (or ``force``): measurement noise
+    between equally fast workers does not move rows back and forth, each move costing the slower rank's time."""
+    new = split_batch(int(np.sum(shares)), throughput)
+    thr = np.maximum(np.asarray(throughput, dtype=np.float64), 1e-12)
+    if force or np.max(new / thr) < (1.0 - REBALANCE_GAIN) * np.max(shares / thr):
+        return new
+    return shares
 
 
 def _peak_rss_mb() -> float:
@@ -336,7 +349,7 @@ class BarrierWorker:
                 thr = np.maximum(thr, 1e-9)
                 throughput = (1 - _EMA) * throughput + _EMA * thr if measured else thr
                 if c.balance and (not measured or self.iteration % REBALANCE_EVERY == 0):
-                    shares = split_batch(batch, throughput)
+                    shares = rebalance(shares, throughput, not measured)
                 measured = True
             if self.iteration % steps_per_epoch == 0:
                 if k > 1:  # the epoch's mean loss over every worker's samples
