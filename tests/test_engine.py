@@ -523,3 +523,15 @@ def test_skinny_gemm_in_pieces_equals_one_product(monkeypatch, m, k, n, trans_a,
     got = be.gemm(a, b, out=out, trans_a=trans_a, trans_b=trans_b, beta=beta)
     assert got is out
     np.testing.assert_allclose(out, expect, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("n, h, w, c, k, stride, pad", [(4, 28, 28, 1, 5, 1, 2), (4, 14, 14, 6, 5, 1, 0),
+                                                        (2, 7, 9, 3, 3, 2, 1), (2, 8, 8, 1, 4, 3, 1),
+                                                        (3, 9, 9, 4, 4, 3, 2)])
+def test_im2col_fast_paths_equal_the_generic_columns(n, h, w, c, k, stride, pad):
+    from sparkdl_hetero.backends.numpy_backend import ArrayModuleBackend
+
+    x = np.random.default_rng(h * c).normal(size=(n, h, w, c)).astype(np.float32)
+    got, want = NumpyBackend().im2col(x, k, k, stride, pad), ArrayModuleBackend(np).im2col(x, k, k, stride, pad)
+    assert got.shape == want.shape and got.dtype == want.dtype
+    np.testing.assert_array_equal(got, want)

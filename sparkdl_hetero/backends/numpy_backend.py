@@ -381,6 +381,39 @@ class NumpyBackend(ArrayModuleBackend):
             super().col_sum(x.reshape(rows // r, r * cols), part.reshape(-1))
             super().col_sum(part, out, alpha, beta)
 
+    @staticmethod
+    def _padded(x: np.ndarray, pad: int) -> np.ndarray:
+        """``x`` (n, h, w, c) with ``pad`` zeros on each side of h and w, C-contiguous."""
+        if pad == 0:
+            return np.ascontiguousarray(x)
+        n, h, w, c = x.shape
+        xq = np.zeros((n, h + 2 * pad, w + 2 * pad, c), dtype=x.dtype)
+        xq[:, pad:pad + h, pad:pad + w] = x
+        return xq
+
+    def im2col(self, x: Array, kh: int, kw: int, stride: int, pad: int) -> Array:
+        n, h, w, c = x.shape
+        oh, ow = pool_out(h, kh, stride, pad), pool_out(w, kw, stride, pad)
+        xq = self._padded(x, pad)
+        if c == 1:
+            # one channel: the kw column shifts of every padded row (runs of ow), then each kernel offset as
+            # a whole (n, oh, ow) plane (runs of oh*ow) in (kh*kw, rows), returned transposed (an F-ordered
+            # view GEMM takes as it is)
+            u = np.empty((kw, n, xq.shape[1], ow), dtype=x.dtype)
+            for j in range(kw):
+                u[j] = xq[:, :, j:j + stride * ow:stride, 0]
+            t = np.empty((kh, kw, n, oh, ow), dtype=x.dtype)
+            for i in range(kh):
+                t[i] = u[:, :, i:i + stride * oh:stride]
+            return t.reshape(kh * kw, n * oh * ow).T
+        # kw neighbouring pixels of a row are kw*c contiguous values: copy each as one opaque item
+        sn, sh, sw, sc = xq.strides
+        win = as_strided(xq, shape=(n, oh, ow, kh, kw * c), strides=(sn, sh * stride, sw * stride, sh, sc))
+        item = np.dtype((np.void, kw * c * x.itemsize))
+        cols = np.empty((n, oh, ow, kh), dtype=item)
+        cols[...] = win.view(item)[..., 0]
+        return cols.view(x.dtype).reshape(n * oh * ow, kh * kw * c)
+
     def maxpool(self, x: Array, k: int, stride: int) -> tuple[Array, Array]:
         if stride != k or k == 1:
             return super().maxpool(x, k, stride)
