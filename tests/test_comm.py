@@ -32,6 +32,16 @@ def test_allreduce_equals_sum_and_is_bit_identical(algorithm: str, world: int) -
             assert out.tobytes() == results[0][0].tobytes()  # every rank, every call: the same bits
 
 
+@pytest.mark.parametrize("algorithm", ["hub", "auto"])
+def test_vectors_larger_than_the_socket_buffers(algorithm: str) -> None:
+    n = 3_000_000  # 12 MB float32: a send is taken in several writes
+    data = [np.random.default_rng(r).normal(size=n).astype(np.float32) for r in range(2)]
+    results = run_ranks(2, lambda c: c.allreduce(data[c.rank], algorithm), max_elements=n)
+    assert not any(isinstance(r, Exception) for r in results), results
+    assert results[0].tobytes() == results[1].tobytes()
+    np.testing.assert_array_equal(results[0], data[0] + data[1])
+
+
 def test_ring_with_fewer_elements_than_ranks() -> None:
     results = run_ranks(4, lambda c: c.allreduce(np.array([c.rank + 1.0, 2.0]), "ring"))
     for res in results:

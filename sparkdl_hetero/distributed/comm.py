@@ -74,6 +74,19 @@ def _recv_exact(sock: socket.socket, n: int) -> bytes:
     return bytes(buf)
 
 
+def _send_frame(sock: socket.socket, header: bytes, payload: bytes | memoryview) -> None:
+    """Header and payload in one system call when the socket takes them at once (no copy joining them)."""
+    if not len(payload):
+        sock.sendall(header)
+        return
+    sent = sock.sendmsg([header, payload])
+    if sent < len(header):
+        sock.sendall(header[sent:])
+        sent = len(header)
+    if sent - len(header) < len(payload):
+        sock.sendall(memoryview(payload)[sent - len(header):])
+
+
 def _json_default(obj: Any) -> Any:
     if isinstance(obj, np.ndarray):
         a = np.ascontiguousarray(obj)
@@ -305,9 +318,7 @@ class Communicator:
                             f"bytes to rank {r} (limit {self._limit(kind)})", self.rank)
         try:
             with peer.send_lock:
-                peer.sock.sendall(_HEADER.pack(MAGIC, kind, len(payload)))
-                if len(payload):
-                    peer.sock.sendall(payload)
+                _send_frame(peer.sock, _HEADER.pack(MAGIC, kind, len(payload)), payload)
         except OSError as e:
             with self._cond:  # the peer may have closed because it aborted: prefer its verdict if it comes
                 self._cond.wait_for(lambda: self._abort is not None, timeout=1.0)
