@@ -418,7 +418,7 @@ def test_pool_forward_is_a_direct_pool(mode, k, stride):
     np.testing.assert_allclose(out, ref, rtol=1e-12)
 
 
-@pytest.mark.parametrize("c, k, stride, pad", [(1, 5, 1, 2), (3, 3, 2, 1), (2, 2, 1, 0)])
+@pytest.mark.parametrize("c, k, stride, pad", [(1, 5, 1, 2), (3, 3, 2, 1), (2, 2, 1, 0), (6, 5, 1, 0), (4, 3, 1, 1)])
 def test_im2col_col2im_adjoint_and_fused_input_delta(c, k, stride, pad):
     """<im2col(x), C> == <x, col2im(C)>, and NumPy's fused conv input delta equals col2im(dy w^T)."""
     be = NumpyBackend()
