@@ -8,17 +8,17 @@ mesh (:mod:`.comm`) and from then on never talk to Spark: each step is local for
 and the same update on every replica, so the replicas stay bit-identical.
 
 Mini-batch solvers (``sgd``, ``momentum``, ``adam``): the global batch ``batchSize`` is split among the workers in
-proportion to their measured compute throughput (``balance=True``; re-measured every step -- an exponential
-average -- and re-split every :data:`REBALANCE_EVERY` steps when that shortens the predicted step by more than
-:data:`REBALANCE_GAIN`) or to their number of rows (``balance=False``: plain synchronous training). Each
-worker sends the *sum* of its samples' gradients with its sample count; the all-reduced sum divided by the total
-count is exactly the mean gradient of the global batch. Throughputs ride in the same vector (one slot per rank),
-so every rank computes the same split. ``syncEvery=k>1``: k local steps on each worker, then the weights are
-averaged, weighted by the samples each worker used (local SGD / FedAvg; shares then stay proportional to the
-rows, throughputs are not exchanged between averagings). An epoch is ``ceil(rows / batchSize)``
-global steps. ``validationFraction``: each worker holds out that share of its rows; the all-reduced validation loss
-after each epoch drives early stopping with ``patience`` -- every rank takes the same decision, so all stop
-together, and the best weights are returned.
+proportion to their measured compute throughput (``balance=True``; re-measured every step -- an exponential average
+-- and re-split every :data:`REBALANCE_EVERY` steps when that shortens the predicted step by more than
+:data:`REBALANCE_GAIN`; at the first measurement, by more than :data:`FIRST_REBALANCE_GAIN`) or to their number of
+rows (``balance=False``: plain synchronous training). Each worker sends the *sum* of its samples' gradients with its
+sample count; the all-reduced sum divided by the total count is exactly the mean gradient of the global batch.
+Throughputs ride in the same vector (one slot per rank), so every rank computes the same split. ``syncEvery=k>1``: k
+local steps on each worker, then the weights are averaged, weighted by the samples each worker used (local SGD /
+FedAvg; shares then stay proportional to the rows, throughputs are not exchanged between averagings). An epoch is
+``ceil(rows / batchSize)`` global steps. ``validationFraction``: each worker holds out that share of its rows; the
+all-reduced validation loss after each epoch drives early stopping with ``patience`` -- every rank takes the same
+decision, so all stop together, and the best weights are returned.
 
 Full-batch solvers: ``gd`` (``w -= lr * mean gradient``) and ``l-bfgs`` -- every task runs the same L-BFGS
 on the all-reduced full-batch loss and gradient (no driver round trip per iteration), with the stopping rules of
@@ -56,7 +56,8 @@ from .executor import blas_limit
 from .lbfgs import minimize_lbfgs
 
 REBALANCE_EVERY = 10  # steps between re-splits of the global batch
-REBALANCE_GAIN = 0.02  # a re-split is applied only if it shortens the predicted step by this fraction
+REBALANCE_GAIN = 0.02  # a re-split is applied only if it shortens the predicted step by this fraction...
+FIRST_REBALANCE_GAIN = 0.2  # ...or by this much at the first measurement (one step's: noisy), e.g. for a straggler
 WARMUP_STEPS = 2  # steps before the first re-split (the first measurements include one-off costs)
 _EMA = 0.3  # weight of the newest throughput measurement
 CHUNK_ROWS = 4096  # rows per forward/backward call in full-batch evaluations
@@ -85,13 +86,13 @@ def split_batch(batch: int, weights: np.ndarray) -> np.ndarray:
     return shares + floor
 
 
-def rebalance(shares: np.ndarray, throughput: np.ndarray, force: bool = False) -> np.ndarray:
-    """The split of ``sum(shares)`` in proportion to ``throughput``, kept only if it shortens the predicted step
-    (the slowest rank's share / throughput) by more than :data:`REBALANCE_GAIN` (or ``force``): measurement noise
-    between equally fast workers does not move rows back and forth, each move costing the slower rank's time."""
+def rebalance(shares: np.ndarray, throughput: np.ndarray, min_gain: float = REBALANCE_GAIN) -> np.ndarray:
+    """The split of ``sum(shares)`` in proportion to ``throughput``, taken only if it shortens the predicted step
+    (the slowest rank's share / throughput) by more than ``min_gain``: measurement noise between equally fast
+    workers does not move rows back and forth, each move costing the slower rank's time."""
     new = split_batch(int(np.sum(shares)), throughput)
     thr = np.maximum(np.asarray(throughput, dtype=np.float64), 1e-12)
-    if force or np.max(new / thr) < (1.0 - REBALANCE_GAIN) * np.max(shares / thr):
+    if np.max(new / thr) < (1.0 - min_gain) * np.max(shares / thr):
         return new
     return shares
 
@@ -349,7 +350,7 @@ class BarrierWorker:
                 thr = np.maximum(thr, 1e-9)
                 throughput = (1 - _EMA) * throughput + _EMA * thr if measured else thr
                 if c.balance and (not measured or self.iteration % REBALANCE_EVERY == 0):
-                    shares = rebalance(shares, throughput, not measured)
+                    shares = rebalance(shares, throughput, REBALANCE_GAIN if measured else FIRST_REBALANCE_GAIN)
                 measured = True
             if self.iteration % steps_per_epoch == 0:
                 if k > 1:  # the epoch's mean loss over every worker's samples
