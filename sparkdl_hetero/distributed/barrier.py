@@ -29,7 +29,7 @@ executor can read, as Spark's own checkpoint directory) let a retried barrier st
 Spark gives up on the stage (e.g. ``spark.task.maxFailures=1`` in local mode), the driver re-runs the job up to
 :data:`DRIVER_RETRIES` times, again resuming from the checkpoint; input and divergence errors are not retried.
 ``config.straggler`` ({rank: factor}) slows a worker by sleeping ``(factor - 1)`` x its compute time per step
-(a sleep's overshoot is taken off the next one, so the worker is ``factor`` x slower on average, not more):
+(precise to a few microseconds, and any overshoot is taken off the next pause: ``factor`` x slower, not more):
 a benchmarking aid reproducing a slow device whose own core idles while it is busy. Testing aid: the Spark local
 property ``sparkdl_hetero.injectFault = "rank:step:marker-file"`` makes that rank raise at that step once (the marker
 file records that the fault happened; retried attempts run normally).
@@ -40,6 +40,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -60,6 +61,7 @@ REBALANCE_GAIN = 0.02  # a re-split is applied only if it shortens the predicted
 FIRST_REBALANCE_GAIN = 0.2  # ...or by this much at the first measurement (one step's: noisy), e.g. for a straggler
 WARMUP_STEPS = 2  # steps before the first re-split (the first measurements include one-off costs)
 _EMA = 0.3  # weight of the newest throughput measurement
+_PAUSE_YIELD = 2e-4  # straggler emulation: the end of a pause is waited for in a loop (precise to a few us)
 CHUNK_ROWS = 4096  # rows per forward/backward call in full-batch evaluations
 FAULT_PROPERTY = "sparkdl_hetero.injectFault"
 _OUT_SCHEMA = "rank int, meta string, weights binary"
@@ -95,6 +97,20 @@ def rebalance(shares: np.ndarray, throughput: np.ndarray, min_gain: float = REBA
     if np.max(new / thr) < (1.0 - min_gain) * np.max(shares / thr):
         return new
     return shares
+
+
+def _pause(seconds: float) -> float:
+    """Idle for ``seconds`` (a timed sleep, the last :data:`_PAUSE_YIELD` s yielding in a loop: a sleep alone
+    overshoots by the kernel's timer slack); returns the time it took."""
+    t0 = time.perf_counter()
+    if seconds <= 0:
+        return 0.0
+    if seconds > _PAUSE_YIELD:
+        time.sleep(seconds - _PAUSE_YIELD)
+    end = t0 + seconds
+    while time.perf_counter() < end:
+        os.sched_yield()  # releases the GIL: the socket reader threads keep draining
+    return time.perf_counter() - t0
 
 
 def _peak_rss_mb() -> float:
@@ -191,10 +207,7 @@ class BarrierWorker:
         elapsed = time.perf_counter() - t0
         if self.straggle > 1.0:
             self._sleep_owed += (self.straggle - 1.0) * elapsed
-            if self._sleep_owed > 0:
-                t1 = time.perf_counter()
-                time.sleep(self._sleep_owed)
-                self._sleep_owed -= time.perf_counter() - t1
+            self._sleep_owed -= _pause(self._sleep_owed)
         self.compute_seconds += time.perf_counter() - t0
         self.samples += m
         return g, loss, m
@@ -485,8 +498,6 @@ def _task_host(ctx: Any) -> str:
 def _fault_step(ctx: Any, rank: int) -> int:
     """The testing aid: ``"rank:step:marker"`` makes ``rank`` fail at ``step`` once -- the first task to get
     there creates the marker file, later attempts see it and run normally."""
-    import os
-
     spec = ctx.getLocalProperty(FAULT_PROPERTY)
     if not spec:
         return -1
