@@ -501,17 +501,18 @@ def test_sigmoid_equals_scipy_expit_and_saturates(dtype):
     assert y[-7] == 0.0 and y[-1] == 1.0 and y[-4] == 0.5
 
 
-@pytest.mark.parametrize("m, k, n, trans_a, trans_b", [(20000, 25, 6, False, False), (20000, 25, 6, True, False),
-                                                        (25, 20000, 6, False, False), (25, 20000, 6, True, True),
-                                                        (9000, 150, 16, False, False)])
+@pytest.mark.parametrize("m, k, n, trans_a, trans_b, pieces", [
+    (20000, 25, 6, False, False, True), (20000, 25, 6, True, False, True), (9000, 100, 10, False, False, True),
+    (25, 20000, 6, False, False, True), (25, 20000, 6, True, True, True), (150, 9000, 16, True, False, True),
+    (9000, 150, 16, False, False, False), (9000, 10, 100, False, True, False), (64, 400, 120, False, False, False)])
 @pytest.mark.parametrize("beta", [0.0, 1.0, 0.5])
-def test_skinny_gemm_in_pieces_equals_one_product(monkeypatch, m, k, n, trans_a, trans_b, beta):
+def test_skinny_gemm_in_pieces_equals_one_product(monkeypatch, m, k, n, trans_a, trans_b, pieces, beta):
     """Skinny float32 products run in pieces under OpenBLAS's small-kernel limit (forced on here, whatever the
-    core): the same product, with or without ``out``/``beta``."""
+    core): the same product, with or without ``out``/``beta``; the others run as one call."""
     from sparkdl_hetero.backends import numpy_backend
 
     monkeypatch.setattr(numpy_backend, "_small_gemm_kernels", lambda: True)
-    assert numpy_backend._skinny_piece(m, k, n, np.float32) > 0 or min(m, k) * n * 1024 > 10**6
+    assert (numpy_backend._skinny_piece(m, k, n, np.float32, trans_b) > 0) == pieces
     rng = np.random.default_rng(m + k)
     a = rng.normal(size=(k, m) if trans_a else (m, k)).astype(np.float32)
     b = rng.normal(size=(n, k) if trans_b else (k, n)).astype(np.float32)
@@ -535,3 +536,24 @@ def test_im2col_fast_paths_equal_the_generic_columns(n, h, w, c, k, stride, pad)
     got, want = NumpyBackend().im2col(x, k, k, stride, pad), ArrayModuleBackend(np).im2col(x, k, k, stride, pad)
     assert got.shape == want.shape and got.dtype == want.dtype
     np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("rows, k", [(4096, 10), (3, 4), (5, 1000), (1, 2)])
+def test_softmax_on_class_rows_equals_the_generic_softmax(rows, k):
+    from sparkdl_hetero.backends.numpy_backend import ArrayModuleBackend
+
+    rng = np.random.default_rng(k)
+    z = (rng.normal(size=(rows, k)) * 30).astype(np.float32)
+    z[0, 0] = 5000.0  # one probability 1, the rest underflow
+    t = rng.dirichlet(np.ones(k), size=rows).astype(np.float32)  # soft targets
+    fast, general = NumpyBackend(), ArrayModuleBackend(np)
+    z0, t0 = z.copy(), t.copy()
+    # float32 rounding of log p (~|log p| ulp) moves tiny probabilities by a few 1e-6 relative
+    np.testing.assert_allclose(fast.softmax(z), general.softmax(z), rtol=5e-5, atol=1e-20)
+    loss, delta = fast.softmax_xent(z, t, 0.25)
+    np.testing.assert_array_equal(z, z0)  # inputs untouched (one row: z.T is a contiguous view)
+    np.testing.assert_array_equal(t, t0)
+    want_loss, want_delta = general.softmax_xent(z, t, 0.25)
+    assert np.isfinite(loss) and loss == pytest.approx(want_loss, rel=1e-6)
+    assert delta.shape == (rows, k) and delta.flags.c_contiguous
+    np.testing.assert_allclose(delta, want_delta, rtol=1e-5, atol=1e-7)
