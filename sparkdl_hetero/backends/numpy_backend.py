@@ -502,8 +502,11 @@ class NumpyBackend(ArrayModuleBackend):
             dyp[:, :, kw - 1:kw - 1 + ow] = dy.reshape(n, oh, ow, f)
             sn, so, sx, sf = dyp.strides
             rows = np.ascontiguousarray(as_strided(dyp, shape=(n, oh, wp, kw * f), strides=(sn, so, sx, sf)))
-            wf = w.reshape(kh, kw, c, f)[:, ::-1].transpose(1, 3, 0, 2).reshape(kw * f, kh * c)
-            part = self.gemm(rows.reshape(n * oh * wp, kw * f), wf)  # (n, oh, wp) x (i, c)
+            # the flipped kernel as (j, f) x (i, c), zero columns up to a multiple of 16: OpenBLAS's AVX-512
+            # kernels take 32 columns in 2/3 of the time of 30 (LeNet conv2: 175 -> 112 us at batch 32)
+            wf = np.zeros((kw * f, -(-kh * c // 16) * 16), dtype=w.dtype)
+            wf[:, :kh * c] = w.reshape(kh, kw, c, f)[:, ::-1].transpose(1, 3, 0, 2).reshape(kw * f, kh * c)
+            part = self.gemm(rows.reshape(n * oh * wp, kw * f), wf)[:, :kh * c]  # (n, oh, wp) x (i, c)
             by_row = _unpixels(np.ascontiguousarray(_pixels(part.reshape(-1, kh, c)).T), dy.dtype, c)
             by_row = by_row.reshape(kh, n, oh * wp * c)
             out = np.zeros((n, hp * wp * c), dtype=dy.dtype)
