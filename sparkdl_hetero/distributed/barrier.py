@@ -8,31 +8,30 @@ mesh (:mod:`.comm`) and from then on never talk to Spark: each step is local for
 and the same update on every replica, so the replicas stay bit-identical.
 
 Mini-batch solvers (``sgd``, ``momentum``, ``adam``): the global batch ``batchSize`` is split among the workers in
-proportion to their measured compute throughput (``balance=True``; re-measured every step -- an exponential average
--- and re-split every :data:`REBALANCE_EVERY` steps when that shortens the predicted step by more than
-:data:`REBALANCE_GAIN`; at the first measurement, by more than :data:`FIRST_REBALANCE_GAIN`) or to their number of
-rows (``balance=False``: plain synchronous training). Each worker sends the *sum* of its samples' gradients with its
-sample count; the all-reduced sum divided by the total count is exactly the mean gradient of the global batch.
-Throughputs ride in the same vector (one slot per rank), so every rank computes the same split. ``syncEvery=k>1``: k
-local steps on each worker, then the weights are averaged, weighted by the samples each worker used (local SGD /
-FedAvg; shares then stay proportional to the rows, throughputs are not exchanged between averagings). An epoch is
-``ceil(rows / batchSize)`` global steps. ``validationFraction``: each worker holds out that share of its rows; the
-all-reduced validation loss after each epoch drives early stopping with ``patience`` -- every rank takes the same
-decision, so all stop together, and the best weights are returned.
+proportion to their measured compute throughput (``balance=True``; measured every step, the median of the last
+:data:`THROUGHPUT_WINDOW` -- and re-split every :data:`REBALANCE_EVERY` steps when that shortens the predicted step
+by more than :data:`REBALANCE_GAIN`; at the first measurement, by more than :data:`FIRST_REBALANCE_GAIN`) or to
+their number of rows (``balance=False``: plain synchronous training). Each worker sends the *sum* of its samples'
+gradients with its sample count; the all-reduced sum divided by the total count is exactly the mean gradient of the
+global batch. Throughputs ride in the same vector (one slot per rank), so every rank computes the same split.
+``syncEvery=k>1``: k local steps on each worker, then the weights are averaged, weighted by the samples each worker
+used (local SGD / FedAvg; shares then stay proportional to the rows, throughputs are not exchanged between
+averagings). An epoch is ``ceil(rows / batchSize)`` global steps. ``validationFraction``: each worker holds out that
+share of its rows; the all-reduced validation loss after each epoch drives early stopping with ``patience`` -- every
+rank takes the same decision, so all stop together, and the best weights are returned.
 
 Full-batch solvers: ``gd`` (``w -= lr * mean gradient``) and ``l-bfgs`` -- every task runs the same L-BFGS
 on the all-reduced full-batch loss and gradient (no driver round trip per iteration), with the stopping rules of
 :mod:`.lbfgs` shared with the treeAggregate mode.
 
-Checkpoints (rank 0 writes, every ``checkpointInterval`` steps, to ``checkpointDir`` -- a directory every
-executor can read, as Spark's own checkpoint directory) let a retried barrier stage resume where it was. When
-Spark gives up on the stage (e.g. ``spark.task.maxFailures=1`` in local mode), the driver re-runs the job up to
+Checkpoints (rank 0 writes, every ``checkpointInterval`` steps, to ``checkpointDir`` -- a directory every executor
+can read, as Spark's own checkpoint directory) let a retried barrier stage resume where it was. When Spark gives up
+on the stage (e.g. ``spark.task.maxFailures=1`` in local mode), the driver re-runs the job up to
 :data:`DRIVER_RETRIES` times, again resuming from the checkpoint; input and divergence errors are not retried.
-``config.straggler`` ({rank: factor}) slows a worker by sleeping ``(factor - 1)`` x its compute time per step
-(precise to a few microseconds, and any overshoot is taken off the next pause: ``factor`` x slower, not more):
-a benchmarking aid reproducing a slow device whose own core idles while it is busy. Testing aid: the Spark local
-property ``sparkdl_hetero.injectFault = "rank:step:marker-file"`` makes that rank raise at that step once (the marker
-file records that the fault happened; retried attempts run normally).
+``config.straggler`` ({rank: factor}) slows a worker by pausing ``(factor - 1)`` x its compute time per step, busy
+in a ``sched_yield`` loop (see :func:`_pause`): a benchmarking aid reproducing a slow device. Testing aid: the Spark
+local property ``sparkdl_hetero.injectFault = "rank:step:marker-file"`` makes that rank raise at that step once (the
+marker file records that the fault happened; retried attempts run normally).
 """
 
 from __future__ import annotations
@@ -42,6 +41,7 @@ import json
 import math
 import os
 import time
+from collections import deque
 from collections.abc import Iterator
 from typing import Any
 
@@ -60,8 +60,7 @@ REBALANCE_EVERY = 10  # steps between re-splits of the global batch
 REBALANCE_GAIN = 0.02  # a re-split is applied only if it shortens the predicted step by this fraction...
 FIRST_REBALANCE_GAIN = 0.2  # ...or by this much at the first measurement (one step's: noisy), e.g. for a straggler
 WARMUP_STEPS = 2  # steps before the first re-split (the first measurements include one-off costs)
-_EMA = 0.3  # weight of the newest throughput measurement
-_PAUSE_YIELD = 2e-4  # straggler emulation: the end of a pause is waited for in a loop (precise to a few us)
+THROUGHPUT_WINDOW = 10  # a rank's throughput is the median of its last this many steps' measurements
 CHUNK_ROWS = 4096  # rows per forward/backward call in full-batch evaluations
 FAULT_PROPERTY = "sparkdl_hetero.injectFault"
 _OUT_SCHEMA = "rank int, meta string, weights binary"
@@ -99,18 +98,14 @@ def rebalance(shares: np.ndarray, throughput: np.ndarray, min_gain: float = REBA
     return shares
 
 
-def _pause(seconds: float) -> float:
-    """Idle for ``seconds`` (a timed sleep, the last :data:`_PAUSE_YIELD` s yielding in a loop: a sleep alone
-    overshoots by the kernel's timer slack); returns the time it took."""
-    t0 = time.perf_counter()
-    if seconds <= 0:
-        return 0.0
-    if seconds > _PAUSE_YIELD:
-        time.sleep(seconds - _PAUSE_YIELD)
-    end = t0 + seconds
+def _pause(seconds: float) -> None:
+    """Stay busy for ``seconds``, yielding the core in a loop (the straggler emulation).
+    Not a sleep: after sleeping, this machine's next compute step ran ~30% slower (cold caches, an idle vCPU),
+    making a "3x" worker ~4x slower alone; a slow device is busy while it computes. ``sched_yield`` releases the GIL
+    (the socket reader threads keep draining) and lets any other runnable process have the core."""
+    end = time.perf_counter() + seconds
     while time.perf_counter() < end:
-        os.sched_yield()  # releases the GIL: the socket reader threads keep draining
-    return time.perf_counter() - t0
+        os.sched_yield()
 
 
 def _peak_rss_mb() -> float:
@@ -174,7 +169,6 @@ class BarrierWorker:
         self.straggle = float({int(k): v for k, v in dict(config.straggler).items()}.get(self.rank, 1.0))
         if self.straggle < 1.0:
             raise ValueError(f"straggler factors must be >= 1, got {self.straggle} for rank {self.rank}")
-        self._sleep_owed = 0.0  # straggler emulation: delay still owed (negative: a sleep overshot)
         # per-step buffers, allocated once: the replica's weights and the vector all-reduced every step
         self._w_model = np.empty(self.nw, self.dtype)
         self._reduced = np.zeros(self.nw + 2 + self.world, self.dtype)
@@ -206,8 +200,7 @@ class BarrierWorker:
         g = rep.get_gradient() if m else np.zeros(self.nw, self.dtype)
         elapsed = time.perf_counter() - t0
         if self.straggle > 1.0:
-            self._sleep_owed += (self.straggle - 1.0) * elapsed
-            self._sleep_owed -= _pause(self._sleep_owed)
+            _pause((self.straggle - 1.0) * elapsed)
         self.compute_seconds += time.perf_counter() - t0
         self.samples += m
         return g, loss, m
@@ -320,6 +313,7 @@ class BarrierWorker:
         ex = self.extra
         rows = self.comm.allgather(len(self.y))
         throughput = np.asarray(ex.get("throughput", rows), dtype=np.float64)
+        window: deque[np.ndarray] = deque([throughput] if "throughput" in ex else [], maxlen=THROUGHPUT_WINDOW)
         shares = split_batch(batch, throughput if c.balance else rows)
         loss_sum, count = float(ex.get("epochLossSum", 0.0)), int(ex.get("epochCount", 0))
         best = (float(ex.get("bestLoss", math.inf)), int(ex.get("badEpochs", 0)))
@@ -331,6 +325,9 @@ class BarrierWorker:
         stop = f"{epochs} epochs"
 
         def snapshot() -> None:  # what a checkpoint holds (taken when one is written, not every step)
+            nonlocal throughput
+            if window:
+                throughput = np.median(np.stack(window), axis=0)
             self.updater_state = updater.state_dict()
             self.extra.update(epochLossSum=loss_sum, epochCount=count, bestLoss=best[0], badEpochs=best[1],
                               throughput=[float(v) for v in throughput], shares=[int(s) for s in shares])
@@ -360,9 +357,9 @@ class BarrierWorker:
             loss_sum += f * n
             count += n
             if k == 1 and self.iteration > WARMUP_STEPS:  # the first steps carry one-off costs: not measured
-                thr = np.maximum(thr, 1e-9)
-                throughput = (1 - _EMA) * throughput + _EMA * thr if measured else thr
+                window.append(np.maximum(thr, 1e-9))
                 if c.balance and (not measured or self.iteration % REBALANCE_EVERY == 0):
+                    throughput = np.median(np.stack(window), axis=0)  # robust to a preempted step
                     shares = rebalance(shares, throughput, REBALANCE_GAIN if measured else FIRST_REBALANCE_GAIN)
                 measured = True
             if self.iteration % steps_per_epoch == 0:
