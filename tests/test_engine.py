@@ -557,3 +557,16 @@ def test_softmax_on_class_rows_equals_the_generic_softmax(rows, k):
     assert np.isfinite(loss) and loss == pytest.approx(want_loss, rel=1e-6)
     assert delta.shape == (rows, k) and delta.flags.c_contiguous
     np.testing.assert_allclose(delta, want_delta, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("trans_a, beta", [(True, 1.0), (False, 0.0), (True, 0.5)])
+def test_gemm_with_an_inner_dimension_of_one_is_the_outer_product(trans_a, beta):
+    rng = np.random.default_rng(1)
+    a = rng.normal(size=(1, 400) if trans_a else (400, 1)).astype(np.float32)
+    b = rng.normal(size=(1, 120)).astype(np.float32)
+    out = rng.normal(size=(400, 120)).astype(np.float32)
+    want = np.outer(a, b) + beta * out
+    got = NumpyBackend().gemm(a, b, out=out, trans_a=trans_a, beta=beta)
+    assert got is out
+    np.testing.assert_allclose(out, want, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(NumpyBackend().gemm(a, b, trans_a=trans_a), np.outer(a, b), rtol=1e-6)

@@ -61,10 +61,15 @@ def _rows_per_run(rows: int, cols: int) -> int:
     return r
 
 
+@functools.cache
+def _opaque(nbytes: int) -> np.dtype:
+    return np.dtype((np.void, nbytes))
+
+
 def _pixels(a: np.ndarray) -> np.ndarray:
     """A C-contiguous (..., c) array as its (...) pixels, each one opaque item of c values (same memory): a
     strided copy of pixels then runs item by item instead of paying NumPy's per-run cost every c values."""
-    return a.view(np.dtype((np.void, a.shape[-1] * a.itemsize)))[..., 0]
+    return a.view(_opaque(a.shape[-1] * a.itemsize))[..., 0]
 
 
 def _unpixels(p: np.ndarray, dtype: Any, c: int) -> np.ndarray:
@@ -347,10 +352,13 @@ class NumpyBackend(ArrayModuleBackend):
         opa = a.T if trans_a else a
         opb = b.T if trans_b else b
         (m, k), n = opa.shape, opb.shape[1]
-        piece = _skinny_piece(m, k, n, np.result_type(opa, opb), trans_b) if alpha == 1.0 else 0
-        if piece == 0:
+        big = m * k * n > _SMALL_GEMM and alpha == 1.0
+        piece = _skinny_piece(m, k, n, np.result_type(opa, opb), trans_b) if big else 0
+        if k == 1 and alpha == 1.0:  # an outer product (a one-row batch's weight gradient): matmul's loop
+            r = opa * opb  # for an inner dimension of 1 takes ~50 us on (400 x 1) @ (1 x 120), this ~2 us
+        elif piece == 0:
             return super().gemm(a, b, out, trans_a, trans_b, alpha, beta)
-        if m >= k:  # a long output: blocks of rows
+        elif m >= k:  # a long output: blocks of rows
             r = out if out is not None and beta == 0.0 else np.empty((m, n), dtype=np.float32)
             for lo in range(0, m, piece):
                 np.matmul(opa[lo:lo + piece], opb, out=r[lo:lo + piece])
@@ -374,7 +382,9 @@ class NumpyBackend(ArrayModuleBackend):
         if r == 1:
             y += b
         else:  # narrow rows (a convolution's filters): add r copies of b to r rows at once
-            y.reshape(rows // r, r * cols).__iadd__(np.tile(b, r))
+            tiled = np.empty((r, cols), dtype=y.dtype)
+            tiled[...] = b
+            y.reshape(rows // r, r * cols).__iadd__(tiled.reshape(-1))
 
     def col_sum(self, x: Array, out: Array, alpha: float = 1.0, beta: float = 0.0) -> None:
         rows, cols = x.shape
@@ -414,7 +424,7 @@ class NumpyBackend(ArrayModuleBackend):
         # kw neighbouring pixels of a row are kw*c contiguous values: copy each as one opaque item
         sn, sh, sw, sc = xq.strides
         win = as_strided(xq, shape=(n, oh, ow, kh, kw * c), strides=(sn, sh * stride, sw * stride, sh, sc))
-        item = np.dtype((np.void, kw * c * x.itemsize))
+        item = _opaque(kw * c * x.itemsize)
         cols = np.empty((n, oh, ow, kh), dtype=item)
         cols[...] = win.view(item)[..., 0]
         return cols.view(x.dtype).reshape(n * oh * ow, kh * kw * c)
