@@ -8,7 +8,9 @@
 3. a fast and a 3x-slowed worker, with and without balancing, vs the ideal (goal: within 1.1x of it);
 4. test accuracy after 5 epochs (Adam, batch 64; goal >= 0.88) and each worker's peak RSS vs
    2 x its data share (float32) + 300 MB.
-The machine is shared: figures are noisy. Everything is printed and written to bench-output/speedup.json.
+The machine is shared: figures are noisy. ``--repeats k`` runs every configuration of sections 1-3 (and the peers)
+k times, interleaved, and reports each one's median run (every run's figure is printed too). Everything is printed
+and written to bench-output/speedup.json.
 """
 
 from __future__ import annotations
@@ -114,6 +116,7 @@ def main() -> int:
     p.add_argument("--output", default="bench-output")
     p.add_argument("--batch-size", type=int, default=64, help="global batch size of sections 1-3")
     p.add_argument("--sections", default="1234", help="which sections to run")
+    p.add_argument("--repeats", type=int, default=1, help="runs of each configuration (median reported)")
     opts = p.parse_args()
     job = _job()
     samples = 6000 if opts.quick else 12000
@@ -126,15 +129,15 @@ def main() -> int:
     print(f"load average before: {os.getloadavg()} on {os.cpu_count()} cores (other users' processes count)")
     if "1" in opts.sections or "2" in opts.sections:
         print(f"== 1. node-count speedup (LeNet-5, Adam, global batch {opts.batch_size}) ==", flush=True)
-        rows = [job.run_one(args, data, n) for n in (1, 2)]
+        rows = median_runs(opts.repeats, [lambda n=n: job.run_one(args, data, n) for n in (1, 2)])
         job.print_table(rows, rows[0]["epochSeconds"])
         speedup = rows[0]["epochSeconds"] / rows[1]["epochSeconds"]
         print(f"speedup at 2 executors: {speedup:.2f}x (goal >= 1.9x); load average {os.getloadavg()}", flush=True)
         out["speedup"] = {"rows": rows, "speedup": speedup}
     if "2" in opts.sections:
-        section2(rows[1]["samplesPerSecond"], data, opts.batch_size, out)
+        section2(rows[1]["samplesPerSecond"], data, opts.batch_size, out, opts.repeats)
     if "3" in opts.sections:
-        section3(job, samples, data, batch, out)
+        section3(job, samples, data, batch, out, opts.repeats)
     if "4" in opts.sections:
         section4(job, opts.quick, out)
     print(f"load average after: {os.getloadavg()}")
@@ -144,13 +147,35 @@ def main() -> int:
     return 0
 
 
-def section2(ours: float, data: tuple, batch: int, out: dict) -> None:
+def median_runs(repeats: int, runs: list, names: list[str] | None = None) -> list:
+    """Call every function of ``runs`` ``repeats`` times, interleaved; for each, the result of its median run
+    (by epoch seconds for job rows, by value for numbers; the upper one of an even count). Every run's figure is
+    printed."""
+    results: list[list] = [[] for _ in runs]
+    for _ in range(max(1, repeats)):
+        for i, fn in enumerate(runs):
+            results[i].append(fn())
+    if repeats <= 1:
+        return [r[0] for r in results]
+    picked = []
+    for res in results:
+        key = (lambda r: r["epochSeconds"]) if isinstance(res[0], dict) else (lambda r: r)
+        ordered = sorted(res, key=key)
+        shown = [f"{key(r):.3f} s" if isinstance(r, dict) else f"{r:,.0f}" for r in res]
+        name = res[0]["label"] if isinstance(res[0], dict) else (names or [])[len(picked)] + " samples/s"
+        print(f"  {name}: runs {', '.join(shown)} -> median {shown[res.index(ordered[len(ordered) // 2])]}")
+        picked.append(ordered[len(ordered) // 2])
+    return picked
+
+
+def section2(ours: float, data: tuple, batch: int, out: dict, repeats: int = 1) -> None:
     print("\n== 2. samples/s at 2 executors vs PyTorch peers ==", flush=True)
     try:
         import torch  # noqa: F401
 
-        single = torch_single(data[0], data[1], batch=batch)
-        dist = torch_distributor(data[0], data[1], batch)
+        single, dist = median_runs(repeats, [lambda: torch_single(data[0], data[1], batch=batch),
+                                             lambda: torch_distributor(data[0], data[1], batch)],
+                                   ["PyTorch 1 process", "TorchDistributor"])
         print(f"sparkdl-hetero barrier, 2 executors: {ours:,.0f} samples/s")
         print(f"PyTorch CPU, 1 process, 2 threads:  {single:,.0f} samples/s  -> ours / peer = {ours / single:.2f}")
         print(f"TorchDistributor, 2 processes:      {dist:,.0f} samples/s  -> ours / peer = {ours / dist:.2f} "
@@ -160,13 +185,14 @@ def section2(ours: float, data: tuple, batch: int, out: dict) -> None:
         print("torch is not installed: PyTorch peers skipped (pip install torch to compare)", flush=True)
 
 
-def section3(job, samples: int, data: tuple, batch: list[str], out: dict) -> None:  # noqa: ANN001
+def section3(job, samples: int, data: tuple, batch: list[str], out: dict, repeats: int = 1) -> None:  # noqa: ANN001
     print("\n== 3. a fast and a 3x slowed worker ==", flush=True)
     args1 = job.parse_args(["--samples", str(samples), "--epochs", "1", "--test-samples", "0", *batch])
-    fast = job.run_one(args1, data, 1, label="fast alone")
-    slow = job.run_one(args1, data, 1, {0: 3.0}, label="slow alone (x3)")
-    both = job.run_one(args1, data, 2, {1: 3.0}, True, "fast+slow, balanced")
-    plain = job.run_one(args1, data, 2, {1: 3.0}, False, "fast+slow, not balanced")
+    fast, slow, both, plain = median_runs(repeats, [
+        lambda: job.run_one(args1, data, 1, label="fast alone"),
+        lambda: job.run_one(args1, data, 1, {0: 3.0}, label="slow alone (x3)"),
+        lambda: job.run_one(args1, data, 2, {1: 3.0}, True, "fast+slow, balanced"),
+        lambda: job.run_one(args1, data, 2, {1: 3.0}, False, "fast+slow, not balanced")])
     ideal = samples / (fast["samplesPerSecond"] + slow["samplesPerSecond"])
     job.print_table([fast, slow, both, plain], fast["epochSeconds"])
     print(f"ideal epoch {ideal:.2f} s; balanced {both['epochSeconds']:.2f} s = {both['epochSeconds'] / ideal:.2f}x "
