@@ -8,10 +8,10 @@ Prints a table (executors, epoch seconds, samples/s, speedup, efficiency, test a
 Epoch seconds are the workers' training time (rendezvous to last step) divided by the epochs: Spark's job start
 and the one-off input conversion are reported apart (``fit s``).
 
-``--straggler RANK:FACTOR`` is a benchmarking aid reproducing a fast and a slow device: that worker sleeps
-(FACTOR - 1) x its compute time every step. The job then also runs the slow worker alone and the fast+slow pair
-with and without balancing (heterogeneity-aware batch shares), and compares with the ideal epoch time
-``samples / (fast alone samples/s + slow alone samples/s)``.
+``--straggler RANK:FACTOR`` is a benchmarking aid reproducing a fast and a slow device: that worker stays busy
+(yielding its core) for (FACTOR - 1) x its compute time every step. The job then also runs the slow worker alone and
+the fast+slow pair with and without balancing (heterogeneity-aware batch shares), and compares with the ideal epoch
+time ``samples / (fast alone samples/s + slow alone samples/s)``.
 """
 
 from __future__ import annotations
