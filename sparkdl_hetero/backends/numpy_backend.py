@@ -352,8 +352,9 @@ class NumpyBackend(ArrayModuleBackend):
         opa = a.T if trans_a else a
         opb = b.T if trans_b else b
         (m, k), n = opa.shape, opb.shape[1]
-        big = m * k * n > _SMALL_GEMM and alpha == 1.0
-        piece = _skinny_piece(m, k, n, np.result_type(opa, opb), trans_b) if big else 0
+        piece = 0
+        if m * k * n > _SMALL_GEMM and alpha == 1.0:
+            piece = _skinny_piece(m, k, n, np.result_type(opa, opb), trans_b)
         if k == 1 and alpha == 1.0:  # an outer product (a one-row batch's weight gradient): matmul's loop
             r = opa * opb  # for an inner dimension of 1 takes ~50 us on (400 x 1) @ (1 x 120), this ~2 us
         elif piece == 0:
@@ -494,7 +495,7 @@ class NumpyBackend(ArrayModuleBackend):
         dx = np.empty(x_shape, dtype=dy.dtype)  # the disjoint windows tile the image: every pixel is written
         win = _pixels(dx).reshape(n, oh, k, ow, k)
         for p in range(k * k):
-            win[:, :, p // k, :, p % k] = _pixels(dy * (idx == p))
+            win[:, :, p // k, :, p % k] = _pixels(np.ascontiguousarray(dy * (idx == p)))
         return dx
 
     def conv_backward_input(self, dy: Array, w: Array, x_shape: tuple[int, int, int, int], kh: int, kw: int,
