@@ -28,16 +28,18 @@ LENET = "conv(6,5,pad=2)-relu-maxpool(2)-conv(16,5)-relu-maxpool(2)-flatten-affi
 
 
 def _fashion_like(rows: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Fashion-MNIST rows when installed (pixel statistics matter little here, but use the real thing)."""
+    """Fashion-MNIST training rows when installed (pixel statistics matter little here, but use the real thing),
+    else uniform random pixels -- said on stdout."""
     try:
         from sparkdl_hetero.data import fashion_mnist
 
         x, y = fashion_mnist()[:2]
-        reps = -(-rows // len(x))
-        return np.tile(x, (reps, 1))[:rows], np.tile(y, reps)[:rows]
-    except (ImportError, OSError, ValueError):
+    except (ImportError, OSError, ValueError) as exc:
+        print(f"# Fashion-MNIST unavailable ({exc}): random pixels")
         rng = np.random.default_rng(seed)
         return rng.random((rows, 784), dtype=np.float32), rng.integers(0, 10, rows)
+    reps = -(-rows // len(x))
+    return np.tile(x, (reps, 1))[:rows], np.tile(y, reps)[:rows]
 
 
 def _ours_step(topo: FeedForwardTopology, seed: int) -> Callable[[np.ndarray, np.ndarray], None]:
