@@ -15,7 +15,7 @@ _RUN = 256  # elements per inner-loop run that make NumPy's per-call overhead sm
 # with unpacked "small matrix" kernels, and larger ones through packed blocks; for skinny products -- a first
 # convolution's (n*784 x 25) @ (25 x 6) -- the packing dominates: pieces under the limit run ~2x faster
 _SMALL_GEMM = 1_000_000
-_SMALL_GEMM_CORES = ("SkylakeX", "Cooperlake", "SapphireRapids")
+_SMALL_GEMM_CORES = ("skylakex", "cooperlake", "sapphirerapids")  # OpenBLAS core names, lower case
 
 
 @functools.cache
@@ -25,7 +25,7 @@ def _small_gemm_kernels() -> bool:
     from threadpoolctl import threadpool_info
 
     return any(i.get("internal_api") == "openblas" and "numpy" in str(i.get("filepath", ""))
-               and i.get("architecture") in _SMALL_GEMM_CORES for i in threadpool_info())
+               and str(i.get("architecture")).lower() in _SMALL_GEMM_CORES for i in threadpool_info())
 
 
 def _skinny_piece(m: int, k: int, n: int, dtype: Any, b_transposed: bool) -> int:
