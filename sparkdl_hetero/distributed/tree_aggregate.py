@@ -45,7 +45,7 @@ from .data import PartitionedData, resident_blocks
 from .executor import blas_limit
 from .lbfgs import minimize_lbfgs
 
-CHUNK_ROWS = 4096  # rows per forward/backward call inside a task: big GEMMs, bounded activation memory
+CHUNK_ROWS = 1024  # rows per forward/backward call inside a task: GEMMs big enough for peak, activations in cache
 
 
 # ---- executor side ---------------------------------------------------------------------------------------
