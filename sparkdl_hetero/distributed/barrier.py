@@ -57,7 +57,7 @@ from .executor import blas_limit
 from .lbfgs import minimize_lbfgs
 
 REBALANCE_EVERY = 10  # steps between re-splits of the global batch
-REBALANCE_GAIN = 0.02  # a re-split is applied only if it shortens the predicted step by this fraction...
+REBALANCE_GAIN = 0.01  # a re-split is applied only if it shortens the predicted step by this fraction...
 FIRST_REBALANCE_GAIN = 0.2  # ...or by this much at the first measurement (one step's: noisy), e.g. for a straggler
 WARMUP_STEPS = 2  # steps before the first re-split (the first measurements include one-off costs)
 THROUGHPUT_WINDOW = 10  # a rank's throughput is the median of its last this many steps' measurements
