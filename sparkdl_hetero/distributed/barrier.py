@@ -53,7 +53,7 @@ from .checkpoint import Checkpoint, load_compatible, save_checkpoint
 from .comm import CommError, Communicator, new_secret
 from .config import TrainConfig, TrainingDivergedError, TrainResult
 from .data import prepare
-from .executor import blas_limit
+from .executor import CHUNK_ROWS, blas_limit
 from .lbfgs import minimize_lbfgs
 
 REBALANCE_EVERY = 10  # steps between re-splits of the global batch
@@ -61,7 +61,6 @@ REBALANCE_GAIN = 0.01  # a re-split is applied only if it shortens the predicted
 FIRST_REBALANCE_GAIN = 0.2  # ...or by this much at the first measurement (one step's: noisy), e.g. for a straggler
 WARMUP_STEPS = 2  # steps before the first re-split (the first measurements include one-off costs)
 THROUGHPUT_WINDOW = 10  # a rank's throughput is the median of its last this many steps' measurements
-CHUNK_ROWS = 4096  # rows per forward/backward call in full-batch evaluations
 FAULT_PROPERTY = "sparkdl_hetero.injectFault"
 _OUT_SCHEMA = "rank int, meta string, weights binary"
 DRIVER_RETRIES = 2  # barrier jobs re-run by the driver after Spark gave up (each resumes from the checkpoint)

@@ -42,10 +42,8 @@ from ..nn.optim import learning_rate, make_updater
 from .checkpoint import Checkpoint, load_compatible, save_checkpoint
 from .config import TrainConfig, TrainingDivergedError, TrainResult
 from .data import PartitionedData, resident_blocks
-from .executor import blas_limit
+from .executor import CHUNK_ROWS, blas_limit
 from .lbfgs import minimize_lbfgs
-
-CHUNK_ROWS = 1024  # rows per forward/backward call inside a task: GEMMs big enough for peak, activations in cache
 
 
 # ---- executor side ---------------------------------------------------------------------------------------
