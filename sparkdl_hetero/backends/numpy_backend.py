@@ -52,6 +52,17 @@ def _numpy_expit(x: np.ndarray) -> np.ndarray:
     return np.reciprocal(y, out=y)
 
 
+def _accumulate(out: Array, r: Array, beta: float) -> Array:
+    """``out = r`` (beta 0) or ``out = beta * out + r``, in place; returns ``out``."""
+    if beta == 0.0:
+        out[...] = r
+    else:
+        if beta != 1.0:
+            out *= beta
+        out += r
+    return out
+
+
 def _rows_per_run(rows: int, cols: int) -> int:
     """The largest power of two ``r`` dividing ``rows`` with ``r * cols <= _RUN``: a contiguous (rows, cols)
     matrix read as (rows / r, r * cols) has r times longer rows (1 when ``cols`` is already long)."""
@@ -130,13 +141,7 @@ class ArrayModuleBackend(Backend):
         r = opa @ opb
         if alpha != 1.0:
             r *= alpha
-        if beta == 0.0:
-            out[...] = r
-        else:
-            if beta != 1.0:
-                out *= beta
-            out += r
-        return out
+        return _accumulate(out, r, beta)
 
     def add_row(self, y: Array, b: Array) -> None:
         y += b
@@ -369,13 +374,7 @@ class NumpyBackend(ArrayModuleBackend):
                 r += opa[:, lo:lo + piece] @ opb[lo:lo + piece]
         if out is None or r is out:
             return r
-        if beta == 0.0:
-            out[...] = r
-        else:
-            if beta != 1.0:
-                out *= beta
-            out += r
-        return out
+        return _accumulate(out, r, beta)
 
     def add_row(self, y: Array, b: Array) -> None:
         rows, cols = y.shape
