@@ -159,12 +159,7 @@ class ArrayModuleBackend(Backend):
         s = self.xp.matmul(self._ones(x.shape[0], x.dtype), x)
         if alpha != 1.0:
             s *= alpha
-        if beta == 0.0:
-            out[...] = s
-        else:
-            if beta != 1.0:
-                out *= beta
-            out += s
+        _accumulate(out, s, beta)
 
     def axpy(self, y: Array, x: Array, alpha: float) -> None:
         if alpha == 1.0:
