@@ -167,6 +167,30 @@ def test_float32_gradients_keep_float32_state_and_update_float64_weights(cfg):
     np.testing.assert_allclose(w, ref, rtol=1e-6, atol=1e-7)  # ...but only by float32 rounding
 
 
+@pytest.mark.parametrize("cfg", [TrainConfig(solver="sgd"), TrainConfig(solver="momentum", momentum=0.7),
+                                 TrainConfig(solver="momentum", momentum=0.7, nesterov=True),
+                                 TrainConfig(solver="adam", beta1=0.8, beta2=0.99, epsilon=1e-6)])
+def test_float64_state_with_a_scaled_float32_gradient_sum(cfg):
+    # what barrier mode passes: the float32 sum of 64 samples' gradients, scale 1/64, float64 state
+    rng = np.random.default_rng(4)
+    sums = rng.normal(size=(5, 6)).astype(np.float32) * 64
+    w0 = rng.normal(size=6)
+    w = w0.copy()
+    up = make_updater(cfg, np.float64)
+    for g in sums:
+        up.step(w, g, 0.05, scale=1 / 64)
+    assert all(v.dtype == np.float64 for k, v in up.state_dict().items() if k != "steps")
+    ref, _ = _run(cfg, sums.astype(np.float64) / 64, w0=w0, lr=0.05)  # the mean gradients, in float64
+    np.testing.assert_allclose(w, ref, rtol=1e-14, atol=1e-15)  # float64 rounding only (the scale is exact)
+    # a scale that is not a power of two: the same steps up to float64 rounding
+    w3, up3 = w0.copy(), make_updater(cfg, np.float64)
+    for g in sums:
+        up3.step(w3, g, 0.05, scale=1 / 3)
+    ref3, _ = _run(cfg, sums.astype(np.float64) / 3, w0=w0, lr=0.05)
+    np.testing.assert_allclose(w3, ref3, rtol=1e-13, atol=1e-15)
+    assert not np.allclose(w3, w, rtol=1e-6)  # the scale matters
+
+
 def test_step_shape_mismatch():
     with pytest.raises(ValueError, match=r"same length, got \(3,\) and \(2,\)"):
         make_updater(TrainConfig(solver="sgd")).step(np.ones(3), np.ones(2), 0.1)

@@ -139,7 +139,9 @@ class _Cursor:
             out.append(self.perm[self.pos:self.pos + k])
             self.pos += k
             b -= k
-        return np.sort(np.concatenate(out)) if out else np.zeros(0, np.int64)
+        if not out:
+            return np.zeros(0, np.int64)
+        return np.sort(out[0] if len(out) == 1 else np.concatenate(out))  # rows in memory order
 
 
 class BarrierWorker:
@@ -210,11 +212,10 @@ class BarrierWorker:
         self.comm_seconds += time.perf_counter() - t0
         return out
 
-    def combined_gradient(self, idx: np.ndarray | None) -> tuple[np.ndarray, float, int, np.ndarray]:
-        """The mean gradient (float64; the sum is all-reduced in the model's dtype) and mean loss over every
-        worker's selected rows, the total count, and every rank's compute throughput for this step (samples/s) --
-        identical on all ranks. The updaters then keep float64 state: with float32 Adam moments LeNet-5's test
-        accuracy after 3 epochs (jobs/train.py) dropped from 0.877-0.885 to 0.869-0.877 over 2-7 seeds/runs."""
+    def reduced_sums(self, idx: np.ndarray | None) -> tuple[np.ndarray, float, int, np.ndarray]:
+        """The gradient sum (in the model's dtype) and loss sum over every worker's selected rows, the total
+        count, and every rank's compute throughput for this step (samples/s, float64) -- identical on all ranks.
+        The gradient sum is the all-reduce's output vector, not copied."""
         c0 = self.compute_seconds
         g, loss, m = self._gradient_sum(idx)
         v, nw = self._reduced, self.nw
@@ -223,13 +224,29 @@ class BarrierWorker:
         v[nw] = loss
         v[nw + 1] = m
         v[nw + 2 + self.rank] = m / max(self.compute_seconds - c0, 1e-9)
-        out = self._allreduce(v)  # a fresh vector: divided in place below
+        out = self._allreduce(v)
         total = int(round(float(out[nw + 1])))
         if total == 0:
             raise ValueError("no worker has rows to train on")
-        mean = out[:nw].astype(np.float64)
+        return out[:nw], float(out[nw]), total, out[nw + 2:].astype(np.float64)
+
+    def combined_gradient(self, idx: np.ndarray | None) -> tuple[np.ndarray, float, int, np.ndarray]:
+        """:meth:`reduced_sums` as means: the mean gradient (float64) and mean loss over every worker's selected
+        rows, the total count, and every rank's throughput."""
+        g, loss, total, thr = self.reduced_sums(idx)
+        mean = g.astype(np.float64)
         mean /= total
-        return mean, float(out[nw]) / total, total, out[nw + 2:].astype(np.float64)
+        return mean, loss / total, total, thr
+
+    def _objective(self, loss_sum: float, g_sum: np.ndarray, n: int) -> tuple[float, np.ndarray, float]:
+        """(mean loss + L2, g, s) from ``n`` samples' loss and gradient sums, ``s * g`` being the mean gradient
+        + L2: the updater folds ``s = 1 / n`` into its first pass over the sum; with ``regParam`` the float64 mean
+        gradient is formed here."""
+        n = max(n, 1)
+        if self.config.regParam:
+            f, g = self._regularized(loss_sum / n, g_sum.astype(np.float64) / n)
+            return f, g, 1.0
+        return loss_sum / n, g_sum, 1.0 / n
 
     def _regularized(self, f: float, g: np.ndarray) -> tuple[float, np.ndarray]:
         reg = self.config.regParam
@@ -306,7 +323,9 @@ class BarrierWorker:
         steps_per_epoch = max(1, math.ceil(self.train_rows / batch))
         epochs = c.epochs if c.epochs > 0 else c.maxIter
         total = epochs * steps_per_epoch
-        updater = make_updater(c)
+        # float64 state: with float32 Adam moments LeNet-5's test accuracy after 3 epochs (jobs/train.py) dropped
+        # from 0.877-0.885 to 0.869-0.877 over 2-7 seeds/runs
+        updater = make_updater(c, np.float64)
         if self.updater_state:
             updater.load_state_dict(self.updater_state)
         ex = self.extra
@@ -338,15 +357,15 @@ class BarrierWorker:
             idx = cursor.take(int(shares[self.rank]))
             lr = learning_rate(c, t, total)
             if k == 1:
-                g, f, n, thr = self.combined_gradient(idx)
-                f, g = self._regularized(f, g)
+                g, loss, n, thr = self.reduced_sums(idx)
+                f, g, scale = self._objective(loss, g, n)
                 self._check_finite(f)
-                updater.step(self.weights, g, lr)
+                updater.step(self.weights, g, lr, scale)
             else:  # a local step; the weights are averaged every k steps
                 g, loss, n = self._gradient_sum(idx)
-                f, g = self._regularized(loss / max(n, 1), g.astype(np.float64) / max(n, 1))
+                f, g, scale = self._objective(loss, g, n)
                 if n:
-                    updater.step(self.weights, g, lr)
+                    updater.step(self.weights, g, lr, scale)
                 local_samples += n
                 if (t + 1) % k == 0 or t + 1 == total:
                     self._average(local_samples)

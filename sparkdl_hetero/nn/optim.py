@@ -7,13 +7,15 @@ Conventions follow PyTorch's ``torch.optim`` so runs can be compared one for one
 - ``adam``: ``m = b1 m + (1 - b1) g``, ``v = b2 v + (1 - b2) g^2``,
   ``w -= lr * (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps)``.
 
-State (moments, velocity) and the arithmetic of a step are in the *gradient's* dtype, applied in place to the
-weights in theirs: float32 gradients update float64 master weights with float32 moments (as PyTorch keeps the
-state of a float32 model), half the memory traffic of a float64 step; every pass writes into buffers allocated
-once. L2 regularization (``regParam``) is not applied here: the trainer adds ``regParam * w`` to the gradient, as
-Spark does. The configuration is any object with Spark-style attributes (``solver``, ``stepSize``,
-``momentum``, ``nesterov``, ``beta1``, ``beta2``, ``epsilon``, ``lrSchedule``, ``lrDecay``, ``lrDecaySteps``);
-missing ones take :class:`~sparkdl_hetero.distributed.config.TrainConfig`'s defaults.
+State (moments, velocity) and the arithmetic of a step are in the *gradient's* dtype unless the updater is made
+with a ``state_dtype``, applied in place to the weights in theirs: float32 gradients update float64 master weights
+with float32 moments (as PyTorch keeps the state of a float32 model), half the memory traffic of a float64 step;
+every pass writes into buffers allocated once. ``step(..., scale=s)`` takes ``s * grad`` as the gradient (e.g. a
+gradient *sum* with ``s = 1 / count``): the factor rides in the constants of the first pass over the gradient
+instead of costing passes of its own. L2 regularization (``regParam``) is not applied here: the trainer adds
+``regParam * w`` to the gradient, as Spark does. The configuration is any object with Spark-style attributes
+(``solver``, ``stepSize``, ``momentum``, ``nesterov``, ``beta1``, ``beta2``, ``epsilon``, ``lrSchedule``,
+``lrDecay``, ``lrDecaySteps``); missing ones take :class:`~sparkdl_hetero.distributed.config.TrainConfig`'s defaults.
 """
 
 from __future__ import annotations
@@ -31,20 +33,26 @@ SCHEDULES = ("constant", "step", "cosine")
 class Updater(ABC):
     """Applies one optimizer step in place to a flat host vector; its state survives a checkpoint."""
 
-    def __init__(self) -> None:
+    def __init__(self, state_dtype: Any = None) -> None:
         self.steps = 0
+        self.state_dtype = None if state_dtype is None else np.dtype(state_dtype)
+        self._scratch: np.ndarray | None = None  # reused for the temporaries of every step
 
-    def step(self, weights: np.ndarray, grad: np.ndarray, lr: float) -> None:
-        """``weights`` <- one update with gradient ``grad`` (same shape) and learning rate ``lr``, in place."""
+    def step(self, weights: np.ndarray, grad: np.ndarray, lr: float, scale: float = 1.0) -> None:
+        """``weights`` <- one update with gradient ``scale * grad`` (same shape) and learning rate ``lr``, in
+        place."""
         if weights.shape != grad.shape or weights.ndim != 1:
             raise ValueError(f"weights and grad must be vectors of the same length, got {weights.shape} and "
                              f"{grad.shape}")
         self.steps += 1
-        self._step(weights, grad, grad.dtype.type(lr))
+        t = self.state_dtype or grad.dtype
+        tmp = self._scratch = _reuse(self._scratch, grad.shape, t)
+        self._step(weights, grad, t.type(lr), t.type(scale), tmp)
 
     @abstractmethod
-    def _step(self, w: np.ndarray, g: np.ndarray, lr: np.floating) -> None:
-        """One step; ``lr`` has the gradient's dtype."""
+    def _step(self, w: np.ndarray, g: np.ndarray, lr: np.floating, scale: np.floating, tmp: np.ndarray) -> None:
+        """One step with the gradient ``scale * g``; ``lr``, ``scale`` and the scratch vector ``tmp`` have the
+        state's dtype."""
 
     def _buffers(self) -> dict[str, np.ndarray | None]:
         return {}
@@ -67,44 +75,44 @@ class Updater(ABC):
             setattr(self, k, np.array(d[k], copy=True) if k in d else None)
 
     @staticmethod
-    def _like(buf: np.ndarray | None, g: np.ndarray, name: str) -> np.ndarray:
-        """``buf`` as a state buffer for gradient ``g`` (its shape and dtype): zeros when absent."""
+    def _like(buf: np.ndarray | None, tmp: np.ndarray, name: str) -> np.ndarray:
+        """``buf`` as a state buffer shaped and typed like the scratch vector ``tmp``: zeros when absent."""
         if buf is None:
-            return np.zeros_like(g)
-        if buf.shape != g.shape:
-            raise ValueError(f"updater state {name!r} has shape {buf.shape} but the weights have {g.shape}")
-        return buf if buf.dtype == g.dtype else buf.astype(g.dtype)
+            return np.zeros_like(tmp)
+        if buf.shape != tmp.shape:
+            raise ValueError(f"updater state {name!r} has shape {buf.shape} but the weights have {tmp.shape}")
+        return buf if buf.dtype == tmp.dtype else buf.astype(tmp.dtype)
 
 
 class SGD(Updater):
     """Plain (stochastic) gradient descent."""
 
-    def _step(self, w: np.ndarray, g: np.ndarray, lr: np.floating) -> None:
-        w -= lr * g
+    def _step(self, w: np.ndarray, g: np.ndarray, lr: np.floating, scale: np.floating, tmp: np.ndarray) -> None:
+        np.multiply(g, lr * scale, out=tmp, dtype=tmp.dtype)
+        w -= tmp
 
 
 class Momentum(Updater):
     """Heavy-ball momentum, classical or Nesterov (PyTorch's formulation, dampening 0)."""
 
-    def __init__(self, momentum: float, nesterov: bool) -> None:
-        super().__init__()
+    def __init__(self, momentum: float, nesterov: bool, state_dtype: Any = None) -> None:
+        super().__init__(state_dtype)
         self.momentum, self.nesterov = momentum, nesterov
         self.velocity: np.ndarray | None = None
-        self._scratch: np.ndarray | None = None
 
     def _buffers(self) -> dict[str, np.ndarray | None]:
         return {"velocity": self.velocity}
 
-    def _step(self, w: np.ndarray, g: np.ndarray, lr: np.floating) -> None:
-        v = self.velocity = self._like(self.velocity, g, "velocity")
-        tmp = self._scratch = _scratch(self._scratch, g)
-        mu = g.dtype.type(self.momentum)
+    def _step(self, w: np.ndarray, g: np.ndarray, lr: np.floating, scale: np.floating, tmp: np.ndarray) -> None:
+        v = self.velocity = self._like(self.velocity, tmp, "velocity")
+        mu = tmp.dtype.type(self.momentum)
         v *= mu
-        v += g
-        if self.nesterov:  # lr (g + mu v)
-            np.multiply(v, mu, out=tmp)
-            tmp += g
+        np.multiply(g, scale, out=tmp, dtype=tmp.dtype)  # the gradient, in the state's dtype
+        v += tmp
+        if self.nesterov:  # lr (g + mu v) = lr g + (lr mu) v
             tmp *= lr
+            w -= tmp
+            np.multiply(v, lr * mu, out=tmp)
         else:
             np.multiply(v, lr, out=tmp)
         w -= tmp
@@ -113,27 +121,30 @@ class Momentum(Updater):
 class Adam(Updater):
     """Adam with bias correction (Kingma & Ba 2015)."""
 
-    def __init__(self, beta1: float, beta2: float, epsilon: float) -> None:
-        super().__init__()
+    def __init__(self, beta1: float, beta2: float, epsilon: float, state_dtype: Any = None) -> None:
+        super().__init__(state_dtype)
         self.beta1, self.beta2, self.epsilon = beta1, beta2, epsilon
         self.m: np.ndarray | None = None
         self.v: np.ndarray | None = None
-        self._scratch: np.ndarray | None = None  # reused for the temporaries of every step
+        self._cast: np.ndarray | None = None  # the gradient in the state's dtype, when it differs
 
     def _buffers(self) -> dict[str, np.ndarray | None]:
         return {"m": self.m, "v": self.v}
 
-    def _step(self, w: np.ndarray, g: np.ndarray, lr: np.floating) -> None:
-        m = self.m = self._like(self.m, g, "m")
-        v = self.v = self._like(self.v, g, "v")
-        tmp = self._scratch = _scratch(self._scratch, g)
-        t = g.dtype.type
+    def _step(self, w: np.ndarray, g: np.ndarray, lr: np.floating, scale: np.floating, tmp: np.ndarray) -> None:
+        m = self.m = self._like(self.m, tmp, "m")
+        v = self.v = self._like(self.v, tmp, "v")
+        t = tmp.dtype.type
+        if g.dtype != tmp.dtype:  # one cast pass: cheaper than two mixed-type passes
+            self._cast = _reuse(self._cast, g.shape, tmp.dtype)
+            np.copyto(self._cast, g, casting="same_kind")
+            g = self._cast
         m *= t(self.beta1)
-        np.multiply(g, t(1.0 - self.beta1), out=tmp)
+        np.multiply(g, t(1.0 - self.beta1) * scale, out=tmp)
         m += tmp
         v *= t(self.beta2)
         np.multiply(g, g, out=tmp)
-        tmp *= t(1.0 - self.beta2)
+        tmp *= t(1.0 - self.beta2) * scale * scale
         v += tmp
         c1 = 1.0 - self.beta1 ** self.steps
         s2 = math.sqrt(1.0 - self.beta2 ** self.steps)
@@ -145,25 +156,26 @@ class Adam(Updater):
         w -= tmp
 
 
-def _scratch(buf: np.ndarray | None, g: np.ndarray) -> np.ndarray:
-    """A reusable temporary shaped and typed like ``g``."""
-    return buf if buf is not None and buf.shape == g.shape and buf.dtype == g.dtype else np.empty_like(g)
+def _reuse(buf: np.ndarray | None, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    """``buf`` when it has this shape and dtype, else a new (uninitialized) vector that has."""
+    return buf if buf is not None and buf.shape == shape and buf.dtype == dtype else np.empty(shape, dtype)
 
 
 def _get(cfg: Any, name: str, default: Any) -> Any:
     return getattr(cfg, name, default)
 
 
-def make_updater(cfg: Any) -> Updater:
-    """The updater for ``cfg.solver`` (gd, sgd, momentum, adam), hyper-parameters checked."""
+def make_updater(cfg: Any, state_dtype: Any = None) -> Updater:
+    """The updater for ``cfg.solver`` (gd, sgd, momentum, adam), hyper-parameters checked; its state and arithmetic
+    in ``state_dtype`` (default: each step's gradient dtype)."""
     solver = _get(cfg, "solver", "sgd")
     if solver in ("gd", "sgd"):
-        return SGD()
+        return SGD(state_dtype)
     if solver == "momentum":
         mu = float(_get(cfg, "momentum", 0.9))
         if not 0.0 <= mu < 1.0:
             raise ValueError(f"momentum must be in [0, 1), got {mu}")
-        return Momentum(mu, bool(_get(cfg, "nesterov", False)))
+        return Momentum(mu, bool(_get(cfg, "nesterov", False)), state_dtype)
     if solver == "adam":
         b1, b2, eps = (float(_get(cfg, k, d)) for k, d in (("beta1", 0.9), ("beta2", 0.999), ("epsilon", 1e-8)))
         for name, b in (("beta1", b1), ("beta2", b2)):
@@ -171,7 +183,7 @@ def make_updater(cfg: Any) -> Updater:
                 raise ValueError(f"{name} must be in [0, 1), got {b}")
         if not eps > 0.0:
             raise ValueError(f"epsilon must be > 0, got {eps}")
-        return Adam(b1, b2, eps)
+        return Adam(b1, b2, eps, state_dtype)
     raise ValueError(f"solver {solver!r} has no step updater; expected one of {', '.join(UPDATER_SOLVERS)} "
                      f"(l-bfgs is a full-batch solver handled by the trainer)")
 
