@@ -167,6 +167,24 @@ def test_compute_gradient_accumulates_scale_and_grad_out():
     assert loss == pytest.approx(-np.mean(np.log(p[np.arange(10), y])), rel=1e-12)
 
 
+def test_a_training_step_keeps_no_step_buffers_alive():
+    # every forward cache (a convolution's columns: MBs) is freed by the backward that uses it, so a step's buffers
+    # do not stay alive beside the next step's: after a step only the model's own arrays remain
+    import tracemalloc
+
+    x, y = np.random.default_rng(0).random((32, 784), dtype=np.float32), np.arange(32) % 10
+    model = FeedForwardModel(FeedForwardTopology.from_spec(LENET, (1, 28, 28)), seed=0)
+    model.compute_gradient(x, y)
+    tracemalloc.start()
+    try:
+        model.compute_gradient(x, y)
+        held, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak > 2_000_000  # the step did allocate its columns (2.5 MB for the first convolution alone)
+    assert held < 20_000, f"{held} bytes of the step still referenced"
+
+
 # ---- Spark's flat layout and init ------------------------------------------------------------------------------
 @pytest.mark.parametrize("sizes, count", [([4, 5, 4, 3], 64), ([2, 2, 2], 12), ([784, 100, 10], 79510)])
 def test_spark_weight_count(sizes, count):

@@ -24,7 +24,12 @@ class SpecError(ValueError):
 
 
 class LayerModel(ABC):
-    """A layer bound to its weight and gradient views; caches what backward needs from forward."""
+    """A layer bound to its weight and gradient views; caches what backward needs from forward.
+
+    A cache lives from :meth:`forward` to the :meth:`backward` that consumes it: forward drops the previous one
+    before computing and backward drops it once used, so a step's large buffers (a convolution's columns: MBs)
+    are freed for the next allocations instead of staying alive beside their successors -- a smaller memory
+    footprint per step, which two workers sharing one cache feel. One backward per forward."""
 
     @abstractmethod
     def forward(self, x: Array, training: bool) -> Array:
@@ -116,7 +121,8 @@ class _AffineModel(LayerModel):
         return y
 
     def backward(self, dy: Array, need_dx: bool) -> Array | None:
-        self.be.gemm(self.x, dy, out=self.gwt, trans_a=True, beta=1.0)
+        x, self.x = self.x, None
+        self.be.gemm(x, dy, out=self.gwt, trans_a=True, beta=1.0)
         self.be.col_sum(dy, self.gb, beta=1.0)
         return self.be.gemm(dy, self.wt, trans_b=True) if need_dx else None
 
@@ -150,11 +156,13 @@ class _FunctionalModel(LayerModel):
         self.y: Array = None
 
     def forward(self, x: Array, training: bool) -> Array:
+        self.y = None
         self.y = self.be.activation(self.kind, x, self.alpha)
         return self.y
 
     def backward(self, dy: Array, need_dx: bool) -> Array | None:
-        return self.be.activation_backward(self.kind, self.y, dy, self.alpha) if need_dx else None
+        y, self.y = self.y, None
+        return self.be.activation_backward(self.kind, y, dy, self.alpha) if need_dx else None
 
 
 # ---- convolution ------------------------------------------------------------------------------------------
@@ -219,6 +227,7 @@ class _ConvModel(LayerModel):
     def forward(self, x: Array, training: bool) -> Array:
         c = self.cfg
         self.x_shape = tuple(x.shape)
+        self.cols = None
         self.cols = self.be.im2col(x, c.kernel, c.kernel, c.stride, c.pad)
         y = self.be.gemm(self.cols, self.w)
         self.be.add_row(y, self.b)
@@ -227,7 +236,9 @@ class _ConvModel(LayerModel):
     def backward(self, dy: Array, need_dx: bool) -> Array | None:
         c = self.cfg
         dy2 = dy.reshape(dy.shape[0] * self.out[0] * self.out[1], c.filters)
-        self.be.gemm(self.cols, dy2, out=self.gw, trans_a=True, beta=1.0)
+        cols, self.cols = self.cols, None
+        self.be.gemm(cols, dy2, out=self.gw, trans_a=True, beta=1.0)
+        del cols
         self.be.col_sum(dy2, self.gb, beta=1.0)
         if not need_dx:
             return None
@@ -275,15 +286,17 @@ class _PoolModel(LayerModel):
         self.x_shape = tuple(x.shape)
         if self.cfg.mode == "avg":
             return self.be.avgpool(x, self.cfg.size, self.cfg.step)
+        self.idx = None
         y, self.idx = self.be.maxpool(x, self.cfg.size, self.cfg.step)
         return y
 
     def backward(self, dy: Array, need_dx: bool) -> Array | None:
+        idx, self.idx = self.idx, None
         if not need_dx:
             return None
         if self.cfg.mode == "avg":
             return self.be.avgpool_backward(dy, self.x_shape, self.cfg.size, self.cfg.step)
-        return self.be.maxpool_backward(dy, self.idx, self.x_shape, self.cfg.size, self.cfg.step)
+        return self.be.maxpool_backward(dy, idx, self.x_shape, self.cfg.size, self.cfg.step)
 
 
 @dataclass(frozen=True)
@@ -346,9 +359,10 @@ class _DropoutModel(LayerModel):
         return self.be.mul(x, self.mask)
 
     def backward(self, dy: Array, need_dx: bool) -> Array | None:
+        mask, self.mask = self.mask, None
         if not need_dx:
             return None
-        return dy if self.mask is None else self.be.mul(dy, self.mask)
+        return dy if mask is None else self.be.mul(dy, mask)
 
 
 # ---- losses -----------------------------------------------------------------------------------------------

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections import deque
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -102,14 +104,15 @@ class FeedForwardModel:
             x = self.backend.asarray(np.ascontiguousarray(x, dtype=self.dtype))
         return x
 
-    def forward(self, x: np.ndarray | Array, training: bool = False) -> list[Array]:
-        """The output of every layer below the loss layer (index i: output of layer i)."""
+    def _outputs(self, x: np.ndarray | Array, training: bool) -> Iterator[Array]:
         a = self._input(x)
-        outs = []
         for lm in self.layer_models:
             a = lm.forward(a, training)
-            outs.append(a)
-        return outs
+            yield a
+
+    def forward(self, x: np.ndarray | Array, training: bool = False) -> list[Array]:
+        """The output of every layer below the loss layer (index i: output of layer i)."""
+        return list(self._outputs(x, training))
 
     def predict_raw(self, x: np.ndarray) -> np.ndarray:
         """The last layer's output before the loss layer's function (Spark's rawPrediction)."""
@@ -149,9 +152,10 @@ class FeedForwardModel:
         ``grad_out`` (host) is given, to ``grad_out``."""
         if grad_out is not None:
             self.zero_grad()
-        outs = self.forward(x, training=True)
-        n = outs[-1].shape[0]
-        loss_sum, delta = self.topology.loss_layer.loss(self.backend, outs[-1], self.target(y), scale / n)
+        z = deque(self._outputs(x, True), maxlen=1).pop()  # only the last output is kept: earlier ones are freed
+        n = z.shape[0]
+        loss_sum, delta = self.topology.loss_layer.loss(self.backend, z, self.target(y), scale / n)
+        del z
         self.backward(delta)
         if grad_out is not None:
             grad_out += self.get_gradient()
