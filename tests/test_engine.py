@@ -185,6 +185,31 @@ def test_a_training_step_keeps_no_step_buffers_alive():
     assert held < 20_000, f"{held} bytes of the step still referenced"
 
 
+@pytest.mark.parametrize("spec", [LENET, "conv(4,3,pad=1)-relu-maxpool(3,stride=2)-flatten-affine(5)",
+                                  "conv(3,3)-relu-maxpool(2)-relu-maxpool(2)-flatten-affine(4)"])
+def test_training_step_pools_before_relu_with_the_layer_by_layer_gradient(spec):
+    # compute_gradient runs relu -> max-pool as pool -> relu; the public forward/backward go layer by layer. Half
+    # of every image is zero (the convolution outputs its bias there: ties in every such window; negative biases
+    # give windows whose maximum is negative) -- the gradients must be identical, bit for bit
+    rng = np.random.default_rng(3)
+    topo = FeedForwardTopology.from_spec(spec, (1, 28, 28) if spec == LENET else (1, 12, 12))
+    n = 6
+    x = rng.standard_normal((n, topo.num_inputs)).astype(np.float32)
+    x[:, : topo.num_inputs // 2] = 0.0
+    y = rng.integers(0, topo.num_outputs, n)
+    model = FeedForwardModel(topo, seed=5)
+    assert [type(m).__name__ for m in model._step_models[:3]] == ["_ConvModel", "_PoolModel", "_FunctionalModel"]
+    loss = model.compute_gradient(x, y, scale=2.0)
+    fused = model.get_gradient()
+    model.zero_grad()
+    outs = model.forward(x, training=True)
+    ref_loss, delta = topo.loss_layer.loss(model.backend, outs[-1], model.target(y), 2.0 / n)
+    model.backward(delta)
+    assert loss == ref_loss / n
+    np.testing.assert_array_equal(fused, model.get_gradient())
+    assert np.count_nonzero(fused) > topo.num_weights // 4
+
+
 # ---- Spark's flat layout and init ------------------------------------------------------------------------------
 @pytest.mark.parametrize("sizes, count", [([4, 5, 4, 3], 64), ([2, 2, 2], 12), ([784, 100, 10], 79510)])
 def test_spark_weight_count(sizes, count):

@@ -10,6 +10,7 @@ import numpy as np
 
 from ..backends import Backend, get_backend
 from ..backends.base import Array
+from .layers import Functional, Layer, LayerModel, Pool2D
 from .topology import FeedForwardTopology
 
 
@@ -65,6 +66,7 @@ class FeedForwardModel:
                                self.gradient[offs[i]:offs[i + 1]], be, self.rng)
             for i, layer in enumerate(topology.layers[:-1])
         ]
+        self._step_models = _step_order(topology.layers[:-1], self.layer_models)
 
     @staticmethod
     def initial_weights(topology: FeedForwardTopology, rng: np.random.Generator) -> np.ndarray:
@@ -104,15 +106,15 @@ class FeedForwardModel:
             x = self.backend.asarray(np.ascontiguousarray(x, dtype=self.dtype))
         return x
 
-    def _outputs(self, x: np.ndarray | Array, training: bool) -> Iterator[Array]:
+    def _outputs(self, x: np.ndarray | Array, training: bool, models: list[LayerModel]) -> Iterator[Array]:
         a = self._input(x)
-        for lm in self.layer_models:
+        for lm in models:
             a = lm.forward(a, training)
             yield a
 
     def forward(self, x: np.ndarray | Array, training: bool = False) -> list[Array]:
         """The output of every layer below the loss layer (index i: output of layer i)."""
-        return list(self._outputs(x, training))
+        return list(self._outputs(x, training, self.layer_models))
 
     def predict_raw(self, x: np.ndarray) -> np.ndarray:
         """The last layer's output before the loss layer's function (Spark's rawPrediction)."""
@@ -149,14 +151,29 @@ class FeedForwardModel:
     def compute_gradient(self, x: np.ndarray | Array, y: np.ndarray, grad_out: np.ndarray | None = None,
                          scale: float = 1.0) -> float:
         """Mean loss over the batch; adds ``scale`` x its gradient to :attr:`gradient` (device), or, when
-        ``grad_out`` (host) is given, to ``grad_out``."""
+        ``grad_out`` (host) is given, to ``grad_out``. Runs the layers in :func:`_step_order`."""
         if grad_out is not None:
             self.zero_grad()
-        z = deque(self._outputs(x, True), maxlen=1).pop()  # only the last output is kept: earlier ones are freed
+        models = self._step_models
+        z = deque(self._outputs(x, True, models), maxlen=1).pop()  # only the last output is kept
         n = z.shape[0]
         loss_sum, delta = self.topology.loss_layer.loss(self.backend, z, self.target(y), scale / n)
         del z
-        self.backward(delta)
+        for k in range(len(models) - 1, -1, -1):
+            delta = models[k].backward(delta, need_dx=k > 0)
         if grad_out is not None:
             grad_out += self.get_gradient()
         return loss_sum / n
+
+
+def _step_order(layers: list[Layer], models: list[LayerModel]) -> list[LayerModel]:
+    """The layer models in the order a training step runs them: a ReLU followed by a max-pool runs as the pool
+    and then the ReLU on its (k*k times smaller) output. Same output, same gradient, bit for bit: the maximum of
+    ReLUs is the ReLU of the maximum; a window whose maximum is positive has it at the same first position in
+    both, and one whose maximum is not passes no gradient either way."""
+    order = list(models)
+    for i in range(len(layers) - 1):
+        a, b = layers[i], layers[i + 1]
+        if isinstance(a, Functional) and a.kind == "relu" and isinstance(b, Pool2D) and b.mode == "max":
+            order[i], order[i + 1] = order[i + 1], order[i]
+    return order
