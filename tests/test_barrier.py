@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from _helpers import run_ranks
 
-from sparkdl_hetero.distributed.barrier import BarrierWorker, rebalance, split_batch, train_worker
+from sparkdl_hetero.distributed.barrier import BarrierWorker, balanced_shares, rebalance, split_batch, train_worker
 from sparkdl_hetero.distributed.comm import Communicator
 from sparkdl_hetero.distributed.config import TrainConfig
 from sparkdl_hetero.nn.model import FeedForwardModel
@@ -60,6 +60,24 @@ def test_rebalance_moves_rows_only_when_the_predicted_step_is_shorter() -> None:
     assert rebalance(even, np.array([1.3, 1.0]), min_gain=0.2).tolist() == [32, 32]  # 12% shorter: not enough
     assert rebalance(even, np.array([3.0, 1.0])).tolist() == [48, 16]  # a real straggler: 25% shorter
     assert rebalance(np.array([48, 16]), np.array([1.0, 1.0])).tolist() == [32, 32]  # it caught up
+
+
+def test_balanced_shares_ignore_noise_between_equal_workers_but_follow_a_straggler() -> None:
+    even = np.array([32, 32])
+    moved = plain_moved = 0
+    for seed in range(200):  # 10 steps' throughputs of two equally fast workers, 8% noise per step
+        samples = 1000.0 * np.exp(np.random.default_rng(seed).normal(0.0, 0.08, size=(10, 2)))
+        moved += balanced_shares(even, samples).tolist() != [32, 32]
+        plain_moved += rebalance(even, np.median(samples, axis=0)).tolist() != [32, 32]
+        slow = samples / [1.0, 3.0]  # the same noise, rank 1 three times slower: a large move at once
+        assert 46 <= balanced_shares(even, slow)[0] <= 50
+    assert moved <= 2 and plain_moved >= 40  # the median alone passes the 1% rule a third of the time
+    # a real, steady 8% difference measured with little noise still moves a row
+    steady = 1000.0 * np.exp(np.random.default_rng(0).normal(0.0, 0.01, size=(10, 2))) * [1.08, 1.0]
+    assert balanced_shares(even, steady).tolist() == [33, 31]
+    # one measurement (the first re-split): no noise estimate, only the given minimum gain applies
+    assert balanced_shares(even, np.array([[1.3, 1.0]]), 0.2).tolist() == [32, 32]
+    assert balanced_shares(even, np.array([[3.0, 1.0]]), 0.2).tolist() == [48, 16]
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])

@@ -10,7 +10,8 @@ and the same update on every replica, so the replicas stay bit-identical.
 Mini-batch solvers (``sgd``, ``momentum``, ``adam``): the global batch ``batchSize`` is split among the workers in
 proportion to their measured compute throughput (``balance=True``; measured every step, the median of the last
 :data:`THROUGHPUT_WINDOW` -- and re-split every :data:`REBALANCE_EVERY` steps when that shortens the predicted step
-by more than :data:`REBALANCE_GAIN`; at the first measurement, by more than :data:`FIRST_REBALANCE_GAIN`) or to
+by more than :data:`REBALANCE_GAIN` and by more than the measurement noise allows (:func:`balanced_shares`); at the
+first measurement, by more than :data:`FIRST_REBALANCE_GAIN`) or to
 their number of rows (``balance=False``: plain synchronous training). Each worker sends the *sum* of its samples'
 gradients with its sample count; the all-reduced sum divided by the total count is exactly the mean gradient of the
 global batch. Throughputs ride in the same vector (one slot per rank), so every rank computes the same split.
@@ -41,7 +42,6 @@ import json
 import math
 import os
 import time
-from collections import deque
 from collections.abc import Iterator
 from typing import Any
 
@@ -61,6 +61,7 @@ REBALANCE_GAIN = 0.01  # a re-split is applied only if it shortens the predicted
 FIRST_REBALANCE_GAIN = 0.2  # ...or by this much at the first measurement (one step's: noisy), e.g. for a straggler
 WARMUP_STEPS = 2  # steps before the first re-split (the first measurements include one-off costs)
 THROUGHPUT_WINDOW = 10  # a rank's throughput is the median of its last this many steps' measurements
+NOISE_MARGIN = 5.0  # x (MAD / median) / sqrt(window): ~2 standard errors of the ratio of two ranks' medians
 FAULT_PROPERTY = "sparkdl_hetero.injectFault"
 _OUT_SCHEMA = "rank int, meta string, weights binary"
 DRIVER_RETRIES = 2  # barrier jobs re-run by the driver after Spark gave up (each resumes from the checkpoint)
@@ -95,6 +96,19 @@ def rebalance(shares: np.ndarray, throughput: np.ndarray, min_gain: float = REBA
     if np.max(new / thr) < (1.0 - min_gain) * np.max(shares / thr):
         return new
     return shares
+
+
+def balanced_shares(shares: np.ndarray, samples: np.ndarray, min_gain: float = REBALANCE_GAIN) -> np.ndarray:
+    """:func:`rebalance` on the median of per-step throughput ``samples`` (one row per step, one column per rank),
+    the predicted gain also having to beat the noise of those medians: ``NOISE_MARGIN`` x the largest relative
+    median absolute deviation / sqrt(steps). Equally fast workers then keep an even split on a noisy machine (each
+    row moved makes the receiving rank ~3% slower at LeNet's 32 rows); a straggler's gain (25% and more) passes."""
+    samples = np.asarray(samples, dtype=np.float64)
+    throughput = np.median(samples, axis=0)
+    if len(samples) > 1:
+        mad = np.median(np.abs(samples - throughput), axis=0) / np.maximum(throughput, 1e-12)
+        min_gain = max(min_gain, NOISE_MARGIN * float(np.max(mad)) / math.sqrt(len(samples)))
+    return rebalance(shares, throughput, min_gain)
 
 
 def _pause(seconds: float) -> None:
@@ -331,7 +345,9 @@ class BarrierWorker:
         ex = self.extra
         rows = self.comm.allgather(len(self.y))
         throughput = np.asarray(ex.get("throughput", rows), dtype=np.float64)
-        window: deque[np.ndarray] = deque([throughput] if "throughput" in ex else [], maxlen=THROUGHPUT_WINDOW)
+        window = np.empty((THROUGHPUT_WINDOW, self.world))  # the last steps' throughputs, a ring
+        window[0] = throughput
+        measurements = int("throughput" in ex)  # how many the ring has seen
         shares = split_batch(batch, throughput if c.balance else rows)
         loss_sum, count = float(ex.get("epochLossSum", 0.0)), int(ex.get("epochCount", 0))
         best = (float(ex.get("bestLoss", math.inf)), int(ex.get("badEpochs", 0)))
@@ -344,8 +360,8 @@ class BarrierWorker:
 
         def snapshot() -> None:  # what a checkpoint holds (taken when one is written, not every step)
             nonlocal throughput
-            if window:
-                throughput = np.median(np.stack(window), axis=0)
+            if measurements:
+                throughput = np.median(window[:min(measurements, THROUGHPUT_WINDOW)], axis=0)
             self.updater_state = updater.state_dict()
             self.extra.update(epochLossSum=loss_sum, epochCount=count, bestLoss=best[0], badEpochs=best[1],
                               throughput=[float(v) for v in throughput], shares=[int(s) for s in shares])
@@ -375,10 +391,11 @@ class BarrierWorker:
             loss_sum += f * n
             count += n
             if k == 1 and self.iteration > WARMUP_STEPS:  # the first steps carry one-off costs: not measured
-                window.append(np.maximum(thr, 1e-9))
+                np.maximum(thr, 1e-9, out=window[measurements % THROUGHPUT_WINDOW])
+                measurements += 1
                 if c.balance and (not measured or self.iteration % REBALANCE_EVERY == 0):
-                    throughput = np.median(np.stack(window), axis=0)  # robust to a preempted step
-                    shares = rebalance(shares, throughput, REBALANCE_GAIN if measured else FIRST_REBALANCE_GAIN)
+                    shares = balanced_shares(shares, window[:min(measurements, THROUGHPUT_WINDOW)],
+                                             REBALANCE_GAIN if measured else FIRST_REBALANCE_GAIN)
                 measured = True
             if self.iteration % steps_per_epoch == 0:
                 if k > 1:  # the epoch's mean loss over every worker's samples
