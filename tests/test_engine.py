@@ -497,7 +497,7 @@ def test_trainer_on_a_device_backend_matches_numpy(spark_data_dir):
 
 # ---- NumpyBackend's fast paths against the generic array-module code ------------------------------------------
 @pytest.mark.parametrize("n, h, w, c, k", [(4, 28, 28, 6, 2), (2, 10, 10, 16, 2), (1, 7, 9, 2, 2), (2, 9, 7, 3, 3),
-                                           (3, 6, 6, 1, 3)])
+                                           (3, 6, 6, 1, 3), (2, 8, 8, 1, 2), (1, 9, 8, 2, 4), (1, 12, 13, 2, 12)])
 @pytest.mark.parametrize("kind", ["normal", "relu", "integers"])
 def test_maxpool_disjoint_windows_fast_path_equals_general_path(n, h, w, c, k, kind):
     """Same maxima, same first-in-raster-order argmax (ties: relu zeros, repeated integers), same input delta."""

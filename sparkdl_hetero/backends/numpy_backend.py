@@ -448,37 +448,27 @@ class NumpyBackend(ArrayModuleBackend):
     def maxpool(self, x: Array, k: int, stride: int) -> tuple[Array, Array]:
         if stride != k or k == 1:
             return super().maxpool(x, k, stride)
-        # disjoint windows. First in raster order = first row holding the maximum, first column in it, so
-        # "strictly greater replaces" along rows and then down columns picks the general path's index.
+        # disjoint windows: each of the k*k window positions as one contiguous plane (pixels copied as opaque
+        # items), then a pairwise tournament of neighbouring groups in raster order in which the later group wins
+        # only when strictly greater -- the first maximum in raster order, as in the general path. Whole-plane
+        # passes: (32, 28, 28, 6) 105 -> 72 us, one thread
         n, h, w, c = x.shape
         oh, ow = pool_out(h, k, k), pool_out(w, k, k)
-        flat = np.ascontiguousarray(x).reshape(-1)
-        size, span = flat.size, (k - 1) * c
         itype = np.int8 if k * k < 128 else np.int32
-        # 1. the maximum of the k pixels of a row starting at every position (whole-array shifted passes; only
-        # the window starts are used): position q and q + b*c are horizontal neighbours
-        hm = np.zeros(size, dtype=x.dtype)
-        col = np.zeros(size, dtype=itype)
-        head, chead = hm[:size - span], col[:size - span]
-        np.greater(flat[c:size - span + c], flat[:size - span], casting="unsafe",
-                   out=chead.view(np.bool_) if itype == np.int8 else chead)  # a bool view: no cast
-        np.maximum(flat[:size - span], flat[c:size - span + c], out=head)
-        for b in range(2, k):
-            cand = flat[b * c:size - span + b * c]
-            gt = cand > head
-            np.maximum(head, cand, out=head)
-            chead += (b - chead) * gt  # col = b where gt; arithmetic: masked stores crawl on irregular masks
-        # 2. down the k rows of each window: whole image rows
-        rows = hm.reshape(n, h, w * c)[:, :oh * k].reshape(n, oh, k, w * c)
-        cols = col.reshape(n, h, w * c)[:, :oh * k].reshape(n, oh, k, w * c)
-        y, idx = rows[:, :, 0].copy(), cols[:, :, 0].copy()
-        for a in range(1, k):
-            gt = rows[:, :, a] > y
-            np.maximum(y, rows[:, :, a], out=y)
-            idx += (a * k + cols[:, :, a] - idx) * gt
-        # 3. the window starts, copied as whole pixels
-        return (_unpixels(_pixels(y.reshape(n, oh, w, c))[:, :, :ow * k:k].copy(), x.dtype, c),
-                _unpixels(_pixels(idx.reshape(n, oh, w, c))[:, :, :ow * k:k].copy(), itype, c))
+        px = _pixels(np.ascontiguousarray(x))
+        level: list[tuple[np.ndarray, Any]] = [
+            (_unpixels(px[:, i:k * oh:k, j:k * ow:k].copy(), x.dtype, c), i * k + j)
+            for i in range(k) for j in range(k)]
+        while len(level) > 1:
+            paired = []
+            for (m_left, i_left), (m_right, i_right) in zip(level[0::2], level[1::2], strict=False):
+                take = np.greater(m_right, m_left)
+                np.maximum(m_left, m_right, out=m_left)
+                idx = (i_right - i_left) * (take.view(np.int8) if itype == np.int8 else take.astype(itype))
+                idx += i_left
+                paired.append((m_left, idx))
+            level = paired + level[len(paired) * 2:]
+        return level[0]
 
     def maxpool_backward(self, dy: Array, idx: Array, x_shape: tuple[int, int, int, int], k: int,
                          stride: int) -> Array:
