@@ -16,6 +16,9 @@ _RUN = 256  # elements per inner-loop run that make NumPy's per-call overhead sm
 # convolution's (n*784 x 25) @ (25 x 6) -- the packing dominates: pieces under the limit run ~2x faster
 _SMALL_GEMM = 1_000_000
 _SMALL_GEMM_CORES = ("skylakex", "cooperlake", "sapphirerapids")  # OpenBLAS core names, lower case
+# up to this many rows a bias add / column sum is one broadcast pass / one reduction: a small batch's
+# (12 x 120) bias gradient 4.0 -> 1.3 us, its bias add 1.8 -> 0.9 us (the GEMV and tiled forms pay fixed costs)
+_FEW_ROWS = 64
 
 
 @functools.cache
@@ -155,8 +158,12 @@ class ArrayModuleBackend(Backend):
             v = self._ones_cache[key] = self.xp.ones(max(n, 1024), dtype=dtype)
         return v[:n]
 
+    def _col_sums(self, x: Array) -> Array:
+        """``x.sum(axis=0)`` (a new vector)."""
+        return self.xp.matmul(self._ones(x.shape[0], x.dtype), x)
+
     def col_sum(self, x: Array, out: Array, alpha: float = 1.0, beta: float = 0.0) -> None:
-        s = self.xp.matmul(self._ones(x.shape[0], x.dtype), x)
+        s = self._col_sums(x)
         if alpha != 1.0:
             s *= alpha
         _accumulate(out, s, beta)
@@ -373,7 +380,7 @@ class NumpyBackend(ArrayModuleBackend):
 
     def add_row(self, y: Array, b: Array) -> None:
         rows, cols = y.shape
-        r = _rows_per_run(rows, cols) if y.flags.c_contiguous else 1
+        r = _rows_per_run(rows, cols) if y.flags.c_contiguous and rows > _FEW_ROWS else 1
         if r == 1:
             y += b
         else:  # narrow rows (a convolution's filters): add r copies of b to r rows at once
@@ -381,15 +388,15 @@ class NumpyBackend(ArrayModuleBackend):
             tiled[...] = b
             y.reshape(rows // r, r * cols).__iadd__(tiled.reshape(-1))
 
-    def col_sum(self, x: Array, out: Array, alpha: float = 1.0, beta: float = 0.0) -> None:
+    def _col_sums(self, x: Array) -> Array:
         rows, cols = x.shape
+        if rows <= _FEW_ROWS:
+            return np.add.reduce(x, axis=0)
         r = _rows_per_run(rows, cols) if x.flags.c_contiguous else 1
         if r == 1:
-            super().col_sum(x, out, alpha, beta)
-        else:  # narrow columns: sum r rows at once, then the r partial sums
-            part = np.empty((r, cols), dtype=x.dtype)
-            super().col_sum(x.reshape(rows // r, r * cols), part.reshape(-1))
-            super().col_sum(part, out, alpha, beta)
+            return super()._col_sums(x)
+        # narrow columns: sum r rows at once, then the r partial sums
+        return super()._col_sums(super()._col_sums(x.reshape(rows // r, r * cols)).reshape(r, cols))
 
     @staticmethod
     def _padded(x: np.ndarray, pad: int) -> np.ndarray:
