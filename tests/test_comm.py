@@ -42,6 +42,40 @@ def test_vectors_larger_than_the_socket_buffers(algorithm: str) -> None:
     np.testing.assert_array_equal(results[0], data[0] + data[1])
 
 
+@pytest.mark.parametrize("algorithm", ["auto", "hub"])
+def test_allreduce_into_out_also_when_the_next_frames_come_early(algorithm: str) -> None:
+    data = [np.random.default_rng(r).normal(size=1001).astype(np.float32) for r in range(2)]
+
+    def fn(c: Communicator) -> list[np.ndarray]:
+        outs = [np.empty(1001, np.float32) for _ in range(2)]
+        sums = []
+        for i in range(8):
+            if c.rank == 0 and i % 2:  # rank 1's next frame is already in (or on its way) when rank 0 asks for it
+                time.sleep(0.02)
+            got = c.allreduce(data[c.rank] * (i + 1), algorithm, out=outs[i % 2])
+            assert got is outs[i % 2]
+            sums.append(got.copy())
+        return sums
+
+    results = run_ranks(2, fn)
+    assert not any(isinstance(r, Exception) for r in results), results
+    for i in range(8):
+        expected = data[0] * (i + 1) + data[1] * (i + 1)
+        assert results[0][i].tobytes() == results[1][i].tobytes() == expected.tobytes()
+
+
+def test_allreduce_out_must_be_a_separate_vector_like_the_input() -> None:
+    c = Communicator(0, 1, "127.0.0.1")
+    x = np.ones(4, np.float32)
+    for bad in (x, np.empty(4), np.empty(5, np.float32), np.empty(8, np.float32)[::2]):
+        with pytest.raises(ValueError, match=r"out must be a contiguous float32 vector of 4 values apart from the "
+                                             r"input, got float(32|64) \((4|5),\)"):
+            c.allreduce(x, out=bad)
+    out = np.empty(4, np.float32)
+    assert c.allreduce(x, out=out) is out and out.tolist() == [1.0] * 4
+    c.close()
+
+
 def test_ring_with_fewer_elements_than_ranks() -> None:
     results = run_ranks(4, lambda c: c.allreduce(np.array([c.rank + 1.0, 2.0]), "ring"))
     for res in results:

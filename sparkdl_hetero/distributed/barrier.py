@@ -184,9 +184,10 @@ class BarrierWorker:
         self.straggle = float({int(k): v for k, v in dict(config.straggler).items()}.get(self.rank, 1.0))
         if self.straggle < 1.0:
             raise ValueError(f"straggler factors must be >= 1, got {self.straggle} for rank {self.rank}")
-        # per-step buffers, allocated once: the replica's weights and the vector all-reduced every step
+        # per-step buffers, allocated once: the replica's weights, the vector all-reduced every step and its sum
         self._w_model = np.empty(self.nw, self.dtype)
         self._reduced = np.zeros(self.nw + 2 + self.world, self.dtype)
+        self._summed = np.empty_like(self._reduced)
         # timings of this rank
         self.step_seconds: list[float] = []
         self.compute_seconds = 0.0
@@ -220,16 +221,16 @@ class BarrierWorker:
         self.samples += m
         return g, loss, m
 
-    def _allreduce(self, v: np.ndarray) -> np.ndarray:
+    def _allreduce(self, v: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         t0 = time.perf_counter()
-        out = self.comm.allreduce(v, self.config.allReduce)
+        out = self.comm.allreduce(v, self.config.allReduce, out)
         self.comm_seconds += time.perf_counter() - t0
         return out
 
     def reduced_sums(self, idx: np.ndarray | None) -> tuple[np.ndarray, float, int, np.ndarray]:
         """The gradient sum (in the model's dtype) and loss sum over every worker's selected rows, the total
         count, and every rank's compute throughput for this step (samples/s, float64) -- identical on all ranks.
-        The gradient sum is the all-reduce's output vector, not copied."""
+        The gradient sum is a view of the all-reduce's output buffer, which the next call overwrites."""
         c0 = self.compute_seconds
         g, loss, m = self._gradient_sum(idx)
         v, nw = self._reduced, self.nw
@@ -238,7 +239,7 @@ class BarrierWorker:
         v[nw] = loss
         v[nw + 1] = m
         v[nw + 2 + self.rank] = m / max(self.compute_seconds - c0, 1e-9)
-        out = self._allreduce(v)
+        out = self._allreduce(v, self._summed)
         total = int(round(float(out[nw + 1])))
         if total == 0:
             raise ValueError("no worker has rows to train on")

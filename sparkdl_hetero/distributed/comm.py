@@ -5,10 +5,15 @@ Every task builds a :class:`Communicator` bound to its executor's own address, t
 mesh of sockets. Each connection is authenticated both ways by an HMAC challenge-response over the secret.
 
 Frames are ``magic | kind | length`` followed by the payload; a frame longer than its kind's limit (the expected
-vector size for data) is refused. One reader thread per peer drains its socket into a queue, so sends never
-deadlock and a peer that closes its socket is noticed at once. Waiting on a peer longer than ``timeout`` raises
-:class:`CommError` naming that peer's rank; the first rank to fail tells every other rank (an ``abort`` frame), so
-all of them fail with the same culprit instead of hanging.
+vector size for data) is refused. There are no helper threads: the sockets are non-blocking and whenever a rank
+waits -- for a frame, or for the kernel to take what it sends -- it polls every connection, receiving (a data frame
+straight into the vector waiting for it) and answering whatever arrives, so ranks sending to each other never
+deadlock and a wait wakes on the data itself, not on a thread hand-off (a 2-rank LeNet-5 gradient exchange in
+training: 0.10-0.15 ms with reader threads, 0.086-0.105 ms so). Waiting on a peer longer than ``timeout`` raises
+:class:`CommError` naming the rank to blame: the waiting rank asks "whom are you waiting on?" along the chain of
+waits (a rank busy outside any collective does not answer within ``min(timeout, 5 s)`` and is named); the first
+rank to fail tells every other rank (an ``abort`` frame), so all of them fail with the same culprit instead of
+hanging. A peer that closes its socket is noticed at the next wait.
 
 Summation order is fixed (rank order at the hub, ring order per chunk), and every chunk is reduced on exactly
 one rank and then copied, so every rank receives bit-identical results. With two ranks, ``auto`` uses a direct
@@ -22,13 +27,14 @@ import base64
 import hashlib
 import hmac
 import json
+import math
 import secrets
+import select
 import socket
 import struct
-import threading
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -74,19 +80,6 @@ def _recv_exact(sock: socket.socket, n: int) -> bytes:
     return bytes(buf)
 
 
-def _send_frame(sock: socket.socket, header: bytes, payload: bytes | memoryview) -> None:
-    """Header and payload in one system call when the socket takes them at once (no copy joining them)."""
-    if not len(payload):
-        sock.sendall(header)
-        return
-    sent = sock.sendmsg([header, payload])
-    if sent < len(header):
-        sock.sendall(header[sent:])
-        sent = len(header)
-    if sent - len(header) < len(payload):
-        sock.sendall(memoryview(payload)[sent - len(header):])
-
-
 def _json_default(obj: Any) -> Any:
     if isinstance(obj, np.ndarray):
         a = np.ascontiguousarray(obj)
@@ -113,16 +106,24 @@ def decode_object(data: bytes) -> Any:
 
 
 class _Peer:
-    """One authenticated connection: the socket, a reader thread and the frames it has received."""
+    """One authenticated connection, non-blocking once the mesh is up: the frame being received (parsed as its
+    bytes arrive), complete frames, and the bytes not yet handed to the kernel."""
 
     def __init__(self, rank: int, sock: socket.socket) -> None:
         self.rank = rank
         self.sock = sock
-        self.frames: deque[tuple[int, bytes]] = deque()
+        self.frames: deque[tuple[int, Any]] = deque()  # complete data/object frames, in arrival order
         self.failure: str | None = None  # why the connection is unusable (EOF, oversized frame, ...)
         self.left = False  # said goodbye
         self.status: deque[int | None] = deque()  # answers to our "whom are you waiting on?" queries
-        self.send_lock = threading.Lock()
+        self.outbox: deque[memoryview] = deque()  # queued frames' bytes, in order
+        self.header = bytearray(_HEADER.size)
+        self.kind = 0
+        self.payload: Any = None  # the current frame's payload buffer once its header is in (None: in the header)
+        self.view: memoryview | None = None  # ... as bytes
+        self.got = 0  # bytes of the current header or payload received
+        self.into: np.ndarray | None = None  # where the next frame to be taken goes, if a data frame of its size
+        self.events = 0  # the poll mask registered for the socket (0: not registered)
 
 
 class Communicator:
@@ -146,7 +147,8 @@ class Communicator:
         self._listener = socket.create_server((host, port), backlog=max(world_size, 8))
         self.address: tuple[str, int] = self._listener.getsockname()[:2]
         self._peers: dict[int, _Peer] = {}
-        self._cond = threading.Condition()
+        self._poller = select.poll()
+        self._by_fd: dict[int, _Peer] = {}
         self._abort: tuple[int | None, str] | None = None
         self._closing = False
         self._waiting_on: int | None = None  # the peer this rank is blocked on (answered to queries)
@@ -180,9 +182,9 @@ class Communicator:
                 expected.discard(r)
         self._listener.close()
         for peer in self._peers.values():
-            peer.sock.settimeout(self.timeout)
-            threading.Thread(target=self._read_loop, args=(peer,), daemon=True,
-                             name=f"comm-{self.rank}<-{peer.rank}").start()
+            peer.sock.setblocking(False)
+            self._by_fd[peer.sock.fileno()] = peer
+            self._watch(peer)
 
     def _dial(self, r: int, address: tuple[str, int], secret: bytes, deadline: float) -> None:
         while True:  # the peer may not listen yet only if it is slow to start; retry until the deadline
@@ -252,141 +254,227 @@ class Communicator:
             return self.max_object_bytes
         return _ABORT_LIMIT
 
-    def _read_loop(self, peer: _Peer) -> None:
-        sock = peer.sock
-        try:
-            while True:
-                header = self._read(sock, _HEADER.size)
-                magic, kind, length = _HEADER.unpack(header)
-                if magic != MAGIC or kind not in _KIND_NAMES:
-                    raise CommError(f"rank {peer.rank} sent a malformed frame header", peer.rank)
-                if length > self._limit(kind):
-                    raise CommError(f"rank {peer.rank} sent a {_KIND_NAMES[kind]} frame of {length} bytes, "
-                                    f"larger than the limit of {self._limit(kind)} bytes", peer.rank)
-                payload = self._read(sock, length) if length else b""
-                with self._cond:
-                    if kind == _BYE:
-                        peer.left = True
-                    elif kind == _QUERY:
-                        waiting_on = self._waiting_on
-                    elif kind == _STATUS:
-                        peer.status.append(decode_object(payload)["waiting_on"])
-                    elif kind == _ABORT:
-                        info = decode_object(payload)
-                        if self._abort is None:
-                            self._abort = (info.get("rank"), str(info.get("message")))
-                    else:
-                        peer.frames.append((kind, payload))
-                    self._cond.notify_all()
-                if kind == _QUERY:  # answered by this thread: works while the main thread is blocked
-                    answer = encode_object({"waiting_on": waiting_on})
-                    with peer.send_lock:
-                        sock.sendall(_HEADER.pack(MAGIC, _STATUS, len(answer)) + answer)
-                if kind == _BYE:
-                    return
-        except (OSError, CommError, ValueError) as e:
-            with self._cond:
-                if not self._closing and not peer.left:
-                    peer.failure = (str(e) if isinstance(e, CommError)
-                                    else f"rank {peer.rank} closed the connection or died ({e})")
-                self._cond.notify_all()
-            if isinstance(e, CommError):
-                sock.close()
+    def _watch(self, peer: _Peer) -> None:
+        """Poll the socket for what the peer needs now: input always, output while bytes wait in its outbox."""
+        events = 0 if peer.failure is not None else select.POLLIN | (select.POLLOUT if peer.outbox else 0)
+        if events == peer.events:
+            return
+        fd = peer.sock.fileno()
+        if not events:
+            if fd >= 0:
+                self._poller.unregister(fd)
+        elif peer.events:
+            self._poller.modify(fd, events)
+        else:
+            self._poller.register(fd, events)
+        peer.events = events
 
-    def _read(self, sock: socket.socket, n: int) -> bytearray:
-        """Like :func:`_recv_exact`, but a quiet peer is not an error here (waits are timed by the caller); the
-        buffer itself is returned (not copied: a data frame becomes a writable vector in place)."""
-        buf = bytearray(n)
-        view = memoryview(buf)
-        got = 0
-        while got < n:
+    def _lost(self, peer: _Peer, why: str, close: bool = False) -> None:
+        """The connection to ``peer`` is unusable (EOF, a socket error, a malformed frame): stop polling it."""
+        if peer.failure is None and not self._closing and not peer.left:
+            peer.failure = why
+        peer.outbox.clear()
+        if peer.failure is None:  # closed after its goodbye (or while we close): not an error
+            peer.failure = f"rank {peer.rank} left the job"
+        self._watch(peer)
+        if close:
+            peer.sock.close()
+
+    def _pump_in(self, peer: _Peer, force: bool = False) -> None:
+        """Read whatever the peer's socket holds (never blocks) and handle every frame it completes; ``force``:
+        also after a failure to send (a verdict it sent before closing is still read)."""
+        if peer.failure is not None and not force:
+            return
+        sock, r = peer.sock, peer.rank
+        while True:
+            view = memoryview(peer.header)[peer.got:] if peer.payload is None else peer.view[peer.got:]
             try:
-                k = sock.recv_into(view[got:])
-            except TimeoutError:
-                if self._closing:
-                    raise ConnectionError("closing") from None
-                continue
-            if k == 0:
-                raise ConnectionError("connection closed")
-            got += k
-        return buf
+                k = sock.recv_into(view) if len(view) else 0
+            except BlockingIOError:
+                return
+            except OSError as e:
+                self._lost(peer, f"rank {r} closed the connection or died ({e})")
+                return
+            if k == 0 and len(view):
+                self._lost(peer, f"rank {r} closed the connection or died (connection closed)")
+                return
+            peer.got += k
+            if peer.payload is None:
+                if peer.got < _HEADER.size:
+                    continue
+                magic, kind, length = _HEADER.unpack(peer.header)
+                if magic != MAGIC or kind not in _KIND_NAMES:
+                    self._lost(peer, f"rank {r} sent a malformed frame header", close=True)
+                    return
+                if length > self._limit(kind):
+                    self._lost(peer, f"rank {r} sent a {_KIND_NAMES[kind]} frame of {length} bytes, larger than the "
+                                     f"limit of {self._limit(kind)} bytes", close=True)
+                    return
+                if kind == _DATA:  # into the vector waiting for the next frame when it fits, else a fresh one
+                    into, peer.into = (peer.into, None) if not peer.frames else (None, peer.into)
+                    payload = into if into is not None and into.nbytes == length else np.empty(length, np.uint8)
+                    peer.view = memoryview(payload).cast("B")
+                else:
+                    payload = bytearray(length)
+                    peer.view = memoryview(payload)
+                peer.kind, peer.payload, peer.got = kind, payload, 0
+            if peer.got == len(peer.view):
+                kind, payload = peer.kind, peer.payload
+                peer.payload = peer.view = None
+                peer.got = 0
+                try:
+                    self._dispatch(peer, kind, payload)
+                except ValueError as e:  # an undecodable control frame
+                    self._lost(peer, f"rank {r} sent a malformed {_KIND_NAMES[kind]} frame ({e})", close=True)
+                    return
+                if peer.left:
+                    return
+
+    def _dispatch(self, peer: _Peer, kind: int, payload: Any) -> None:
+        if kind == _BYE:
+            peer.left = True
+            self._watch(peer)
+        elif kind == _QUERY:  # answered from inside whichever wait this rank is in
+            self._queue(peer, _STATUS, encode_object({"waiting_on": self._waiting_on}))
+        elif kind == _STATUS:
+            peer.status.append(decode_object(payload)["waiting_on"])
+        elif kind == _ABORT:
+            info = decode_object(payload)
+            if self._abort is None:
+                self._abort = (info.get("rank"), str(info.get("message")))
+        else:
+            peer.frames.append((kind, payload))
+
+    def _queue(self, peer: _Peer, kind: int, payload: bytes | memoryview) -> None:
+        """Append a frame to the peer's outbox and hand the kernel what it takes now."""
+        if peer.failure is not None:
+            return
+        peer.outbox.append(memoryview(_HEADER.pack(MAGIC, kind, len(payload))))
+        if len(payload):
+            peer.outbox.append(memoryview(payload).cast("B"))
+        self._pump_out(peer)
+
+    def _pump_out(self, peer: _Peer) -> None:
+        """Send queued bytes until the socket would block (header and payload in one system call)."""
+        out = peer.outbox
+        while out:
+            try:
+                sent = peer.sock.sendmsg(list(out)[:2])
+            except BlockingIOError:
+                break
+            except OSError as e:
+                self._lost(peer, f"sending to rank {peer.rank} failed ({e})")
+                self._pump_in(peer, force=True)  # it may have closed because it aborted: read its verdict
+                return
+            while sent:
+                head = out[0]
+                if sent < len(head):
+                    out[0] = head[sent:]
+                    break
+                sent -= len(head)
+                out.popleft()
+        self._watch(peer)
+
+    def _progress(self, done: Callable[[], bool], deadline: float) -> bool:
+        """Move bytes on every connection until ``done()`` or an abort; False if ``deadline`` passed first."""
+        while not done() and self._abort is None:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            self._poll(remaining)
+        return True
+
+    def _poll(self, seconds: float) -> None:
+        """Wait at most ``seconds`` for any connection to be ready, then receive (and handle) what arrived and send
+        what fits. Every wait of this rank is here: a peer's data, queries and verdicts are read while it waits."""
+        for fd, events in self._poller.poll(max(1, math.ceil(seconds * 1000))):
+            peer = self._by_fd[fd]
+            if events & select.POLLNVAL:  # closed behind our back
+                self._poller.unregister(fd)
+                peer.events = 0
+                self._lost(peer, f"rank {peer.rank}'s connection was closed")
+            elif events & ~select.POLLOUT:
+                self._pump_in(peer)
+            if events & select.POLLOUT and peer.failure is None:
+                self._pump_out(peer)
 
     def _send(self, r: int, kind: int, payload: bytes | memoryview) -> None:
+        """Hand a frame to the kernel (the caller may reuse ``payload`` afterwards). While the peer's socket is
+        full this rank keeps receiving on every connection, so ranks sending to each other never deadlock."""
         peer = self._peers[r]
         if len(payload) > self._limit(kind):
             raise CommError(f"rank {self.rank}: refusing to send a {_KIND_NAMES[kind]} frame of {len(payload)} "
                             f"bytes to rank {r} (limit {self._limit(kind)})", self.rank)
-        try:
-            with peer.send_lock:
-                _send_frame(peer.sock, _HEADER.pack(MAGIC, kind, len(payload)), payload)
-        except OSError as e:
-            with self._cond:  # the peer may have closed because it aborted: prefer its verdict if it comes
-                self._cond.wait_for(lambda: self._abort is not None, timeout=1.0)
-            self._fail(CommError(f"rank {self.rank}: sending to rank {r} failed ({e}); rank {r} died or stalled", r))
+        self._queue(peer, kind, payload)
+        if peer.outbox:
+            self._waiting_on = r
+            try:
+                flushed = self._progress(lambda: not peer.outbox, time.monotonic() + self.timeout)
+            finally:
+                self._waiting_on = None
+            if not flushed:
+                self._fail(CommError(f"rank {self.rank}: rank {r} took nothing for {self.timeout:g} s: stalled or "
+                                     "dead", r))
+        if self._abort is not None or peer.failure is not None:  # a verdict received first names the culprit
+            self._fail(CommError(f"rank {self.rank}: sending to rank {r} failed ({peer.failure}); rank {r} died or "
+                                 "stalled", r))
         self.bytes_sent += _HEADER.size + len(payload)
 
-    def _recv(self, r: int, kind: int) -> bytes:
+    def _recv(self, r: int, kind: int) -> Any:
         """The next frame from rank ``r``; raises CommError on abort, peer failure or timeout."""
         peer = self._peers[r]
         deadline = time.monotonic() + self.timeout
-        with self._cond:
-            self._waiting_on = r
-            try:
-                return self._wait_frame(peer, kind, deadline)
-            finally:
-                self._waiting_on = None
+        self._waiting_on = r
+        try:
+            return self._wait_frame(peer, kind, deadline)
+        finally:
+            self._waiting_on = None
 
-    def _wait_frame(self, peer: _Peer, kind: int, deadline: float) -> bytes:
+    def _wait_frame(self, peer: _Peer, kind: int, deadline: float) -> Any:
         r = peer.rank
-        with self._cond:
-            while True:
-                if self._abort is not None:
-                    culprit, message = self._abort
+        self._pump_in(peer)  # usually there already: no poll
+        while True:
+            if self._abort is not None:
+                culprit, message = self._abort
+                break
+            if peer.frames:
+                got_kind, payload = peer.frames.popleft()
+                if got_kind != kind:
+                    culprit, message = r, (f"rank {self.rank}: protocol error, expected a "
+                                           f"{_KIND_NAMES[kind]} frame from rank {r}, got {_KIND_NAMES[got_kind]}")
                     break
-                if peer.frames:
-                    got_kind, payload = peer.frames.popleft()
-                    if got_kind != kind:
-                        culprit, message = r, (f"rank {self.rank}: protocol error, expected a "
-                                               f"{_KIND_NAMES[kind]} frame from rank {r}, got {_KIND_NAMES[got_kind]}")
-                        break
-                    return payload
-                if peer.failure is not None or peer.left:
-                    culprit, message = r, peer.failure or f"rank {r} said goodbye and left the job"
-                    break
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    culprit = self._trace(r)
-                    if culprit is None:  # something arrived while tracing
-                        continue
-                    via = "" if culprit == r else f" (rank {r} is waiting on it)"
-                    message = (f"rank {self.rank}: rank {culprit} sent nothing for {self.timeout:g} s{via}: "
-                               "stalled or dead")
-                    break
-                self._cond.wait(remaining)
+                return payload
+            if peer.left or peer.failure is not None:
+                culprit, message = r, (f"rank {r} said goodbye and left the job" if peer.left else peer.failure)
+                break
+            if not self._progress(lambda: bool(peer.frames) or peer.failure is not None, deadline):
+                culprit = self._trace(r)
+                if culprit is None:  # something arrived while tracing
+                    continue
+                via = "" if culprit == r else f" (rank {r} is waiting on it)"
+                message = (f"rank {self.rank}: rank {culprit} sent nothing for {self.timeout:g} s{via}: "
+                           "stalled or dead")
+                break
         self._fail(CommError(message, culprit))
         raise AssertionError("unreachable")
 
     def _trace(self, r: int) -> int | None:
         """Follow "whom are you waiting on?" from rank ``r`` to the rank that is not waiting on anyone (the
-        culprit), or one that does not answer. Called with the condition held; None if a frame/abort arrived."""
+        culprit), or one that does not answer (a rank busy outside any collective answers only when it enters
+        one). None if a frame from ``r`` or an abort arrived meanwhile."""
         seen = {self.rank}
         cur = r
+        waited = self._peers[r]
         while True:
             peer = self._peers[cur]
             if peer.failure is not None or peer.left:
                 return cur
             peer.status.clear()
-            query = _HEADER.pack(MAGIC, _QUERY, 0)
-            try:
-                with peer.send_lock:
-                    peer.sock.sendall(query)
-            except OSError:
-                return cur
-            answer_by = time.monotonic() + min(self.timeout, 5.0)
-            while not peer.status and peer.failure is None and time.monotonic() < answer_by:
-                self._cond.wait(answer_by - time.monotonic())
-                if self._abort is not None or self._peers[r].frames:
-                    return None
+            self._queue(peer, _QUERY, b"")
+            self._progress(lambda p=peer: bool(p.status) or p.failure is not None or bool(waited.frames),
+                           time.monotonic() + min(self.timeout, 5.0))
+            if self._abort is not None or waited.frames:
+                return None
             if not peer.status:
                 return cur
             nxt = peer.status.popleft()
@@ -396,42 +484,52 @@ class Communicator:
             cur = nxt
 
     def _fail(self, err: CommError) -> None:
-        """Tell every peer (best effort) who is to blame, then raise."""
-        with self._cond:
-            first = self._abort is None
-            if first:
-                self._abort = (err.rank, str(err))
-            culprit, message = self._abort
+        """Tell every peer (best effort, within a second) who is to blame, then raise. A verdict received from a
+        peer before wins over ``err``."""
+        if self._abort is None:
+            self._abort = (err.rank, str(err))
+        culprit, message = self._abort
         payload = encode_object({"rank": culprit, "message": message})
-        for r, peer in self._peers.items():
-            if r == culprit or peer.failure is not None:
-                continue
-            try:
-                peer.sock.settimeout(1.0)
-                with peer.send_lock:
-                    peer.sock.sendall(_HEADER.pack(MAGIC, _ABORT, len(payload)) + payload)
-            except OSError:
-                pass
+        told = [p for r, p in self._peers.items() if r != culprit and p.failure is None]
+        for peer in told:
+            self._queue(peer, _ABORT, payload)
+        self._flush(told, 1.0)
         raise CommError(message, culprit)
 
+    def _flush(self, peers: list[_Peer], seconds: float) -> None:
+        """Push the peers' queued frames out for at most ``seconds`` (receiving meanwhile)."""
+        deadline = time.monotonic() + seconds
+        while any(p.outbox for p in peers) and time.monotonic() < deadline:
+            self._poll(deadline - time.monotonic())
+
     # ---- collectives -----------------------------------------------------------------------------------
-    def allreduce(self, x: np.ndarray, algorithm: str = "auto") -> np.ndarray:
-        """The element-wise sum of ``x`` over all ranks (same dtype), bit-identical on every rank."""
+    def allreduce(self, x: np.ndarray, algorithm: str = "auto", out: np.ndarray | None = None) -> np.ndarray:
+        """The element-wise sum of ``x`` over all ranks (same dtype), bit-identical on every rank; written into
+        ``out`` (a vector like ``x``, not overlapping it) when given -- a step loop then allocates nothing."""
         x = np.ascontiguousarray(x).ravel()
         if x.nbytes > self.max_data_bytes:
             raise ValueError(f"vector of {x.nbytes} bytes exceeds this communicator's limit of "
                              f"{self.max_data_bytes} bytes (max_elements)")
         if algorithm not in ("auto", "hub", "ring"):
             raise ValueError(f"allReduce must be one of auto, hub, ring; got {algorithm!r}")
+        if out is not None and (out.shape != x.shape or out.dtype != x.dtype or not out.flags.c_contiguous
+                                or np.may_share_memory(out, x)):
+            raise ValueError(f"out must be a contiguous {x.dtype} vector of {x.size} values apart from the input, "
+                             f"got {out.dtype} {out.shape}")
         t0 = time.perf_counter()
         try:
             if self.world_size == 1:
-                return x.copy()
-            if algorithm == "auto" and self.world_size == 2:
-                return self._exchange(x)
-            if algorithm == "auto":
-                algorithm = "ring" if x.nbytes >= RING_MIN_BYTES else "hub"
-            return self._hub(x) if algorithm == "hub" else self._ring(x)
+                total = x
+            elif algorithm == "auto" and self.world_size == 2:
+                return self._exchange(x, np.empty_like(x) if out is None else out)
+            else:
+                if algorithm == "auto":
+                    algorithm = "ring" if x.nbytes >= RING_MIN_BYTES else "hub"
+                total = self._hub(x) if algorithm == "hub" else self._ring(x)
+            if out is None:
+                return total.copy() if total is x else total
+            out[...] = total
+            return out
         finally:
             self.comm_seconds += time.perf_counter() - t0
 
@@ -447,15 +545,22 @@ class Communicator:
             raise CommError(f"rank {self.rank}: the total weight of a mean is {total}", None)
         return (out[:-1] / out.dtype.type(total)).astype(x.dtype, copy=False), total
 
-    def _exchange(self, x: np.ndarray) -> np.ndarray:
-        """Two ranks: send ``x`` to the other, receive its vector, add them in rank order."""
+    def _exchange(self, x: np.ndarray, out: np.ndarray) -> np.ndarray:
+        """Two ranks: send ``x`` to the other, receive its vector (straight into ``out``), add them in rank
+        order."""
         other = 1 - self.rank
-        self._send(other, _DATA, memoryview(x).cast("B"))
-        y = self._as_vector(self._recv(other, _DATA), x, other)  # a fresh writable buffer
+        self._peers[other].into = out
+        try:
+            self._send(other, _DATA, memoryview(x).cast("B"))
+            y = self._as_vector(self._recv(other, _DATA), x, other)
+        finally:
+            self._peers[other].into = None
+        if y is not out:  # its frame had started arriving before (into a vector of its own)
+            out[...] = y
         if self.rank == 0:
-            return np.add(x, y, out=y)
-        y += x
-        return y
+            return np.add(x, out, out=out)
+        out += x
+        return out
 
     def _hub(self, x: np.ndarray) -> np.ndarray:
         if self.rank != 0:
@@ -469,11 +574,12 @@ class Communicator:
             self._send(r, _DATA, view)
         return acc
 
-    def _as_vector(self, payload: bytes | bytearray, like: np.ndarray, r: int) -> np.ndarray:
-        v = np.frombuffer(payload, dtype=like.dtype)
-        if v.size != like.size:
-            self._fail(CommError(f"rank {r} sent {v.size} values, rank {self.rank} expected {like.size}", r))
-        return v
+    def _as_vector(self, payload: np.ndarray, like: np.ndarray, r: int) -> np.ndarray:
+        """A data frame's payload (bytes, or the vector it was received into) as a writable vector like ``like``."""
+        if payload.nbytes != like.nbytes:
+            self._fail(CommError(f"rank {r} sent {payload.nbytes // like.itemsize} values, rank {self.rank} "
+                                 f"expected {like.size}", r))
+        return payload if payload.dtype == like.dtype else payload.view(like.dtype)
 
     def _ring(self, x: np.ndarray) -> np.ndarray:
         n, r = self.world_size, self.rank
@@ -531,20 +637,16 @@ class Communicator:
         self.close()
 
     def close(self) -> None:
-        """Say goodbye to every peer and close the sockets."""
-        with self._cond:
-            if self._closing:
-                return
-            self._closing = True
+        """Say goodbye to every peer (within a second) and close the sockets."""
+        if self._closing:
+            return
+        self._closing = True
+        live = [p for p in self._peers.values() if p.failure is None]
+        if self._abort is None and self._by_fd:  # the mesh was up
+            for peer in live:
+                self._queue(peer, _BYE, b"")
+            self._flush(live, 1.0)
         for peer in self._peers.values():
-            if peer.failure is None and self._abort is None:
-                try:
-                    peer.sock.settimeout(1.0)
-                    with peer.send_lock:
-                        peer.sock.sendall(_HEADER.pack(MAGIC, _BYE, 0))
-                except OSError:
-                    pass
-        for peer in self._peers.values():  # shutdown wakes the reader thread; the peer saw our goodbye first
             try:
                 peer.sock.shutdown(socket.SHUT_RDWR)
             except OSError:
