@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import socket
 import struct
@@ -12,6 +13,7 @@ import numpy as np
 import pytest
 from _helpers import run_ranks
 
+from sparkdl_hetero.distributed import comm
 from sparkdl_hetero.distributed.comm import MAGIC, CommError, Communicator, new_secret
 
 
@@ -74,6 +76,45 @@ def test_allreduce_out_must_be_a_separate_vector_like_the_input() -> None:
     out = np.empty(4, np.float32)
     assert c.allreduce(x, out=out) is out and out.tolist() == [1.0] * 4
     c.close()
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_two_ranks_on_one_host_exchange_through_shared_memory(shared: bool, monkeypatch) -> None:  # noqa: ANN001
+    if not shared:  # no /dev/shm (or different hosts): the vectors go through the sockets
+        monkeypatch.setattr(comm, "_SHM_DIR", "/nonexistent")
+    before = {f for f in os.listdir("/dev/shm") if f.startswith("sparkdl-hetero-")}
+    data = [np.random.default_rng(r).normal(size=(5, 1001)).astype(np.float32) for r in range(2)]
+
+    def fn(c: Communicator) -> tuple:
+        out = np.empty(1001, np.float32)
+        sums = [c.allreduce(v, out=out).copy() for v in data[c.rank]]  # 5 exchanges: both slots reused
+        leftover = {f for f in os.listdir("/dev/shm") if f.startswith("sparkdl-hetero-")} - before
+        return c._shared is not None, leftover, sums, c.bytes_sent
+
+    results = run_ranks(2, fn)
+    assert not any(isinstance(r, Exception) for r in results), results
+    for used, leftover, sums, sent in results:
+        assert used == shared
+        assert not leftover  # unlinked once both ranks mapped it
+        for i, v in enumerate(sums):
+            assert v.tobytes() == (data[0][i] + data[1][i]).tobytes() == results[0][2][i].tobytes()
+        assert sent >= 5 * 4004  # the vectors count as sent either way
+
+
+def test_a_file_that_is_not_the_peers_is_not_mapped(tmp_path) -> None:  # noqa: ANN001
+    c = Communicator(0, 2, "127.0.0.1")
+    assert c._map_peer(str(tmp_path / "x"), "00" * 16, 64) is None  # not in /dev/shm
+    assert c._map_peer("/dev/shm/sparkdl-hetero-missing", "00" * 16, 64) is None
+    path = f"/dev/shm/sparkdl-hetero-test-{os.getpid()}"
+    with open(path, "wb") as f:
+        f.write(b"\1" * 16 + b"\0" * 48)
+    try:
+        assert c._map_peer(path, "00" * 16, 64) is None  # another nonce: not the peer's file
+        assert c._map_peer(path, "01" * 16, 128) is None  # another size
+        assert c._map_peer(path, "01" * 16, 64) is not None
+    finally:
+        os.unlink(path)
+        c.close()
 
 
 def test_ring_with_fewer_elements_than_ranks() -> None:
@@ -247,8 +288,11 @@ def test_dead_peer_is_named_at_once() -> None:
         assert elapsed < 5.0  # the closed socket is noticed, not the 30 s timeout
 
 
+@pytest.mark.parametrize("shared", [True, False])
 @pytest.mark.parametrize("dies", [False, True])
-def test_two_rank_exchange_names_a_stalled_or_dead_peer(dies: bool) -> None:
+def test_two_rank_exchange_names_a_stalled_or_dead_peer(dies: bool, shared: bool, monkeypatch) -> None:  # noqa: ANN001
+    if not shared:  # the vectors go through the sockets, as between two hosts
+        monkeypatch.setattr(comm, "_SHM_DIR", "/nonexistent")
     timeout = 30.0 if dies else 1.0  # a death is noticed at once, not after the timeout
 
     def fn(c: Communicator) -> object:

@@ -18,7 +18,9 @@ hanging. A peer that closes its socket is noticed at the next wait.
 Summation order is fixed (rank order at the hub, ring order per chunk), and every chunk is reduced on exactly
 one rank and then copied, so every rank receives bit-identical results. With two ranks, ``auto`` uses a direct
 exchange instead: both send their vector at once and both add the two in rank order (the same operation on the
-same operands: bit-identical too), one transfer of latency instead of the hub's two in a row.
+same operands: bit-identical too), one transfer of latency instead of the hub's two in a row. Two ranks on one
+host move the vectors through shared memory (:meth:`Communicator._share_memory`) and only a small "ready" frame
+through their socket, so every failure is still noticed, traced and propagated the same way.
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ import hashlib
 import hmac
 import json
 import math
+import mmap
+import os
 import secrets
 import select
 import socket
@@ -41,8 +45,12 @@ import numpy as np
 
 MAGIC = b"SDLH"
 _HEADER = struct.Struct("!4sBQ")
-_DATA, _OBJ, _ABORT, _BYE, _QUERY, _STATUS = 1, 2, 3, 4, 5, 6
-_KIND_NAMES = {_DATA: "data", _OBJ: "object", _ABORT: "abort", _BYE: "goodbye", _QUERY: "query", _STATUS: "status"}
+_DATA, _OBJ, _ABORT, _BYE, _QUERY, _STATUS, _READY = 1, 2, 3, 4, 5, 6, 7
+_KIND_NAMES = {_DATA: "data", _OBJ: "object", _ABORT: "abort", _BYE: "goodbye", _QUERY: "query", _STATUS: "status",
+               _READY: "ready"}
+_READY_FRAME = struct.Struct("!QQ")  # exchange number, bytes in the shared slot
+_SHM_DIR = "/dev/shm"
+_SHM_HEAD = 64  # the file starts with its owner's nonce; the two slots follow, cache-line aligned
 _HELLO = b"SDLA"
 _NONCE = 32
 _MAC = 32
@@ -152,6 +160,8 @@ class Communicator:
         self._abort: tuple[int | None, str] | None = None
         self._closing = False
         self._waiting_on: int | None = None  # the peer this rank is blocked on (answered to queries)
+        self._shared: tuple[np.ndarray, np.ndarray] | None = None  # 2 ranks on one host: (mine, the peer's) files
+        self._exchanges = 0  # direct exchanges so far (they alternate between the two shared slots)
         self.bytes_sent = 0
         self.comm_seconds = 0.0  # wall time spent inside collective calls
 
@@ -185,6 +195,60 @@ class Communicator:
             peer.sock.setblocking(False)
             self._by_fd[peer.sock.fileno()] = peer
             self._watch(peer)
+        if self.world_size == 2:
+            self._share_memory()
+
+    def _share_memory(self) -> None:
+        """Two ranks on one host: each maps a file in /dev/shm (mode 0600, random name, space reserved) that the
+        other maps too, proven the same file by a nonce sent over the authenticated socket; the direct exchange then
+        moves vectors through it and only a small "ready" frame through the socket (loopback TCP costs ~50 us per
+        241 KB each way here). On different hosts, or without /dev/shm, the vectors go through the socket."""
+        other = 1 - self.rank
+        size = _SHM_HEAD + 2 * self.max_data_bytes
+        nonce = secrets.token_bytes(16)
+        mine: mmap.mmap | None = None
+        path = os.path.join(_SHM_DIR, f"sparkdl-hetero-{secrets.token_hex(16)}")
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        except OSError:
+            path = ""
+        if path:
+            try:
+                os.posix_fallocate(fd, 0, size)  # no SIGBUS later on a full /dev/shm: refused now instead
+                mine = mmap.mmap(fd, size)
+                mine[:16] = nonce
+            except OSError:
+                mine = None
+            finally:
+                os.close(fd)
+        try:
+            self._send(other, _OBJ, encode_object({"path": path if mine is not None else "", "nonce": nonce.hex()}))
+            offer = decode_object(self._recv(other, _OBJ))
+            theirs = self._map_peer(str(offer.get("path", "")), str(offer.get("nonce", "")), size)
+            self._send(other, _OBJ, encode_object({"mapped": theirs is not None}))
+            peer_mapped = decode_object(self._recv(other, _OBJ)).get("mapped") is True
+            agreed = mine is not None and theirs is not None and peer_mapped
+        finally:
+            if path:
+                os.unlink(path)  # both mapped it (or gave up): nothing left behind, even if a rank dies
+        if agreed:
+            self._shared = (np.frombuffer(mine, np.uint8), np.frombuffer(theirs, np.uint8))
+
+    def _map_peer(self, path: str, nonce: str, size: int) -> mmap.mmap | None:
+        """The peer's shared file, if it is on this host: the same nonce and size, inside /dev/shm."""
+        if not path or os.path.dirname(path) != _SHM_DIR:
+            return None
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            return None
+        try:
+            if os.fstat(fd).st_size != size:
+                return None
+            m = mmap.mmap(fd, size, prot=mmap.PROT_READ)
+        finally:
+            os.close(fd)
+        return m if m[:16].hex() == nonce else None
 
     def _dial(self, r: int, address: tuple[str, int], secret: bytes, deadline: float) -> None:
         while True:  # the peer may not listen yet only if it is slow to start; retry until the deadline
@@ -548,6 +612,8 @@ class Communicator:
     def _exchange(self, x: np.ndarray, out: np.ndarray) -> np.ndarray:
         """Two ranks: send ``x`` to the other, receive its vector (straight into ``out``), add them in rank
         order."""
+        if self._shared is not None:
+            return self._exchange_shared(x, out)
         other = 1 - self.rank
         self._peers[other].into = out
         try:
@@ -561,6 +627,25 @@ class Communicator:
             return np.add(x, out, out=out)
         out += x
         return out
+
+    def _exchange_shared(self, x: np.ndarray, out: np.ndarray) -> np.ndarray:
+        """The direct exchange through the shared files: ``x`` into this rank's slot, "ready" both ways, then the sum
+        read from the peer's slot. Two slots, alternating: a rank writes slot s again two exchanges later, when the
+        peer has certainly read it (its "ready" for the exchange in between came after that read)."""
+        other = 1 - self.rank
+        seq, self._exchanges = self._exchanges, self._exchanges + 1
+        start = _SHM_HEAD + (seq % 2) * self.max_data_bytes
+        mine, theirs = self._shared
+        np.copyto(mine[start:start + x.nbytes].view(x.dtype), x)
+        self._send(other, _READY, _READY_FRAME.pack(seq, x.nbytes))
+        payload = self._recv(other, _READY)
+        got = _READY_FRAME.unpack(payload) if len(payload) == _READY_FRAME.size else None
+        if got != (seq, x.nbytes):
+            self._fail(CommError(f"rank {self.rank}: protocol error, rank {other} announced {got} for shared "
+                                 f"exchange {seq} of {x.nbytes} bytes", other))
+        self.bytes_sent += x.nbytes
+        # x + y on both ranks: IEEE addition is commutative, so both get the same bits
+        return np.add(x, theirs[start:start + x.nbytes].view(x.dtype), out=out)
 
     def _hub(self, x: np.ndarray) -> np.ndarray:
         if self.rank != 0:
@@ -641,6 +726,7 @@ class Communicator:
         if self._closing:
             return
         self._closing = True
+        self._shared = None  # the mappings go with their last views
         live = [p for p in self._peers.values() if p.failure is None]
         if self._abort is None and self._by_fd:  # the mesh was up
             for peer in live:
