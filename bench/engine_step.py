@@ -2,8 +2,9 @@
 
 What barrier mode's workers and treeAggregate's tasks spend per step, measured without Spark:
 - LeNet-5 (``bench/engine.py``'s topology, softmax cross-entropy, float32) at small batches (a worker's share
-  of a global batch of 64 is 32 rows at 2 workers, ~12 rows for a fast worker beside a 3x-slow one), ours vs
-  PyTorch CPU's forward + backward of the same network on the same rows (``zero_grad`` included in both);
+  of a global batch of 64: 64 rows alone, 32 at 2 workers, ~50 and ~12 for a fast worker beside a 3x-slower
+  one), ours vs PyTorch CPU's forward + backward of the same network on the same rows (``zero_grad`` included
+  in both);
 - MLP [784,100,10] (Spark's topology: sigmoid hidden layer, softmax on top) over one treeAggregate task's rows
   in chunks of ``--chunk`` rows, as ``partition_gradient`` does.
 Both engines alternate in rounds (``--rounds``), so they see the same machine load; the median step time per
@@ -121,7 +122,7 @@ def mlp(rows: int, chunk: int, rounds: int, seed: int) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--batches", default="12,32,64", help="LeNet batch sizes")
+    ap.add_argument("--batches", default="12,32,50,64", help="LeNet batch sizes")
     ap.add_argument("--rounds", type=int, default=20, help="alternation rounds")
     ap.add_argument("--steps", type=int, default=20, help="steps per engine, batch size and round")
     ap.add_argument("--mlp-rows", type=int, default=30000, help="rows of one MLP task (0: skip the MLP)")
