@@ -217,7 +217,7 @@ class Communicator:
                 os.posix_fallocate(fd, 0, size)  # no SIGBUS later on a full /dev/shm: refused now instead
                 mine = mmap.mmap(fd, size)
                 mine[:16] = nonce
-            except OSError:
+            except (OSError, AttributeError):  # no space, or no posix_fallocate on this platform
                 mine = None
             finally:
                 os.close(fd)
