@@ -315,4 +315,4 @@ def test_two_rank_exchange_names_a_stalled_or_dead_peer(dies: bool, shared: bool
     assert isinstance(err, CommError) and err.rank == 1, err
     assert re.search(r"rank 1 (closed the connection or died|died or stalled)" if dies
                      else r"rank 1 sent nothing for 1 s", str(err)), str(err)
-    assert elapsed < (5.0 if dies else 2 * timeout + 1.5)
+    assert elapsed < (5.0 if dies else timeout + 1.0)  # two ranks: no tracing, the other one is named
