@@ -644,8 +644,8 @@ class Communicator:
             self._fail(CommError(f"rank {self.rank}: protocol error, rank {other} announced {got} for shared "
                                  f"exchange {seq} of {x.nbytes} bytes", other))
         self.bytes_sent += x.nbytes
-        # x + y on both ranks: IEEE addition is commutative, so both get the same bits
-        return np.add(x, theirs[start:start + x.nbytes].view(x.dtype), out=out)
+        y = theirs[start:start + x.nbytes].view(x.dtype)
+        return np.add(x, y, out=out) if self.rank == 0 else np.add(y, x, out=out)  # rank order: the same bits
 
     def _hub(self, x: np.ndarray) -> np.ndarray:
         if self.rank != 0:
