@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable
 
 import numpy as np
@@ -274,3 +275,19 @@ def test_diverging_loss_raises_the_same_error_as_tree_aggregate(blob_df) -> None
         fit(blob_df, "features", "label", objective(), cfg)
     assert e.value.iteration == 2 and e.value.weights is None  # barrier workers do not ship weights on failure
     assert len(e.value.history) == 1 and np.isfinite(e.value.history[0])  # iteration 1's loss at the start weights
+
+
+@pytest.mark.parametrize(("field", "value", "message"), [
+    ("syncEvery", 0, "syncEvery must be >= 1, got 0"),
+    ("validationFraction", 1.0, "validationFraction must be in [0, 1), got 1.0"),
+    ("allReduce", "tree", "allReduce must be one of auto, hub, ring; got 'tree'"),
+    ("commTimeout", 0.0, "commTimeout must be > 0, got 0.0"),
+    ("commSpin", -0.5, "commSpin must be >= 0 seconds, got -0.5"),
+])
+def test_barrier_settings_are_checked_before_any_spark_work(field: str, value: object, message: str) -> None:
+    from sparkdl_hetero.distributed.barrier import fit_barrier
+
+    obj = objective()
+    with pytest.raises(ValueError, match=re.escape(message)):  # df=None: nothing of Spark is touched first
+        fit_barrier(None, "features", "label", obj, TrainConfig(mode="barrier", **{field: value}),
+                    obj.initial_weights(0))
