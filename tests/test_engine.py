@@ -614,3 +614,42 @@ def test_gemm_with_an_inner_dimension_of_one_is_the_outer_product(trans_a, beta)
     assert got is out
     np.testing.assert_allclose(out, want, rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(NumpyBackend().gemm(a, b, trans_a=trans_a), np.outer(a, b), rtol=1e-6)
+
+
+# ---- passes of a few rows -------------------------------------------------------------------------------------
+class _WholeBatchBackend(NumpyBackend):
+    """NumPy taking any batch in one pass, as the accelerator backends do."""
+
+    cache_bytes = None
+
+
+def test_rows_per_pass_follows_the_largest_activations() -> None:
+    lenet = FeedForwardTopology.from_spec(LENET, (1, 28, 28))  # conv1: 784 + 4704 + 19600 columns a row
+    mlp = FeedForwardTopology.multilayer_perceptron([784, 100, 10])
+    assert FeedForwardModel(lenet).rows_per_pass == 64  # 8 MiB / (25088 * 4 B) = 83 -> 64
+    assert FeedForwardModel(lenet, dtype=np.float64).rows_per_pass == 32
+    assert FeedForwardModel(mlp).rows_per_pass == 1024  # capped
+    assert FeedForwardModel(lenet, backend=_WholeBatchBackend()).rows_per_pass is None
+
+
+@pytest.mark.parametrize("labels", [True, False])  # integer labels, or a (rows, classes) target matrix
+def test_a_batch_in_passes_has_the_gradient_and_loss_of_one_pass(labels: bool) -> None:
+    topo = FeedForwardTopology.from_spec("conv(3,3,pad=1)-relu-maxpool(2)-flatten-affine(5)-sigmoid-affine(4)",
+                                         (1, 6, 6))
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(77, 36))  # 77 rows: passes of 32, 32 and 13
+    y = rng.integers(0, 4, 77)
+    target = y if labels else one_hot(y, 4, np.float64) * 0.9 + 0.025
+    whole = FeedForwardModel(topo, seed=1, dtype=np.float64, backend=_WholeBatchBackend())
+    parts = FeedForwardModel(topo, whole.get_weights(), dtype=np.float64)
+    assert parts.rows_per_pass == 1024
+    parts.rows_per_pass = 32
+    for model in (whole, parts):
+        model.zero_grad()
+    l1 = whole.compute_gradient(x, target, scale=3.0)
+    l2 = parts.compute_gradient(x, target, scale=3.0)
+    assert l2 == pytest.approx(l1, rel=1e-13)
+    np.testing.assert_allclose(parts.get_gradient(), whole.get_gradient(), rtol=1e-12, atol=1e-15)
+    out = np.ones(topo.num_weights)  # grad_out: added to, after the model's own gradient is reset
+    assert parts.compute_gradient(x, target, grad_out=out) == pytest.approx(l1, rel=1e-13)
+    np.testing.assert_allclose(out - 1.0, whole.get_gradient() / 3.0, rtol=1e-10, atol=1e-13)

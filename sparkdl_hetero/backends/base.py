@@ -28,6 +28,9 @@ class Backend(ABC):
     """Array operations used by the engine. Subclasses implement them for one kind of device."""
 
     name: str = "abstract"
+    #: bytes of activations a training pass should keep within (the engine splits a batch into passes of as
+    #: many rows as fit); None: the whole batch in one pass (accelerators want large batches)
+    cache_bytes: int | None = None
 
     # ---- memory --------------------------------------------------------------------------------------
     @abstractmethod

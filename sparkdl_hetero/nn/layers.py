@@ -53,6 +53,10 @@ class Layer(ABC):
     def init_weights(self, in_shape: Shape, rng: np.random.Generator) -> np.ndarray:
         return np.zeros(0)
 
+    def work_size(self, in_shape: Shape) -> int:
+        """Elements per sample this layer's forward + backward holds at once (its input and output)."""
+        return math.prod(in_shape) + math.prod(self.out_shape(in_shape))
+
     @abstractmethod
     def create_model(self, in_shape: Shape, weights: Array, grad: Array, backend: Backend,
                      rng: np.random.Generator) -> LayerModel:
@@ -205,6 +209,11 @@ class Conv2D(Layer):
 
     def init_weights(self, in_shape: Shape, rng: np.random.Generator) -> np.ndarray:
         return _spark_uniform(self.weight_size(in_shape), self.kernel * self.kernel * in_shape[2], rng)
+
+    def work_size(self, in_shape: Shape) -> int:
+        """Input and output plus the im2col columns (``kernel^2 * channels`` per output pixel)."""
+        oh, ow, _ = self.out_shape(in_shape)
+        return super().work_size(in_shape) + oh * ow * self.kernel * self.kernel * in_shape[2]
 
     def create_model(self, in_shape: Shape, weights: Array, grad: Array, backend: Backend,
                      rng: np.random.Generator) -> LayerModel:

@@ -67,6 +67,7 @@ class FeedForwardModel:
             for i, layer in enumerate(topology.layers[:-1])
         ]
         self._step_models = _step_order(topology.layers[:-1], self.layer_models)
+        self.rows_per_pass = rows_per_pass(topology, self.backend, self.dtype)
 
     @staticmethod
     def initial_weights(topology: FeedForwardTopology, rng: np.random.Generator) -> np.ndarray:
@@ -151,9 +152,24 @@ class FeedForwardModel:
     def compute_gradient(self, x: np.ndarray | Array, y: np.ndarray, grad_out: np.ndarray | None = None,
                          scale: float = 1.0) -> float:
         """Mean loss over the batch; adds ``scale`` x its gradient to :attr:`gradient` (device), or, when
-        ``grad_out`` (host) is given, to ``grad_out``. Runs the layers in :func:`_step_order`."""
+        ``grad_out`` (host) is given, to ``grad_out``. Runs in passes of at most :attr:`rows_per_pass` rows, the
+        layers in :func:`_step_order`."""
         if grad_out is not None:
             self.zero_grad()
+        n, step = len(x), self.rows_per_pass or len(x)
+        if n <= step:
+            loss = self._pass(x, y, scale)
+        else:  # each pass adds (its rows / n) of the mean gradient: together, the whole batch's
+            loss = 0.0
+            for lo in range(0, n, step):
+                k = min(step, n - lo)
+                loss += self._pass(x[lo:lo + k], y[lo:lo + k], scale * k / n) * k
+            loss /= n
+        if grad_out is not None:
+            grad_out += self.get_gradient()
+        return loss
+
+    def _pass(self, x: np.ndarray | Array, y: np.ndarray, scale: float) -> float:
         models = self._step_models
         z = deque(self._outputs(x, True, models), maxlen=1).pop()  # only the last output is kept
         n = z.shape[0]
@@ -161,9 +177,18 @@ class FeedForwardModel:
         del z
         for k in range(len(models) - 1, -1, -1):
             delta = models[k].backward(delta, need_dx=k > 0)
-        if grad_out is not None:
-            grad_out += self.get_gradient()
         return loss_sum / n
+
+
+def rows_per_pass(topology: FeedForwardTopology, backend: Backend, dtype: Any) -> int | None:
+    """Rows of a training pass whose activations fit ``backend.cache_bytes``: the largest power of two within it,
+    between 32 and 1024 (LeNet-5: 64, Spark's MLP [784, 100, 10]: 1024); None when the backend takes any batch."""
+    if backend.cache_bytes is None:
+        return None
+    shapes = topology.shapes
+    per_row = max((layer.work_size(shapes[i]) for i, layer in enumerate(topology.layers[:-1])), default=1)
+    rows = backend.cache_bytes // max(1, per_row * np.dtype(dtype).itemsize)
+    return min(1024, max(32, 1 << max(0, int(rows).bit_length() - 1)))
 
 
 def _step_order(layers: list[Layer], models: list[LayerModel]) -> list[LayerModel]:
