@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import time
 from collections.abc import Callable
 
 import numpy as np
@@ -291,3 +292,19 @@ def test_barrier_settings_are_checked_before_any_spark_work(field: str, value: o
     with pytest.raises(ValueError, match=re.escape(message)):  # df=None: nothing of Spark is touched first
         fit_barrier(None, "features", "label", obj, TrainConfig(mode="barrier", **{field: value}),
                     obj.initial_weights(0))
+
+
+def test_one_slow_step_at_the_start_does_not_unbalance_equal_workers(monkeypatch) -> None:  # noqa: ANN001
+    from sparkdl_hetero.distributed import barrier
+
+    gradient_sum = BarrierWorker._gradient_sum
+
+    def hiccup(self: BarrierWorker, idx: np.ndarray | None) -> tuple:
+        if self.rank == 1 and self.iteration == barrier.WARMUP_STEPS:  # the first measured step: a GC pause, say
+            time.sleep(0.2)
+        return gradient_sum(self, idx)
+
+    monkeypatch.setattr(BarrierWorker, "_gradient_sum", hiccup)
+    cfg = TrainConfig(mode="barrier", solver="sgd", epochs=1, batchSize=64, stepSize=0.05)
+    worker = _train_threads(cfg, n=2000)[0][0]
+    assert worker.extra["finalShares"] == [32, 32], worker.extra

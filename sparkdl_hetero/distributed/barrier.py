@@ -10,8 +10,8 @@ and the same update on every replica, so the replicas stay bit-identical.
 Mini-batch solvers (``sgd``, ``momentum``, ``adam``): the global batch ``batchSize`` is split among the workers in
 proportion to their measured compute throughput (``balance=True``; measured every step, the median of the last
 :data:`THROUGHPUT_WINDOW` -- and re-split every :data:`REBALANCE_EVERY` steps when that shortens the predicted step
-by more than :data:`REBALANCE_GAIN` and by more than the measurement noise allows (:func:`balanced_shares`); at the
-first measurement, by more than :data:`FIRST_REBALANCE_GAIN`) or to
+by more than :data:`REBALANCE_GAIN` and by more than the measurement noise allows (:func:`balanced_shares`); the
+first re-split, on the median of :data:`FIRST_MEASUREMENTS` steps, by more than :data:`FIRST_REBALANCE_GAIN`) or to
 their number of rows (``balance=False``: plain synchronous training). Each worker sends the *sum* of its samples'
 gradients with its sample count; the all-reduced sum divided by the total count is exactly the mean gradient of the
 global batch. Throughputs ride in the same vector (one slot per rank), so every rank computes the same split.
@@ -58,8 +58,9 @@ from .lbfgs import minimize_lbfgs
 
 REBALANCE_EVERY = 10  # steps between re-splits of the global batch
 REBALANCE_GAIN = 0.01  # a re-split is applied only if it shortens the predicted step by this fraction...
-FIRST_REBALANCE_GAIN = 0.2  # ...or by this much at the first measurement (one step's: noisy), e.g. for a straggler
-WARMUP_STEPS = 2  # steps before the first re-split (the first measurements include one-off costs)
+FIRST_REBALANCE_GAIN = 0.2  # ...or by this much at the first re-split, e.g. for a straggler
+WARMUP_STEPS = 2  # steps not measured (they include one-off costs)
+FIRST_MEASUREMENTS = 5  # the first re-split takes the median of this many steps: one slow step does not move rows
 THROUGHPUT_WINDOW = 10  # a rank's throughput is the median of its last this many steps' measurements
 NOISE_MARGIN = 5.0  # x (MAD / median) / sqrt(window): ~2 standard errors of the ratio of two ranks' medians
 FAULT_PROPERTY = "sparkdl_hetero.injectFault"
@@ -394,10 +395,11 @@ class BarrierWorker:
             if k == 1 and self.iteration > WARMUP_STEPS:  # the first steps carry one-off costs: not measured
                 np.maximum(thr, 1e-9, out=window[measurements % THROUGHPUT_WINDOW])
                 measurements += 1
-                if c.balance and (not measured or self.iteration % REBALANCE_EVERY == 0):
+                first = not measured and measurements >= FIRST_MEASUREMENTS
+                if c.balance and (first or (measured and self.iteration % REBALANCE_EVERY == 0)):
                     shares = balanced_shares(shares, window[:min(measurements, THROUGHPUT_WINDOW)],
-                                             REBALANCE_GAIN if measured else FIRST_REBALANCE_GAIN)
-                measured = True
+                                             FIRST_REBALANCE_GAIN if first else REBALANCE_GAIN)
+                measured = measured or first
             if self.iteration % steps_per_epoch == 0:
                 if k > 1:  # the epoch's mean loss over every worker's samples
                     tot = self._allreduce(np.array([loss_sum, count], dtype=np.float64))
