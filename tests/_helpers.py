@@ -9,12 +9,11 @@ from sparkdl_hetero.distributed.comm import Communicator, new_secret
 
 
 def run_ranks(world: int, fn: Callable[[Communicator], object], *, timeout: float = 10.0,
-              max_elements: int = 1 << 16, join_timeout: float = 60.0, spin: float = 0.0) -> list[object]:
+              max_elements: int = 1 << 16, join_timeout: float = 60.0) -> list[object]:
     """Build a connected mesh of ``world`` communicators on 127.0.0.1 and run ``fn`` on each in its own thread.
     Returns each rank's result or the exception it raised; fails the test if a rank is still running after
     ``join_timeout`` seconds."""
-    comms = [Communicator(r, world, "127.0.0.1", timeout=timeout, max_elements=max_elements, spin=spin)
-             for r in range(world)]
+    comms = [Communicator(r, world, "127.0.0.1", timeout=timeout, max_elements=max_elements) for r in range(world)]
     addresses = [c.address for c in comms]
     secret = new_secret()
     results: list[object] = [None] * world

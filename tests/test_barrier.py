@@ -283,7 +283,6 @@ def test_diverging_loss_raises_the_same_error_as_tree_aggregate(blob_df) -> None
     ("validationFraction", 1.0, "validationFraction must be in [0, 1), got 1.0"),
     ("allReduce", "tree", "allReduce must be one of auto, hub, ring; got 'tree'"),
     ("commTimeout", 0.0, "commTimeout must be > 0, got 0.0"),
-    ("commSpin", -0.5, "commSpin must be >= 0 seconds, got -0.5"),
 ])
 def test_barrier_settings_are_checked_before_any_spark_work(field: str, value: object, message: str) -> None:
     from sparkdl_hetero.distributed.barrier import fit_barrier

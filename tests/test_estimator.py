@@ -73,7 +73,6 @@ def test_params_and_defaults_equal_spark_mlp(spark):
     cfg = DeepClassifier(layers=[2, 2], solver="adam", epochs=3, beta1=0.8, nesterov=True, seed=7)._train_config()
     assert (cfg.solver, cfg.epochs, cfg.beta1, cfg.nesterov, cfg.seed, cfg.maxIter, cfg.batchSize) == \
         ("adam", 3, 0.8, True, 7, 100, 64)
-    assert (cfg.commSpin, DeepClassifier().setCommSpin(0.0)._train_config().commSpin) == (0.005, 0.0)
 
 
 def test_constructor_setters_and_copy_semantics():

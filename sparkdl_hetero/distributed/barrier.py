@@ -561,7 +561,7 @@ def _barrier_task(batches: Iterator, objective: Objective, config: TrainConfig, 
     x = np.concatenate(xs).reshape(-1, num_features) if xs else np.zeros((0, num_features), np.float32)
     y = np.concatenate(ys) if ys else np.zeros(0, np.int32)
     del xs, ys
-    comm = Communicator(rank, world, _task_host(ctx), timeout=config.commTimeout, spin=config.commSpin,
+    comm = Communicator(rank, world, _task_host(ctx), timeout=config.commTimeout,
                         max_elements=objective.num_weights + world + 8)
     try:
         secret = new_secret().hex() if rank == 0 else ""
@@ -618,8 +618,6 @@ def fit_barrier(df: Any, features_col: str, label_col: str, objective: Objective
         raise ValueError(f"allReduce must be one of auto, hub, ring; got {config.allReduce!r}")
     if config.commTimeout <= 0:
         raise ValueError(f"commTimeout must be > 0, got {config.commTimeout}")
-    if not config.commSpin >= 0:
-        raise ValueError(f"commSpin must be >= 0 seconds, got {config.commSpin}")
     for r, factor in dict(config.straggler).items():
         if float(factor) < 1.0:
             raise ValueError(f"straggler factors must be >= 1, got {factor} for rank {r}")

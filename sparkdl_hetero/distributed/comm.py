@@ -138,25 +138,15 @@ class Communicator:
     """One rank's end of the mesh.
 
     ``max_elements`` bounds data frames (vectors of at most that many 8-byte values); ``max_object_bytes``
-    bounds control messages. ``timeout`` (seconds) is how long any wait on a peer may last. ``spin`` (seconds): a
-    wait first polls without blocking for up to this long, yielding the core between polls, before it sleeps in the
-    kernel -- as MPI and NCCL busy-poll. Where an idle core halts at once (this project's 2-vCPU KVM machine:
-    ``guest_halt_poll_ns=0``), sleeping costs a wake-up and a colder core on every step. Measured at ``spin=0.005``
-    (interleaved A/B, 2 processes): a 2-worker LeNet-5 step 1.97 -> 1.87 ms on a loaded machine, 1.75 -> 1.74 ms
-    on a quiet one; beside a 3x-slowed worker 3.15 -> 2.94 and 2.76 -> 2.66 ms. 0 never busy-polls (a core shared
-    with other work).
+    bounds control messages. ``timeout`` (seconds) is how long any wait on a peer may last.
     """
 
     def __init__(self, rank: int, world_size: int, host: str = "127.0.0.1", *, timeout: float = 120.0,
-                 max_elements: int = 1 << 20, max_object_bytes: int = 1 << 20, port: int = 0,
-                 spin: float = 0.0) -> None:
+                 max_elements: int = 1 << 20, max_object_bytes: int = 1 << 20, port: int = 0) -> None:
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
         if timeout <= 0:
             raise ValueError(f"timeout must be positive, got {timeout}")
-        if not spin >= 0:
-            raise ValueError(f"spin must be >= 0 seconds, got {spin}")
-        self.spin = float(spin)
         self.rank = rank
         self.world_size = world_size
         self.timeout = float(timeout)
@@ -461,17 +451,7 @@ class Communicator:
     def _poll(self, seconds: float) -> None:
         """Wait at most ``seconds`` for any connection to be ready, then receive (and handle) what arrived and send
         what fits. Every wait of this rank is here: a peer's data, queries and verdicts are read while it waits."""
-        deadline = time.monotonic() + seconds
-        ready = self._poller.poll(0)
-        if not ready and self.spin > 0:  # busy-poll first (see the class docstring)
-            end = min(deadline, time.monotonic() + self.spin)
-            while not ready and time.monotonic() < end:
-                os.sched_yield()
-                ready = self._poller.poll(0)
-        left = deadline - time.monotonic()
-        if not ready and left > 0:
-            ready = self._poller.poll(max(1, math.ceil(left * 1000)))
-        for fd, events in ready:
+        for fd, events in self._poller.poll(max(1, math.ceil(seconds * 1000))):
             peer = self._by_fd[fd]
             if events & select.POLLNVAL:  # closed behind our back
                 self._poller.unregister(fd)

@@ -49,7 +49,6 @@ class TrainConfig:
     validationFraction: float = 0.0  # early stopping split (0: off)
     patience: int = 3
     commTimeout: float = 120.0  # seconds before a silent peer is an error
-    commSpin: float = 0.005  # seconds a waiting worker busy-polls (yielding its core) before it sleeps; 0: never
     straggler: dict[int, float] = field(default_factory=dict)  # benchmarking aid: rank -> slow-down factor
 
     def __post_init__(self) -> None:

@@ -182,9 +182,6 @@ class DeepClassifier(ProbabilisticClassifier, _DeepClassifierParams, _MentorPara
     def setCommTimeout(self, value: float) -> DeepClassifier:
         return self._set(commTimeout=value)
 
-    def setCommSpin(self, value: float) -> DeepClassifier:
-        return self._set(commSpin=value)
-
     def setDtype(self, value: str) -> DeepClassifier:
         return self._set(dtype=value)
 

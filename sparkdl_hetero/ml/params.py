@@ -98,8 +98,6 @@ class _DeepClassifierParams(HasSeed, HasMaxIter, HasTol, HasStepSize, HasSolver,
                                   TypeConverters.toInt)
     commTimeout: Param[float] = _param("commTimeout", "Barrier mode: seconds before a silent peer is an error.",
                                        TypeConverters.toFloat)
-    commSpin: Param[float] = _param("commSpin", "Barrier mode: seconds a waiting worker busy-polls (yielding its "
-                                    "core) before it sleeps; 0 never busy-polls.", TypeConverters.toFloat)
 
     def __init__(self, *args: Any) -> None:
         super().__init__(*args)
@@ -191,9 +189,6 @@ class _DeepClassifierParams(HasSeed, HasMaxIter, HasTol, HasStepSize, HasSolver,
 
     def getCommTimeout(self) -> float:
         return self.getOrDefault(self.commTimeout)
-
-    def getCommSpin(self) -> float:
-        return self.getOrDefault(self.commSpin)
 
     def _train_config(self) -> TrainConfig:
         """The TrainConfig these params describe (every TrainConfig field that has a param of the same name)."""
