@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-# rows per forward/backward call when a task evaluates many rows: GEMMs big enough for one core's peak, activations
-# small enough for its cache (MLP [784,100,10], 30,000 rows on one thread: 4096-row chunks 59-60 ms, 1024 54-55 ms)
+# rows per compute_gradient call when a task evaluates many rows: bounds the rows gathered (copied) per call from
+# a sampled index (MLP [784,100,10], 30,000 rows on one thread: 4096-row chunks 59-60 ms, 1024 54-55 ms); the
+# model splits each call further into passes that fit the cache (FeedForwardModel.rows_per_pass)
 CHUNK_ROWS = 1024
 _CONTROLLER: list = []  # per Python worker: one threadpoolctl controller (building it scans the loaded libraries)
 
