@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import threading
 import time
 from collections.abc import Callable
 
@@ -219,6 +220,8 @@ def test_barrier_fit_on_spark(blob_df) -> None:  # noqa: ANN001
     for w in st["workers"]:
         assert w["steps"] == 190 and 0 < w["stepMean"] <= w["stepP95"] + 1e-9
         assert w["computeShare"] + w["commShare"] == pytest.approx(1.0)
+    assert len(st["epochSeconds"]) == 5 and min(st["epochSeconds"]) > 0
+    assert sum(st["epochSeconds"]) <= st["trainSeconds"]
 
 
 def test_barrier_bad_input_names_the_column(spark) -> None:  # noqa: ANN001
@@ -291,6 +294,28 @@ def test_barrier_settings_are_checked_before_any_spark_work(field: str, value: o
     with pytest.raises(ValueError, match=re.escape(message)):  # df=None: nothing of Spark is touched first
         fit_barrier(None, "features", "label", obj, TrainConfig(mode="barrier", **{field: value}),
                     obj.initial_weights(0))
+
+
+def test_a_re_split_restarts_the_throughput_measurements(monkeypatch) -> None:  # noqa: ANN001
+    """Throughput measured at one split says little about another (fixed per-step costs): after a re-split the
+    next one is weighed on FIRST_MEASUREMENTS steps at the new split only, not on a ring mixing both."""
+    from sparkdl_hetero.distributed import barrier
+
+    calls: dict[int, list[tuple[list[int], int]]] = {}  # per rank's thread: (shares, measurements weighed)
+    real = barrier.balanced_shares
+
+    def spy(shares: np.ndarray, samples: np.ndarray, min_gain: float = barrier.REBALANCE_GAIN) -> np.ndarray:
+        calls.setdefault(threading.get_ident(), []).append(([int(s) for s in shares], len(samples)))
+        return real(shares, samples, min_gain)
+
+    monkeypatch.setattr(barrier, "balanced_shares", spy)
+    cfg = TrainConfig(mode="barrier", solver="sgd", epochs=1, batchSize=64, stepSize=0.05, straggler={1: 4.0})
+    worker = _train_threads(cfg, n=2000)[0][0]
+    first, second = next(iter(calls.values()))[:2]
+    assert first == ([32, 32], barrier.FIRST_MEASUREMENTS)  # the first re-split, as before
+    assert second[0] != [32, 32], calls  # the straggler moved rows...
+    assert second[1] == barrier.FIRST_MEASUREMENTS, calls  # ...and the next look weighed the new split's steps only
+    assert worker.extra["finalShares"][0] > 2 * worker.extra["finalShares"][1]
 
 
 def test_one_slow_step_at_the_start_does_not_unbalance_equal_workers(monkeypatch) -> None:  # noqa: ANN001

@@ -9,17 +9,19 @@ and the same update on every replica, so the replicas stay bit-identical.
 
 Mini-batch solvers (``sgd``, ``momentum``, ``adam``): the global batch ``batchSize`` is split among the workers in
 proportion to their measured compute throughput (``balance=True``; measured every step, the median of the last
-:data:`THROUGHPUT_WINDOW` -- and re-split every :data:`REBALANCE_EVERY` steps when that shortens the predicted step
-by more than :data:`REBALANCE_GAIN` and by more than the measurement noise allows (:func:`balanced_shares`); the
-first re-split, on the median of :data:`FIRST_MEASUREMENTS` steps, by more than :data:`FIRST_REBALANCE_GAIN`) or to
-their number of rows (``balance=False``: plain synchronous training). Each worker sends the *sum* of its samples'
-gradients with its sample count; the all-reduced sum divided by the total count is exactly the mean gradient of the
-global batch. Throughputs ride in the same vector (one slot per rank), so every rank computes the same split.
-``syncEvery=k>1``: k local steps on each worker, then the weights are averaged, weighted by the samples each worker
-used (local SGD / FedAvg; shares then stay proportional to the rows, throughputs are not exchanged between
-averagings). An epoch is ``ceil(rows / batchSize)`` global steps. ``validationFraction``: each worker holds out that
-share of its rows; the all-reduced validation loss after each epoch drives early stopping with ``patience`` -- every
-rank takes the same decision, so all stop together, and the best weights are returned.
+:data:`THROUGHPUT_WINDOW` steps at the current split -- and re-split when that shortens the predicted step by more
+than :data:`REBALANCE_GAIN` and by more than the measurement noise allows (:func:`balanced_shares`), first after
+:data:`FIRST_MEASUREMENTS` steps at a split (the first re-split only by more than :data:`FIRST_REBALANCE_GAIN`),
+then every :data:`REBALANCE_EVERY` steps; a re-split restarts the measurements, since a rank's throughput depends on
+its share through fixed per-step costs) or to their number of rows (``balance=False``: plain synchronous training).
+Each worker sends the *sum* of its samples' gradients with its sample count; the all-reduced sum divided by the
+total count is exactly the mean gradient of the global batch. Throughputs ride in the same vector (one slot per
+rank), so every rank computes the same split. ``syncEvery=k>1``: k local steps on each worker, then the weights are
+averaged, weighted by the samples each worker used (local SGD / FedAvg; shares then stay proportional to the rows,
+throughputs are not exchanged between averagings). An epoch is ``ceil(rows / batchSize)`` global steps.
+``validationFraction``: each worker holds out that share of its rows; the all-reduced validation loss after each
+epoch drives early stopping with ``patience`` -- every rank takes the same decision, so all stop together, and the
+best weights are returned.
 
 Full-batch solvers: ``gd`` (``w -= lr * mean gradient``) and ``l-bfgs`` -- every task runs the same L-BFGS
 on the all-reduced full-batch loss and gradient (no driver round trip per iteration), with the stopping rules of
@@ -347,9 +349,9 @@ class BarrierWorker:
         ex = self.extra
         rows = self.comm.allgather(len(self.y))
         throughput = np.asarray(ex.get("throughput", rows), dtype=np.float64)
-        window = np.empty((THROUGHPUT_WINDOW, self.world))  # the last steps' throughputs, a ring
+        window = np.empty((THROUGHPUT_WINDOW, self.world))  # the last steps' throughputs at the current split, a ring
         window[0] = throughput
-        measurements = int("throughput" in ex)  # how many the ring has seen
+        measurements = int("throughput" in ex)  # how many the ring has seen since the last re-split
         shares = split_batch(batch, throughput if c.balance else rows)
         loss_sum, count = float(ex.get("epochLossSum", 0.0)), int(ex.get("epochCount", 0))
         best = (float(ex.get("bestLoss", math.inf)), int(ex.get("badEpochs", 0)))
@@ -359,6 +361,7 @@ class BarrierWorker:
         k = max(1, c.syncEvery)
         local_samples = 0
         stop = f"{epochs} epochs"
+        epoch_started = time.perf_counter()
 
         def snapshot() -> None:  # what a checkpoint holds (taken when one is written, not every step)
             nonlocal throughput
@@ -395,17 +398,23 @@ class BarrierWorker:
             if k == 1 and self.iteration > WARMUP_STEPS:  # the first steps carry one-off costs: not measured
                 np.maximum(thr, 1e-9, out=window[measurements % THROUGHPUT_WINDOW])
                 measurements += 1
-                first = not measured and measurements >= FIRST_MEASUREMENTS
-                if c.balance and (first or (measured and self.iteration % REBALANCE_EVERY == 0)):
-                    shares = balanced_shares(shares, window[:min(measurements, THROUGHPUT_WINDOW)],
-                                             FIRST_REBALANCE_GAIN if first else REBALANCE_GAIN)
-                measured = measured or first
+                due = measurements == FIRST_MEASUREMENTS or (
+                    measurements > FIRST_MEASUREMENTS and self.iteration % REBALANCE_EVERY == 0)
+                if c.balance and due:
+                    seen = window[:min(measurements, THROUGHPUT_WINDOW)]
+                    new = balanced_shares(shares, seen, REBALANCE_GAIN if measured else FIRST_REBALANCE_GAIN)
+                    measured = True
+                    if not np.array_equal(new, shares):  # a rank's throughput depends on its share (fixed per-step
+                        throughput = np.median(seen, axis=0)  # costs): the ring restarts at the new split
+                        shares, measurements = new, 0
             if self.iteration % steps_per_epoch == 0:
                 if k > 1:  # the epoch's mean loss over every worker's samples
                     tot = self._allreduce(np.array([loss_sum, count], dtype=np.float64))
                     loss_sum, count = float(tot[0]), int(tot[1])
                 self.history.append(loss_sum / max(count, 1))
                 loss_sum, count = 0.0, 0
+                # the epoch's training steps, validation excluded (a resumed epoch: since the resume)
+                self.extra.setdefault("epochSeconds", []).append(time.perf_counter() - epoch_started)
                 if self.val_rows:
                     vloss, vacc = self._validation()
                     self.extra.setdefault("validation", []).append([vloss, vacc])
@@ -416,6 +425,7 @@ class BarrierWorker:
                     if best[1] >= c.patience:
                         stop = f"early stopping: validation loss did not improve for {c.patience} epochs"
                         break
+                epoch_started = time.perf_counter()
             if self.iteration % k == 0 and self._checkpoint_due():
                 snapshot()
                 self._checkpoint()
@@ -584,9 +594,9 @@ def _barrier_task(batches: Iterator, objective: Objective, config: TrainConfig, 
             meta: dict = {"diverged": str(diverged), "iterations": diverged.iteration, "history": diverged.history}
             weights = b""
         else:
+            kept = ("validation", "finalShares", "throughput", "epochSeconds")
             meta = {"history": worker.history, "iterations": worker.iteration, "stop": stop,
-                    "workers": summaries, "extra": {k: v for k, v in worker.extra.items()
-                                                    if k in ("validation", "finalShares", "throughput")}}
+                    "workers": summaries, "extra": {k: v for k, v in worker.extra.items() if k in kept}}
             weights = worker.weights.tobytes()
         yield pa.RecordBatch.from_pylist([{"rank": 0, "meta": json.dumps(meta), "weights": weights}],
                                          schema=pa.schema([("rank", pa.int32()), ("meta", pa.string()),
