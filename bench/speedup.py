@@ -2,7 +2,8 @@
 
     flock /tmp/bench.lock .venv/bin/python bench/speedup.py [--quick]
 
-1. node-count speedup, 2 executors vs 1 (local-cluster, 1 core each; goal >= 1.9x);
+1. node-count speedup, 2 executors vs 1 (local-cluster, 1 core each; goal >= 1.9x), and the machine's ceiling for
+   it from the same run (``bench/ceiling.py``: 2 independent processes vs 1, no communication);
 2. samples/s at 2 executors vs single-process PyTorch CPU (2 threads) and pyspark's TorchDistributor
    (2 processes, gloo) -- the peers are skipped with a message when torch is not installed;
 3. a fast and a 3x-slowed worker, with and without balancing, vs the ideal (goal: within 1.1x of it); 2 epochs
@@ -118,6 +119,8 @@ def main() -> int:
     p.add_argument("--output", default="bench-output")
     p.add_argument("--batch-size", type=int, default=64, help="global batch size of sections 1-3")
     p.add_argument("--sections", default="1234", help="which sections to run")
+    p.add_argument("--ceiling-rounds", type=int, default=3,
+                   help="rounds of bench/ceiling.py after section 1 (0: skip)")
     p.add_argument("--repeats", type=int, default=1,
                    help="runs of each configuration (median reported; TorchDistributor runs once)")
     opts = p.parse_args()
@@ -137,6 +140,15 @@ def main() -> int:
         speedup = rows[0]["epochSeconds"] / rows[1]["epochSeconds"]
         print(f"speedup at 2 executors: {speedup:.2f}x (goal >= 1.9x); load average {os.getloadavg()}", flush=True)
         out["speedup"] = {"rows": rows, "speedup": speedup}
+        if opts.ceiling_rounds:
+            from ceiling import ceiling
+
+            print("the machine's ceiling: the same per-worker step (forward/backward + Adam) in 2 independent "
+                  "processes at half the batch vs 1 process, no Spark, no communication", flush=True)
+            best = ceiling(opts.batch_size, opts.ceiling_rounds)
+            out["speedup"]["ceiling"] = best
+            print("ceiling, median of rounds: " + "; ".join(f"{e} {v:.2f}x" for e, v in best.items())
+                  + f" -- the 2-executor speedup above is {speedup / best['ours']:.2f} of ours", flush=True)
     if "2" in opts.sections:
         section2(rows[1]["samplesPerSecond"], data, opts.batch_size, out, opts.repeats)
     if "3" in opts.sections:
