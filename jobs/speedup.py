@@ -10,8 +10,8 @@ and the one-off input conversion are reported apart (``fit s``).
 
 ``--straggler RANK:FACTOR`` is a benchmarking aid reproducing a fast and a slow device: that worker stays busy
 (yielding its core) for (FACTOR - 1) x its compute time every step. The job then also runs the slow worker alone and
-the fast+slow pair with and without balancing (heterogeneity-aware batch shares), and compares with the ideal epoch
-time ``samples / (fast alone samples/s + slow alone samples/s)``.
+the max(2, N) workers with that one slowed, with and without balancing (heterogeneity-aware batch shares), and
+compares with the ideal epoch time ``samples / (sum of the workers' samples/s alone)``.
 """
 
 from __future__ import annotations
@@ -47,7 +47,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--data-dir", default=None, help="Fashion-MNIST directory")
     p.add_argument("--output", default="speedup-output", help="directory for speedup.png and speedup.json")
     p.add_argument("--seed", type=int, default=42)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.executors < 1:
+        p.error(f"--executors must be >= 1, got {args.executors}")
+    if args.straggler:
+        try:
+            rank, factor = args.straggler.split(":")
+            args.straggler_rank, args.straggler_factor = int(rank), float(factor)
+        except ValueError:
+            p.error(f"--straggler must be RANK:FACTOR (e.g. 1:3), got {args.straggler!r}")
+        if not 0 <= args.straggler_rank < max(2, args.executors):
+            p.error(f"--straggler rank must be a worker rank of the {max(2, args.executors)}-worker runs "
+                    f"(0..{max(2, args.executors) - 1}), got {args.straggler_rank}")
+        if not args.straggler_factor >= 1:
+            p.error(f"--straggler factor must be >= 1, got {args.straggler_factor:g}")
+    return args
 
 
 def load(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -185,9 +199,8 @@ def run(args: argparse.Namespace) -> dict:
     out: dict = {"speedup": rows}
     print_table(rows, rows[0]["epochSeconds"])
     if args.straggler:
-        rank, factor = args.straggler.split(":")
-        rank, factor = int(rank), float(factor)
-        n = max(2, rank + 1)
+        rank, factor = args.straggler_rank, args.straggler_factor
+        n = max(2, args.executors)
         fast = rows[0]
         slow = run_one(args, data, 1, {0: factor}, label=f"slow alone (x{factor:g})")
         both = run_one(args, data, n, {rank: factor}, True, "fast+slow, balanced")
