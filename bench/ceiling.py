@@ -28,25 +28,14 @@ ROWS = 6000  # rows a worker draws its batches from
 
 
 def _ours(batch: int) -> Callable[[int], None]:
-    from engine_step import LENET, _fashion_like
+    from engine_step import WorkerStep
 
-    from sparkdl_hetero.nn import FeedForwardModel, FeedForwardTopology
-    from sparkdl_hetero.nn.optim import Adam
-
-    x, y = _fashion_like(ROWS, 0)
-    y = y.astype(np.float64)
-    model = FeedForwardModel(FeedForwardTopology.from_spec(LENET, (1, 28, 28)), seed=0)
-    weights = model.get_weights().astype(np.float64)
-    w32 = np.empty_like(weights, dtype=np.float32)
-    adam = Adam(0.9, 0.999, 1e-8, state_dtype=np.float64)
+    worker = WorkerStep(ROWS)
 
     def step(i: int) -> None:
         lo = (i * batch) % (ROWS - batch)
-        model.zero_grad()
-        model.compute_gradient(x[lo:lo + batch], y[lo:lo + batch], scale=float(batch))
-        adam.step(weights, model.gradient, 1e-4, 1.0 / batch)
-        np.copyto(w32, weights, casting="same_kind")
-        model.set_weights(w32)
+        worker.compute(slice(lo, lo + batch), batch)
+        worker.update(batch)
 
     return step
 

@@ -20,39 +20,28 @@ import socket
 import time
 
 import numpy as np
-from engine_step import LENET, _fashion_like
+from engine_step import WorkerStep
 from threadpoolctl import threadpool_limits
-
-from sparkdl_hetero.nn import FeedForwardModel, FeedForwardTopology
-from sparkdl_hetero.nn.optim import Adam
 
 ROWS = 6000  # each worker's share of the data (barrier mode's 12,000 rows on 2 workers)
 
 
 def _loop(batch: int, steps: int, update: bool, seed: int, peer: socket.socket | None) -> float:
     """Median seconds of ``compute_gradient`` per step over the last 80% of ``steps``."""
-    x, y = _fashion_like(ROWS, 0)  # float32 pixels in [0, 1]
-    y = y.astype(np.float64)  # barrier mode's label column
-    model = FeedForwardModel(FeedForwardTopology.from_spec(LENET, (1, 28, 28)), seed=0)
-    weights = model.get_weights().astype(np.float64)
-    w32 = np.empty_like(weights, dtype=np.float32)
-    adam = Adam(0.9, 0.999, 1e-8, state_dtype=np.float64)
+    worker = WorkerStep(ROWS)
     rng = np.random.default_rng(seed)
     times = np.empty(steps)
     with threadpool_limits(limits=1):
         for s in range(steps):
             idx = np.sort(rng.choice(ROWS, batch, replace=False))
             t = time.perf_counter()
-            model.zero_grad()
-            model.compute_gradient(x[idx], y[idx], scale=float(batch))
+            worker.compute(idx, batch)
             times[s] = time.perf_counter() - t
             if peer is not None:
                 peer.sendall(b"x")
                 peer.recv(1)
             if update:
-                adam.step(weights, model.gradient, 1e-4, 1.0 / batch)
-                np.copyto(w32, weights, casting="same_kind")
-                model.set_weights(w32)
+                worker.update(batch)
     return float(np.median(times[steps // 5:]))
 
 

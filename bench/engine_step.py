@@ -43,6 +43,31 @@ def _fashion_like(rows: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     return np.tile(x, (reps, 1))[:rows], np.tile(y, reps)[:rows]
 
 
+class WorkerStep:
+    """A barrier worker's per-step work without Spark or sockets, on ``rows`` Fashion-MNIST rows: :meth:`compute`
+    (zero_grad + forward/backward of the selected rows) and :meth:`update` (the float32 gradient into float64 Adam
+    state and weights, then the weights copied back into the float32 model), as ``BarrierWorker`` does."""
+
+    def __init__(self, rows: int) -> None:
+        from sparkdl_hetero.nn.optim import Adam
+
+        self.x, y = _fashion_like(rows, 0)  # float32 pixels in [0, 1]
+        self.y = y.astype(np.float64)  # barrier mode's label column
+        self.model = FeedForwardModel(FeedForwardTopology.from_spec(LENET, (1, 28, 28)), seed=0)
+        self.weights = self.model.get_weights().astype(np.float64)
+        self._w32 = np.empty_like(self.weights, dtype=np.float32)
+        self.adam = Adam(0.9, 0.999, 1e-8, state_dtype=np.float64)
+
+    def compute(self, rows: np.ndarray | slice, batch: int) -> None:
+        self.model.zero_grad()
+        self.model.compute_gradient(self.x[rows], self.y[rows], scale=float(batch))
+
+    def update(self, batch: int) -> None:
+        self.adam.step(self.weights, self.model.gradient, 1e-4, 1.0 / batch)
+        np.copyto(self._w32, self.weights, casting="same_kind")
+        self.model.set_weights(self._w32)
+
+
 def _ours_step(topo: FeedForwardTopology, seed: int) -> Callable[[np.ndarray, np.ndarray], None]:
     model = FeedForwardModel(topo, seed=seed)
 
@@ -59,12 +84,11 @@ def _torch_step(seed: int) -> Callable[[np.ndarray, np.ndarray], None] | None:
         import torch.nn as tnn
     except ImportError:
         return None
+    from speedup import _torch_lenet
+
     torch.set_num_threads(1)
     torch.manual_seed(seed)
-    model = tnn.Sequential(
-        tnn.Conv2d(1, 6, 5, padding=2), tnn.ReLU(), tnn.MaxPool2d(2),
-        tnn.Conv2d(6, 16, 5), tnn.ReLU(), tnn.MaxPool2d(2), tnn.Flatten(),
-        tnn.Linear(400, 120), tnn.ReLU(), tnn.Linear(120, 84), tnn.ReLU(), tnn.Linear(84, 10))
+    model = _torch_lenet()
     loss_fn = tnn.CrossEntropyLoss()
 
     def step(x: np.ndarray, y: np.ndarray) -> None:

@@ -56,9 +56,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             args.straggler_rank, args.straggler_factor = int(rank), float(factor)
         except ValueError:
             p.error(f"--straggler must be RANK:FACTOR (e.g. 1:3), got {args.straggler!r}")
-        if not 0 <= args.straggler_rank < max(2, args.executors):
-            p.error(f"--straggler rank must be a worker rank of the {max(2, args.executors)}-worker runs "
-                    f"(0..{max(2, args.executors) - 1}), got {args.straggler_rank}")
+        world = max(2, args.executors)  # the straggler runs' workers
+        if not 0 <= args.straggler_rank < world:
+            p.error(f"--straggler rank must be a worker rank of the {world}-worker runs (0..{world - 1}), "
+                    f"got {args.straggler_rank}")
         if not args.straggler_factor >= 1:
             p.error(f"--straggler factor must be >= 1, got {args.straggler_factor:g}")
     return args
