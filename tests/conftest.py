@@ -10,6 +10,17 @@ import pytest
 os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
 os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
 
+# test modules that start Spark themselves (spark-submit, a local-cluster driver in a subprocess)
+_SPARK_MODULES = {"test_barrier_cluster", "test_speedup_job", "test_train_job"}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tier the suite: every test that needs a JVM (the ``spark`` fixture, or a module that starts Spark itself)
+    is marked ``spark``, so ``pytest -m "not spark"`` runs the engine, backend and transport tests alone."""
+    for item in items:
+        if "spark" in getattr(item, "fixturenames", ()) or item.module.__name__ in _SPARK_MODULES:
+            item.add_marker(pytest.mark.spark)
+
 
 @pytest.fixture(scope="session")
 def spark():
