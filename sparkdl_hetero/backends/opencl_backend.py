@@ -16,7 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from .base import ACTIVATIONS, Array
+from .activations import activation as _activation
+from .base import Array
 from .errors import BackendUnavailable
 from .kernel_source import check_launch_size, kernel_source
 from .numpy_backend import NumpyBackend
@@ -36,7 +37,6 @@ ENV_DEVICE = "SPARKDL_OPENCL_DEVICE"
 _INSTALL = ("Install it with: pip install 'sparkdl-hetero[opencl]' plus an OpenCL runtime and CLBlast "
             "(Debian: apt-get install pocl-opencl-icd ocl-icd-opencl-dev libclblast-dev)")
 _DEVICE_TYPES = {"cpu": "CPU", "gpu": "GPU", "accelerator": "ACCELERATOR", "all": "ALL"}
-_ACT_CODE = {kind: i for i, kind in enumerate(ACTIVATIONS)}  # the order of ACT_* in opencl_ops.cl
 _SUM_PARTS = 256  # partial sums per reduction; the host adds them in float64
 _HOST = NumpyBackend()
 
@@ -308,10 +308,9 @@ class OpenCLBackend(ConvPoolKernels):
         return float(self.to_host(partial).sum(dtype=np.float64))
 
     # ---- activations and losses ------------------------------------------------------------------------
-    def _act_code(self, kind: str) -> np.int32:
-        if kind not in _ACT_CODE:
-            raise ValueError(f"unknown activation {kind!r}")
-        return np.int32(_ACT_CODE[kind])
+    @staticmethod
+    def _act_code(kind: str) -> np.int32:
+        return np.int32(_activation(kind).code)  # the kernels' ACT_* value
 
     def activation(self, kind: str, x: Array, alpha: float = 0.01) -> Array:
         code = self._act_code(kind)
