@@ -479,9 +479,12 @@ def test_im2col_col2im_adjoint_and_fused_input_delta(c, k, stride, pad):
 
 def test_trainer_on_a_device_backend_matches_numpy(spark_data_dir):
     """The trainer's device path (host updater, weights copied back) on PoCL's OpenCL device equals NumPy's."""
-    from sparkdl_hetero.backends import get_backend
+    from sparkdl_hetero.backends import BackendUnavailable
 
-    be = get_backend("opencl")
+    try:
+        be = get_backend("opencl")
+    except BackendUnavailable as exc:
+        pytest.skip(str(exc))
     x, y = read_libsvm(f"{spark_data_dir}/sample_multiclass_classification_data.txt")
     topo = FeedForwardTopology.multilayer_perceptron([4, 6, 3])
     cfg = TrainConfig(solver="adam", stepSize=0.05, batchSize=32, seed=3)
@@ -489,7 +492,7 @@ def test_trainer_on_a_device_backend_matches_numpy(spark_data_dir):
     for backend in ("numpy", be):
         model = FeedForwardModel(topo, seed=5, backend=backend)
         results.append((train(model, x, y.astype(int), cfg, epochs=3), model.get_weights()))
-    assert not isinstance(model.weights, np.ndarray)  # really on the device
+    assert not model.backend.host_memory  # really on the device
     np.testing.assert_allclose(results[1][0], results[0][0], rtol=1e-4)
     np.testing.assert_allclose(results[1][1], results[0][1], rtol=1e-3, atol=1e-4)
     assert not np.allclose(results[0][1], FeedForwardModel(topo, seed=5).get_weights())

@@ -154,7 +154,7 @@ class OpenCLBackend(ConvPoolKernels):
         return f"opencl: {self.device.name.strip()} ({self.device.platform.name.strip()})"
 
     # ---- launching -------------------------------------------------------------------------------------
-    def _program(self, dtype: np.dtype) -> dict[str, Any]:
+    def program(self, dtype: np.dtype) -> dict[str, Any]:
         """The kernels compiled for ``dtype`` on this context (built on first use)."""
         dtype = np.dtype(dtype)
         ks = self._kernels.get(dtype.name)
@@ -183,7 +183,7 @@ class OpenCLBackend(ConvPoolKernels):
                 flat += [a.base_data, np.int64(a.offset // a.dtype.itemsize)]
             else:
                 flat.append(a)
-        self._program(dtype)[kernel](self.queue, (count,), None, *flat)
+        self.program(dtype)[kernel](self.queue, (count,), None, *flat)
 
     def _check(self, a: Array, what: str) -> Array:
         if not isinstance(a, cla.Array):
