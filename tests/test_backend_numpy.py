@@ -154,3 +154,19 @@ def test_every_registered_activation_parses_and_prints_back():
                                                      ("relu", "relu", False)])
 def test_commutes_with_next(first, second, commutes):
     assert parse_layer(first).commutes_with_next(parse_layer(second)) is commutes
+
+
+# ---- the model's explicit device-input path ---------------------------------------------------------------------
+def test_device_batch_in_the_engine_layout_runs_through_forward_device():
+    """On the NumPy backend a device batch IS a NumPy array: the model cannot tell it from host rows, so the
+    device path is explicit (an NHWC batch given to forward would be taken as rows and refused)."""
+    topo = FeedForwardTopology.from_spec("conv(3,3,pad=1)-relu-maxpool(2)-flatten-affine(4)", (2, 6, 6))
+    model = FeedForwardModel(topo, seed=1, dtype=np.float64)
+    x = np.random.default_rng(2).standard_normal((5, topo.num_inputs))
+    batch = model.device_batch(x)
+    assert batch.shape == (5, 6, 6, 2)
+    np.testing.assert_array_equal(batch, x.reshape(5, 2, 6, 6).transpose(0, 2, 3, 1))
+    for a, b in zip(model.forward_device(batch), model.forward(x), strict=True):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(ValueError, match=r"input must be a \(batch, 72\) array, got \(5, 6, 6, 2\)"):
+        model.forward(batch)

@@ -360,6 +360,7 @@ def test_kernels_compile_once_per_context(be):
     other = ocl.OpenCLBackend()
     assert other.context is be.context
     assert other.program(np.float32) is be.program(np.float32)
+    assert not be.host_memory  # pyopencl arrays: NumPy code cannot update them in place
 
 
 def test_device_selection_errors():
