@@ -25,7 +25,7 @@ _RUN = 256  # elements per inner-loop run that make NumPy's per-call overhead sm
 # BLAS libraries (OpenBLAS on AVX-512 cores among them) multiply float32 products up to about this many
 # multiply-adds (M*N*K) with unpacked "small matrix" kernels and larger ones through packed blocks; for skinny
 # products -- a first convolution's (n*784 x 25) @ (25 x 6) -- packing dominates, so pieces under the limit run
-# faster. A BLAS without such kernels runs the pieces at the cost of one call (each piece is still hundreds of
+# faster. A BLAS without such kernels runs the pieces at about the cost of one call (each piece is still hundreds of
 # rows), so the rule does not depend on the CPU model
 _SMALL_GEMM = 1_000_000
 # up to this many rows a bias add / column sum is one broadcast pass / one reduction: the GEMV and tiled forms
