@@ -2,6 +2,7 @@
 #include "portable.h"
 #include "conv_pool.h"
 
+/* activation kinds: the codes of the registry in sparkdl_hetero/backends/activations.py (a test compares them) */
 #define ACT_SIGMOID 0
 #define ACT_TANH 1
 #define ACT_RELU 2

@@ -286,10 +286,10 @@ def test_opencl_replica_matches_numpy(image_mentee: bool) -> None:
         loss = rep.compute_gradient(x, y)
         results.append((loss, rep.get_gradient()))
         if backend != "numpy":
-            device_x = rep.mentee._input(x)  # (n, h, w, c) for an image mentee
+            device_x = rep.mentee.device_batch(x)  # (n, h, w, c) for an image mentee
             assert not isinstance(device_x, np.ndarray)
             rep.zero_grad()
-            assert rep.compute_gradient(device_x, y) == pytest.approx(loss, rel=1e-6)
+            assert rep.compute_gradient(device_x, y, on_device=True) == pytest.approx(loss, rel=1e-6)
             np.testing.assert_allclose(rep.get_gradient(), results[-1][1], rtol=1e-5, atol=1e-7)
     (l_np, g_np), (l_cl, g_cl) = results
     assert l_cl == pytest.approx(l_np, rel=1e-5)

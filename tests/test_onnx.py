@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import numpy as np
-import onnx
-import onnxruntime as ort
 import pytest
 
 from sparkdl_hetero.nn import FeedForwardModel, FeedForwardTopology
 from sparkdl_hetero.nn.onnx_export import export_onnx, to_onnx
+
+onnx = pytest.importorskip("onnx")  # the 'onnx' extra
+ort = pytest.importorskip("onnxruntime")
 
 LENET = "conv(6,5,pad=2)-relu-maxpool(2)-conv(16,5)-relu-maxpool(2)-flatten-affine(120)-relu-affine(84)-relu-affine(10)"
 CASES = {

@@ -1,7 +1,8 @@
 """Array backends behind the engine's seam: NumPy (default), OpenCL, CuPy.
 
 ``get_backend(name, **options)``:
-- ``"numpy"``: no options;
+- ``"numpy"``: ``reference`` (bool): True runs the plain reference code of :mod:`.array_module` without the
+  NumPy fast paths, for debugging (default: ``$SPARKDL_NUMPY_REFERENCE`` set to 1/true/yes, else False);
 - ``"opencl"``: ``platform``, ``device`` (indices), ``device_type`` (cpu, gpu, accelerator, all); without any,
   ``$SPARKDL_OPENCL_DEVICE`` ("P", "P:D" or a type), else the first device;
 - ``"cupy"``: ``device`` (GPU id, default 0);
@@ -17,15 +18,20 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
+
+from .array_module import ArrayModuleBackend
 from .base import Backend
 from .errors import BackendUnavailable
 from .numpy_backend import NumpyBackend
 
-__all__ = ["BACKENDS", "Backend", "BackendUnavailable", "NumpyBackend", "get_backend", "resolve_auto"]
+__all__ = ["BACKENDS", "ArrayModuleBackend", "Backend", "BackendUnavailable", "NumpyBackend", "get_backend",
+           "resolve_auto"]
 
 BACKENDS = ("numpy", "opencl", "cupy", "auto")
 ENV_GPU = "SPARKDL_GPU"
-_OPTIONS = {"numpy": set(), "opencl": {"platform", "device", "device_type"}, "cupy": {"device"},
+ENV_NUMPY_REFERENCE = "SPARKDL_NUMPY_REFERENCE"
+_OPTIONS = {"numpy": {"reference"}, "opencl": {"platform", "device", "device_type"}, "cupy": {"device"},
             "auto": {"gpu", "opencl"}}
 
 
@@ -40,7 +46,7 @@ def get_backend(name: str | Backend = "numpy", **options: object) -> Backend:
         raise ValueError(f"backend {name!r} takes the options {sorted(_OPTIONS[name]) or 'none'}; "
                          f"got {sorted(unknown)}")
     if name == "numpy":
-        return NumpyBackend()
+        return _numpy(options.get("reference"))  # type: ignore[arg-type]
     if name == "opencl":
         from .opencl_backend import OpenCLBackend
 
@@ -78,8 +84,15 @@ def resolve_auto(gpu: int | str | None = None, opencl: bool | str | None = None)
             return be, _account(be, passed_over)
         except (BackendUnavailable, ValueError) as exc:
             passed_over.append(f"opencl {opencl}: {exc.reason if isinstance(exc, BackendUnavailable) else exc}")
-    be = NumpyBackend()
+    be = _numpy()
     return be, _account(be, passed_over)
+
+
+def _numpy(reference: bool | None = None) -> Backend:
+    """The NumPy backend, or the reference array-module code over NumPy (``reference``; None: the environment)."""
+    if reference is None:
+        reference = os.environ.get(ENV_NUMPY_REFERENCE, "").strip().lower() in ("1", "true", "yes")
+    return ArrayModuleBackend(np) if reference else NumpyBackend()
 
 
 def _account(be: Backend, passed_over: list[str]) -> str:

@@ -19,9 +19,10 @@ from typing import Any
 
 import numpy as np
 
-Array = Any  # a backend-native array
+from .activations import NAMES
 
-ACTIVATIONS = ("sigmoid", "tanh", "relu", "leaky_relu", "identity")
+Array = Any  # a backend-native array
+ACTIVATIONS = NAMES  # the activation kinds of :meth:`Backend.activation` (registered in :mod:`.activations`)
 
 
 class Backend(ABC):
@@ -31,6 +32,8 @@ class Backend(ABC):
     #: bytes of activations a training pass should keep within (the engine splits a batch into passes of as
     #: many rows as fit); None: the whole batch in one pass (accelerators want large batches)
     cache_bytes: int | None = None
+    #: arrays of this backend are host NumPy arrays: a vector can be updated in place by NumPy code
+    host_memory: bool = False
 
     # ---- memory --------------------------------------------------------------------------------------
     @abstractmethod
@@ -82,7 +85,8 @@ class Backend(ABC):
     # ---- activations and losses ----------------------------------------------------------------------
     @abstractmethod
     def activation(self, kind: str, x: Array, alpha: float = 0.01) -> Array:
-        """``f(x)`` for ``kind`` in :data:`ACTIVATIONS` (``alpha`` is the leaky-relu slope), a new array."""
+        """``f(x)`` for ``kind`` in :data:`ACTIVATIONS` (see :mod:`.activations`; ``alpha`` is the slope of those
+        that take one), a new array."""
 
     @abstractmethod
     def activation_backward(self, kind: str, y: Array, delta: Array, alpha: float = 0.01) -> Array:

@@ -12,10 +12,10 @@ from typing import Any
 
 import numpy as np
 
+from .array_module import ArrayModuleBackend
 from .base import Array
 from .errors import BackendUnavailable
 from .kernel_source import check_launch_size, kernel_source
-from .numpy_backend import ArrayModuleBackend
 from .shared_kernels import ConvPoolKernels, KernelLauncher
 
 _INSTALL = ("Install it with: pip install 'sparkdl-hetero[gpu]' (cupy-cuda12x) on a machine with an NVIDIA GPU "
@@ -91,6 +91,13 @@ class CupyBackend(ConvPoolKernels, ArrayModuleBackend):
         props = self.xp.cuda.runtime.getDeviceProperties(self.device)
         name = props["name"].decode() if isinstance(props["name"], bytes) else props["name"]
         return f"cupy: GPU {self.device} ({name})"
+
+    def activation(self, kind: str, x: Array, alpha: float = 0.01) -> Array:
+        if kind == "sigmoid" and self.xp is not np:  # cupyx's expit: one fused, overflow-free kernel
+            from cupyx.scipy.special import expit
+
+            return expit(x)
+        return super().activation(kind, x, alpha)
 
     def to_host(self, a: Array) -> np.ndarray:
         # cupy refuses implicit conversion to NumPy (np.array(gpu_array) raises): copy explicitly

@@ -16,7 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from .base import ACTIVATIONS, Array
+from .activations import activation as _activation
+from .base import Array
 from .errors import BackendUnavailable
 from .kernel_source import check_launch_size, kernel_source
 from .numpy_backend import NumpyBackend
@@ -36,7 +37,6 @@ ENV_DEVICE = "SPARKDL_OPENCL_DEVICE"
 _INSTALL = ("Install it with: pip install 'sparkdl-hetero[opencl]' plus an OpenCL runtime and CLBlast "
             "(Debian: apt-get install pocl-opencl-icd ocl-icd-opencl-dev libclblast-dev)")
 _DEVICE_TYPES = {"cpu": "CPU", "gpu": "GPU", "accelerator": "ACCELERATOR", "all": "ALL"}
-_ACT_CODE = {kind: i for i, kind in enumerate(ACTIVATIONS)}  # the order of ACT_* in opencl_ops.cl
 _SUM_PARTS = 256  # partial sums per reduction; the host adds them in float64
 _HOST = NumpyBackend()
 
@@ -154,7 +154,7 @@ class OpenCLBackend(ConvPoolKernels):
         return f"opencl: {self.device.name.strip()} ({self.device.platform.name.strip()})"
 
     # ---- launching -------------------------------------------------------------------------------------
-    def _program(self, dtype: np.dtype) -> dict[str, Any]:
+    def program(self, dtype: np.dtype) -> dict[str, Any]:
         """The kernels compiled for ``dtype`` on this context (built on first use)."""
         dtype = np.dtype(dtype)
         ks = self._kernels.get(dtype.name)
@@ -183,7 +183,7 @@ class OpenCLBackend(ConvPoolKernels):
                 flat += [a.base_data, np.int64(a.offset // a.dtype.itemsize)]
             else:
                 flat.append(a)
-        self._program(dtype)[kernel](self.queue, (count,), None, *flat)
+        self.program(dtype)[kernel](self.queue, (count,), None, *flat)
 
     def _check(self, a: Array, what: str) -> Array:
         if not isinstance(a, cla.Array):
@@ -308,10 +308,9 @@ class OpenCLBackend(ConvPoolKernels):
         return float(self.to_host(partial).sum(dtype=np.float64))
 
     # ---- activations and losses ------------------------------------------------------------------------
-    def _act_code(self, kind: str) -> np.int32:
-        if kind not in _ACT_CODE:
-            raise ValueError(f"unknown activation {kind!r}")
-        return np.int32(_ACT_CODE[kind])
+    @staticmethod
+    def _act_code(kind: str) -> np.int32:
+        return np.int32(_activation(kind).code)  # the kernels' ACT_* value
 
     def activation(self, kind: str, x: Array, alpha: float = 0.01) -> Array:
         code = self._act_code(kind)

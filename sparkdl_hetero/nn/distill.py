@@ -172,24 +172,28 @@ class DistillationReplica:
         """The mentee's class probabilities (what the trained model will predict)."""
         return self.mentee.predict(x)
 
-    def _mentor_input(self, x: np.ndarray | Array) -> np.ndarray | Array:
-        """Host rows serve both models; a device batch (in the mentee's layout) is re-laid out if the
-        mentor's input shape differs."""
-        if isinstance(x, np.ndarray) or self.mentor.topology.input_shape == self.mentee.topology.input_shape:
-            return x
+    def _mentor_outputs(self, x: np.ndarray | Array, on_device: bool) -> list[Array]:
+        """The mentor's layer outputs for the batch the mentee got: host rows serve both models; a device batch
+        (in the mentee's layout) is re-laid out through the host if the mentor's input shape differs."""
+        if not on_device:
+            return self.mentor.forward(x, training=False)
+        if self.mentor.topology.input_shape == self.mentee.topology.input_shape:
+            return self.mentor.forward_device(x, training=False)
         host = self.backend.to_host(x)
         if host.ndim == 4:  # NHWC -> the user's C, H, W rows
             host = host.transpose(0, 3, 1, 2)
-        return host.reshape(host.shape[0], -1)
+        return self.mentor.forward(host.reshape(host.shape[0], -1), training=False)
 
     def compute_gradient(self, x: np.ndarray | Array, y: np.ndarray, grad_out: np.ndarray | None = None,
-                         scale: float = 1.0) -> float:
+                         scale: float = 1.0, *, on_device: bool = False) -> float:
         """Mean combined loss over the batch; adds ``scale`` x its gradient (w.r.t. mentee and adapter weights)
-        to :attr:`gradient`, or, when ``grad_out`` (host) is given, to ``grad_out``. The mentor is not updated."""
+        to :attr:`gradient`, or, when ``grad_out`` (host) is given, to ``grad_out``. The mentor is not updated.
+        ``x``: host rows in the user's layout, or with ``on_device`` a device batch in the mentee's engine layout
+        (:meth:`FeedForwardModel.device_batch`)."""
         obj, be = self.objective, self.backend
         if grad_out is not None:
             self.zero_grad()
-        outs = self.mentee.forward(x, training=True)
+        outs = (self.mentee.forward_device if on_device else self.mentee.forward)(x, training=True)
         z = outs[-1]
         n = z.shape[0]
         loss, delta = 0.0, None
@@ -198,7 +202,7 @@ class DistillationReplica:
             loss = obj.alpha * label_loss
         extra: dict[int, Array] = {}
         if obj.alpha < 1 or obj.hint_layers:
-            mouts = self.mentor.forward(self._mentor_input(x), training=False)
+            mouts = self._mentor_outputs(x, on_device)
             if obj.alpha < 1:
                 kl, d_kl = self._soft_target_term(z, mouts[-1], (1 - obj.alpha) * scale / n)
                 loss += (1 - obj.alpha) * kl

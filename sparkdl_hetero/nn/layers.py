@@ -14,7 +14,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..backends.base import ACTIVATIONS, Array, Backend, pool_out
+from ..backends.activations import DEFAULT_ALPHA, NAMES, activation
+from ..backends.base import Array, Backend, pool_out
 
 Shape = tuple[int, ...]
 
@@ -66,6 +67,17 @@ class Layer(ABC):
     @abstractmethod
     def spec(self) -> str:
         """The layer in spec-string form (``affine(10)``, ``conv(6,5,stride=1,pad=2)``...)."""
+
+    def commutes_with_next(self, next_layer: Layer) -> bool:
+        """Whether running ``next_layer`` before this layer gives the same output and the same gradients, bit for
+        bit (then a training step may run them in the cheaper order). False unless a layer knows better."""
+        return False
+
+    @property
+    def selects_maxima(self) -> bool:
+        """Whether each output is the maximum of a window of inputs, its gradient routed to the window's first
+        maximal position (max-pooling)."""
+        return False
 
 
 def _spark_uniform(size: int, fan_in: int, rng: np.random.Generator) -> np.ndarray:
@@ -134,14 +146,15 @@ class _AffineModel(LayerModel):
 # ---- element-wise functions -------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Functional(Layer):
-    """``y = f(x)`` element-wise: sigmoid, tanh, relu, leaky_relu (slope ``alpha``), identity."""
+    """``y = f(x)`` element-wise for a ``kind`` of :mod:`sparkdl_hetero.backends.activations` (sigmoid, tanh, relu,
+    leaky_relu with slope ``alpha``, identity)."""
 
     kind: str
-    alpha: float = 0.01
+    alpha: float = DEFAULT_ALPHA
 
     def __post_init__(self) -> None:
-        if self.kind not in ACTIVATIONS:
-            raise SpecError(f"unknown activation {self.kind!r}; expected one of {', '.join(ACTIVATIONS)}")
+        if self.kind not in NAMES:
+            raise SpecError(f"unknown activation {self.kind!r}; expected one of {', '.join(NAMES)}")
 
     def out_shape(self, in_shape: Shape) -> Shape:
         return in_shape
@@ -151,7 +164,12 @@ class Functional(Layer):
         return _FunctionalModel(backend, self.kind, self.alpha)
 
     def spec(self) -> str:
-        return f"leaky_relu({self.alpha})" if self.kind == "leaky_relu" else self.kind
+        return f"{self.kind}({self.alpha})" if activation(self.kind).has_alpha else self.kind
+
+    def commutes_with_next(self, next_layer: Layer) -> bool:
+        """A max-pool after an activation that commutes exactly with max (ReLU: max-pool(relu(x)) ==
+        relu(max-pool(x)), see :attr:`Activation.commutes_with_max`) may run first, on the activation's input."""
+        return activation(self.kind).commutes_with_max and next_layer.selects_maxima
 
 
 class _FunctionalModel(LayerModel):
@@ -272,6 +290,10 @@ class Pool2D(Layer):
     @property
     def step(self) -> int:
         return self.stride or self.size
+
+    @property
+    def selects_maxima(self) -> bool:
+        return self.mode == "max"
 
     def out_shape(self, in_shape: Shape) -> Shape:
         _, _, oh, ow = _window_out(self, in_shape, self.size, self.step, 0)

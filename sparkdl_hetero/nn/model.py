@@ -10,7 +10,7 @@ import numpy as np
 
 from ..backends import Backend, get_backend
 from ..backends.base import Array
-from .layers import Functional, Layer, LayerModel, Pool2D
+from .layers import Layer, LayerModel
 from .topology import FeedForwardTopology
 
 
@@ -31,6 +31,10 @@ class FeedForwardModel:
 
     ``weights`` and ``gradient`` are flat device vectors; every layer model holds views into them, so a
     whole-model update is one vector operation and nothing is copied per layer.
+
+    Inputs: :meth:`forward`, :meth:`predict`, :meth:`predict_raw` and :meth:`compute_gradient` take host rows in
+    the user's layout ((batch, features); images flattened as C, H, W). A caller that already holds a device
+    batch in the engine's layout (from :meth:`device_batch`) runs it with :meth:`forward_device`.
     """
 
     def __init__(self, topology: FeedForwardTopology, weights: np.ndarray | None = None, *,
@@ -96,26 +100,30 @@ class FeedForwardModel:
         return self.backend.to_host(self.gradient)
 
     # ---- forward ---------------------------------------------------------------------------------------
-    def _input(self, x: np.ndarray | Array) -> Array:
-        """Host rows in the user's layout -> device batch in the engine's layout (images NHWC)."""
-        if isinstance(x, np.ndarray):
-            shape = self.topology.input_shape
-            if x.ndim != 2 or x.shape[1] != self.topology.num_inputs:
-                raise ValueError(f"input must be a (batch, {self.topology.num_inputs}) array, got {x.shape}")
-            if len(shape) == 3:
-                x = x.reshape((x.shape[0],) + shape).transpose(0, 2, 3, 1)
-            x = self.backend.asarray(np.ascontiguousarray(x, dtype=self.dtype))
-        return x
+    def device_batch(self, x: np.ndarray) -> Array:
+        """Host rows in the user's layout -> a device batch in the engine's layout (images NHWC)."""
+        x = np.asarray(x)
+        shape = self.topology.input_shape
+        if x.ndim != 2 or x.shape[1] != self.topology.num_inputs:
+            raise ValueError(f"input must be a (batch, {self.topology.num_inputs}) array, got {x.shape}")
+        if len(shape) == 3:
+            x = x.reshape((x.shape[0],) + shape).transpose(0, 2, 3, 1)
+        return self.backend.asarray(np.ascontiguousarray(x, dtype=self.dtype))
 
-    def _outputs(self, x: np.ndarray | Array, training: bool, models: list[LayerModel]) -> Iterator[Array]:
-        a = self._input(x)
+    @staticmethod
+    def _outputs(batch: Array, training: bool, models: list[LayerModel]) -> Iterator[Array]:
+        a = batch
         for lm in models:
             a = lm.forward(a, training)
             yield a
 
-    def forward(self, x: np.ndarray | Array, training: bool = False) -> list[Array]:
-        """The output of every layer below the loss layer (index i: output of layer i)."""
-        return list(self._outputs(x, training, self.layer_models))
+    def forward(self, x: np.ndarray, training: bool = False) -> list[Array]:
+        """The output of every layer below the loss layer (index i: output of layer i) for host rows ``x``."""
+        return self.forward_device(self.device_batch(x), training)
+
+    def forward_device(self, batch: Array, training: bool = False) -> list[Array]:
+        """:meth:`forward` of a device batch already in the engine's layout (see :meth:`device_batch`)."""
+        return list(self._outputs(batch, training, self.layer_models))
 
     def predict_raw(self, x: np.ndarray) -> np.ndarray:
         """The last layer's output before the loss layer's function (Spark's rawPrediction)."""
@@ -149,9 +157,9 @@ class FeedForwardModel:
             raise ValueError(f"targets must have {k} columns, got {t.shape[1]}")
         return self.backend.asarray(t, dtype=self.dtype)
 
-    def compute_gradient(self, x: np.ndarray | Array, y: np.ndarray, grad_out: np.ndarray | None = None,
+    def compute_gradient(self, x: np.ndarray, y: np.ndarray, grad_out: np.ndarray | None = None,
                          scale: float = 1.0) -> float:
-        """Mean loss over the batch; adds ``scale`` x its gradient to :attr:`gradient` (device), or, when
+        """Mean loss over the host rows ``x``; adds ``scale`` x its gradient to :attr:`gradient` (device), or, when
         ``grad_out`` (host) is given, to ``grad_out``. Runs in passes of at most :attr:`rows_per_pass` rows, the
         layers in :func:`_step_order`."""
         if grad_out is not None:
@@ -169,9 +177,9 @@ class FeedForwardModel:
             grad_out += self.get_gradient()
         return loss
 
-    def _pass(self, x: np.ndarray | Array, y: np.ndarray, scale: float) -> float:
+    def _pass(self, x: np.ndarray, y: np.ndarray, scale: float) -> float:
         models = self._step_models
-        z = deque(self._outputs(x, True, models), maxlen=1).pop()  # only the last output is kept
+        z = deque(self._outputs(self.device_batch(x), True, models), maxlen=1).pop()  # only the last is kept
         n = z.shape[0]
         loss_sum, delta = self.topology.loss_layer.loss(self.backend, z, self.target(y), scale / n)
         del z
@@ -192,13 +200,11 @@ def rows_per_pass(topology: FeedForwardTopology, backend: Backend, dtype: Any) -
 
 
 def _step_order(layers: list[Layer], models: list[LayerModel]) -> list[LayerModel]:
-    """The layer models in the order a training step runs them: a ReLU followed by a max-pool runs as the pool
-    and then the ReLU on its (k*k times smaller) output. Same output, same gradient, bit for bit: the maximum of
-    ReLUs is the ReLU of the maximum; a window whose maximum is positive has it at the same first position in
-    both, and one whose maximum is not passes no gradient either way."""
+    """The layer models in the order a training step runs them: a layer followed by one it commutes with
+    (:meth:`Layer.commutes_with_next`, e.g. a ReLU and a max-pool) runs after it -- the element-wise layer then
+    works on the pool's k*k times smaller output. Same output, same gradient, bit for bit."""
     order = list(models)
     for i in range(len(layers) - 1):
-        a, b = layers[i], layers[i + 1]
-        if isinstance(a, Functional) and a.kind == "relu" and isinstance(b, Pool2D) and b.mode == "max":
+        if layers[i].commutes_with_next(layers[i + 1]):
             order[i], order[i + 1] = order[i + 1], order[i]
     return order

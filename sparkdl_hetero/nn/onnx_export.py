@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from ..backends.activations import activation
 from .layers import (
     Affine,
     Conv2D,
@@ -31,8 +32,6 @@ if TYPE_CHECKING:
     import onnx
 
 OPSET = 13
-_ACTIVATIONS = {"sigmoid": "Sigmoid", "tanh": "Tanh", "relu": "Relu", "leaky_relu": "LeakyRelu",
-                "identity": "Identity"}
 
 
 def to_onnx(topology: FeedForwardTopology, weights: np.ndarray, name: str = "sparkdl_hetero") -> onnx.ModelProto:
@@ -107,9 +106,8 @@ def _layer(layer: Layer, in_shape: tuple[int, ...], w: np.ndarray, x: str, tag: 
         nhwc = node("Transpose", [x], f"{tag}_nhwc", perm=[0, 2, 3, 1])
         return node("Flatten", [nhwc], tag, axis=1)
     if isinstance(layer, Functional):
-        if layer.kind == "leaky_relu":
-            return node("LeakyRelu", [x], tag, alpha=layer.alpha)
-        return node(_ACTIVATIONS[layer.kind], [x], tag)
+        act = activation(layer.kind)
+        return node(act.onnx_op, [x], tag, **act.onnx_attributes(layer.alpha))
     if isinstance(layer, Dropout):
         return x  # identity at inference
     raise ValueError(f"cannot export layer {layer.spec()!r} to ONNX")

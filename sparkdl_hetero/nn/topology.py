@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Sequence
 
+from ..backends.activations import DEFAULT_ALPHA, REGISTRY
 from .layers import (
     Affine,
     Conv2D,
@@ -74,12 +75,12 @@ _BUILDERS: dict[str, tuple[tuple[str, ...], int, Callable[[dict, str], Layer]]] 
     "avgpool": (("size", "stride"), 1, _pool("avg")),
     "flatten": ((), 0, lambda a, w: Flatten()),
     "dropout": (("rate",), 1, lambda a, w: Dropout(float(a["rate"]))),
-    "leaky_relu": (("alpha",), 0, lambda a, w: Functional("leaky_relu", float(a.get("alpha", 0.01)))),
     "softmax": ((), 0, lambda a, w: SoftmaxCrossEntropy()),
     "sigmoid_mse": ((), 0, lambda a, w: SigmoidSquaredError()),
 }
-for _kind in ("sigmoid", "tanh", "relu", "identity"):
-    _BUILDERS[_kind] = ((), 0, lambda a, w, k=_kind: Functional(k))
+for _kind, _act in REGISTRY.items():  # every registered activation; those with a slope take it as ``alpha``
+    _BUILDERS[_kind] = ((("alpha",), 0, lambda a, w, k=_kind: Functional(k, float(a.get("alpha", DEFAULT_ALPHA))))
+                        if _act.has_alpha else ((), 0, lambda a, w, k=_kind: Functional(k)))
 
 
 def parse_layer(token: str, where: str = "") -> Layer:

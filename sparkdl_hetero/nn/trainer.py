@@ -36,7 +36,7 @@ def train(model: FeedForwardModel, x: np.ndarray, y: np.ndarray, config: Any, *,
         y = one_hot(y, model.topology.num_outputs, model.dtype)
     updater = updater or make_updater(config)
     rng = np.random.default_rng(getattr(config, "seed", None))
-    host = isinstance(model.weights, np.ndarray)  # NumPy backend: update the model's own vectors in place
+    host = model.backend.host_memory  # host arrays (NumPy backend): update the model's own vectors in place
     w = model.weights if host else model.get_weights()
     per_epoch = -(-n // batch)
     total = epochs * per_epoch

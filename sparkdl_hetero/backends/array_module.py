@@ -1,0 +1,232 @@
+"""The reference backend: every op written once, plainly, over a NumPy-compatible array module ``xp``.
+
+This is the version to read first and to trust: :class:`~.numpy_backend.NumpyBackend` overrides some ops with
+faster NumPy-specific code that must compute the same values, and the CuPy backend reuses this class with
+``xp=cupy``. ``get_backend("numpy", reference=True)`` (or ``SPARKDL_NUMPY_REFERENCE=1``) runs the engine on this
+class over NumPy, e.g. to tell whether a wrong result comes from a fast path.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from .activations import activation as _activation
+from .base import Array, Backend, _row_rmse, pool_out
+
+
+def accumulate(out: Array, r: Array, beta: float) -> Array:
+    """``out = r`` (beta 0) or ``out = beta * out + r``, in place; returns ``out``."""
+    if beta == 0.0:
+        out[...] = r
+    else:
+        if beta != 1.0:
+            out *= beta
+        out += r
+    return out
+
+
+class ArrayModuleBackend(Backend):
+    """Implements every op with a NumPy-compatible array module ``xp`` (NumPy by default)."""
+
+    name = "numpy-reference"
+
+    def __init__(self, xp: Any = np) -> None:
+        self.xp = xp
+        self._ones_cache: dict[str, Array] = {}
+
+    @property
+    def host_memory(self) -> bool:
+        return self.xp is np
+
+    def describe(self) -> str:
+        return "numpy (reference array-module code, no fast paths)" if self.xp is np else self.name
+
+    # ---- memory --------------------------------------------------------------------------------------
+    def asarray(self, host: np.ndarray, dtype: Any = None) -> Array:
+        return self.xp.ascontiguousarray(self.xp.asarray(host, dtype=dtype))
+
+    def to_host(self, a: Array) -> np.ndarray:
+        return np.array(a, copy=True)  # never alias the device array
+
+    def zeros(self, shape: tuple[int, ...], dtype: Any) -> Array:
+        return self.xp.zeros(shape, dtype=dtype)
+
+    def copy_into(self, dst: Array, src: Array | np.ndarray) -> None:
+        dst[...] = self.xp.asarray(src).reshape(dst.shape)
+
+    def fill(self, a: Array, value: float) -> None:
+        a.fill(value)
+
+    # ---- linear algebra ------------------------------------------------------------------------------
+    def gemm(self, a: Array, b: Array, out: Array | None = None, trans_a: bool = False,
+             trans_b: bool = False, alpha: float = 1.0, beta: float = 0.0) -> Array:
+        opa = a.T if trans_a else a
+        opb = b.T if trans_b else b
+        if out is None:
+            r = opa @ opb
+            if alpha != 1.0:
+                r *= alpha
+            return r
+        if beta == 0.0 and alpha == 1.0:
+            self.xp.matmul(opa, opb, out=out)
+            return out
+        r = opa @ opb
+        if alpha != 1.0:
+            r *= alpha
+        return accumulate(out, r, beta)
+
+    def add_row(self, y: Array, b: Array) -> None:
+        y += b
+
+    def _ones(self, n: int, dtype: Any) -> Array:
+        """A cached vector of ``n`` ones (column sums as a GEMV: BLAS streams a tall, narrow matrix once, where
+        ``sum(axis=0)`` reduces it column by column)."""
+        key = np.dtype(dtype).str
+        v = self._ones_cache.get(key)
+        if v is None or v.shape[0] < n:
+            v = self._ones_cache[key] = self.xp.ones(max(n, 1024), dtype=dtype)
+        return v[:n]
+
+    def _col_sums(self, x: Array) -> Array:
+        """``x.sum(axis=0)`` (a new vector)."""
+        return self.xp.matmul(self._ones(x.shape[0], x.dtype), x)
+
+    def col_sum(self, x: Array, out: Array, alpha: float = 1.0, beta: float = 0.0) -> None:
+        s = self._col_sums(x)
+        if alpha != 1.0:
+            s *= alpha
+        accumulate(out, s, beta)
+
+    def axpy(self, y: Array, x: Array, alpha: float) -> None:
+        if alpha == 1.0:
+            y += x
+        else:
+            y += alpha * x
+
+    def mul(self, a: Array, b: Array) -> Array:
+        return a * b
+
+    def sum(self, a: Array) -> float:
+        return float(a.sum(dtype=self.xp.float64))
+
+    # ---- activations and losses ----------------------------------------------------------------------
+    def activation(self, kind: str, x: Array, alpha: float = 0.01) -> Array:
+        return _activation(kind).forward(self.xp, x, alpha)
+
+    def activation_backward(self, kind: str, y: Array, delta: Array, alpha: float = 0.01) -> Array:
+        return _activation(kind).backward(self.xp, y, delta, alpha)
+
+    def _log_softmax(self, z: Array) -> Array:
+        xp = self.xp
+        s = z - z.max(axis=1, keepdims=True)
+        return s - xp.log(xp.exp(s).sum(axis=1, keepdims=True))
+
+    def softmax(self, z: Array) -> Array:
+        return self.xp.exp(self._log_softmax(z))
+
+    def softmax_xent(self, z: Array, target: Array, scale: float) -> tuple[float, Array]:
+        logp = self._log_softmax(z)
+        loss = -float((target * logp).sum(dtype=self.xp.float64))
+        delta = self.xp.exp(logp)
+        delta -= target
+        delta *= delta.dtype.type(scale)
+        return loss, delta
+
+    def sigmoid_sq(self, z: Array, target: Array, scale: float) -> tuple[float, Array]:
+        o = self.activation("sigmoid", z)
+        err = o - target
+        loss = 0.5 * float((err * err).sum(dtype=self.xp.float64))
+        return loss, err * o * (1 - o) * z.dtype.type(scale)
+
+    def row_rmse(self, a: Array, b: Array, scale: float) -> tuple[float, Array]:
+        return _row_rmse(self.xp, a, b, scale)
+
+    # ---- convolution and pooling (NHWC) --------------------------------------------------------------
+    def _pad(self, x: Array, pad: int) -> Array:
+        if pad == 0:
+            return x
+        return self.xp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+
+    def im2col(self, x: Array, kh: int, kw: int, stride: int, pad: int) -> Array:
+        xp = self.xp
+        n, h, w, c = x.shape
+        oh, ow = pool_out(h, kh, stride, pad), pool_out(w, kw, stride, pad)
+        xq = xp.ascontiguousarray(self._pad(x, pad))
+        sn, sh, sw, sc = xq.strides
+        # every output pixel's (kh, kw, c) window as a strided view, copied into rows by the reshape
+        win = xp.lib.stride_tricks.as_strided(
+            xq, shape=(n, oh, ow, kh, kw, c), strides=(sn, sh * stride, sw * stride, sh, sw, sc))
+        return win.reshape(n * oh * ow, kh * kw * c)
+
+    def col2im(self, cols: Array, x_shape: tuple[int, int, int, int], kh: int, kw: int, stride: int,
+               pad: int) -> Array:
+        n, h, w, c = x_shape
+        oh, ow = pool_out(h, kh, stride, pad), pool_out(w, kw, stride, pad)
+        out = self.xp.zeros((n, h + 2 * pad, w + 2 * pad, c), dtype=cols.dtype)
+        # one transposing copy makes every (i, j) block contiguous, so each add streams whole rows
+        blocks = self.xp.ascontiguousarray(cols.reshape(n * oh * ow, kh * kw, c).transpose(1, 0, 2))
+        for p in range(kh * kw):
+            i, j = divmod(p, kw)
+            out[:, i:i + stride * oh:stride, j:j + stride * ow:stride, :] += blocks[p].reshape(n, oh, ow, c)
+        if pad:
+            out = out[:, pad:pad + h, pad:pad + w, :]
+        return self.xp.ascontiguousarray(out)
+
+    @staticmethod
+    def _window(a: Array, i: int, j: int, oh: int, ow: int, stride: int) -> Array:
+        return a[:, i:i + stride * (oh - 1) + 1:stride, j:j + stride * (ow - 1) + 1:stride, :]
+
+    def maxpool(self, x: Array, k: int, stride: int) -> tuple[Array, Array]:
+        xp = self.xp
+        n, h, w, c = x.shape
+        oh, ow = pool_out(h, k, stride), pool_out(w, k, stride)
+        y = self._window(x, 0, 0, oh, ow, stride).copy()
+        for p in range(1, k * k):
+            xp.maximum(y, self._window(x, p // k, p % k, oh, ow, stride), out=y)
+        # the first window position (raster order) holding the maximum: visit positions last to first
+        idx = xp.full(y.shape, k * k - 1, dtype=xp.int8 if k * k < 128 else xp.int32)
+        hit = xp.empty(y.shape, dtype=bool)
+        for p in range(k * k - 2, -1, -1):
+            xp.equal(self._window(x, p // k, p % k, oh, ow, stride), y, out=hit)
+            idx -= (idx - p) * hit  # idx = p where hit; arithmetic: masked stores crawl on irregular masks
+        return y, idx
+
+    def maxpool_backward(self, dy: Array, idx: Array, x_shape: tuple[int, int, int, int], k: int,
+                         stride: int) -> Array:
+        xp = self.xp
+        dx = xp.zeros(x_shape, dtype=dy.dtype)
+        oh, ow = dy.shape[1], dy.shape[2]
+        for p in range(k * k):
+            win = self._window(dx, p // k, p % k, oh, ow, stride)
+            if stride >= k:  # disjoint windows: each position is written once
+                xp.multiply(dy, idx == p, out=win)
+            else:
+                win += dy * (idx == p)
+        return dx
+
+    def avgpool(self, x: Array, k: int, stride: int) -> Array:
+        n, h, w, c = x.shape
+        oh, ow = pool_out(h, k, stride), pool_out(w, k, stride)
+        y = self._window(x, 0, 0, oh, ow, stride).copy()
+        for p in range(1, k * k):
+            y += self._window(x, p // k, p % k, oh, ow, stride)
+        y *= y.dtype.type(1.0 / (k * k))
+        return y
+
+    def avgpool_backward(self, dy: Array, x_shape: tuple[int, int, int, int], k: int, stride: int) -> Array:
+        dx = self.xp.zeros(x_shape, dtype=dy.dtype)
+        g = dy * dy.dtype.type(1.0 / (k * k))
+        oh, ow = dy.shape[1], dy.shape[2]
+        for p in range(k * k):
+            win = self._window(dx, p // k, p % k, oh, ow, stride)
+            if stride >= k:  # disjoint windows: each position is written once
+                win[...] = g
+            else:
+                win += g
+        return dx
+
+    def dropout_mask(self, shape: tuple[int, ...], keep: float, rng: np.random.Generator, dtype: Any) -> Array:
+        m = (rng.random(shape) < keep).astype(dtype) * np.asarray(1.0 / keep, dtype=dtype)
+        return self.xp.asarray(m)
