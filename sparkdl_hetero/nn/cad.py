@@ -63,8 +63,9 @@ def check_cad_layers(topology: FeedForwardTopology, layers: Iterable[int] | None
             raise ValueError(f"cadLayers: {i!r} is not a layer index of {topology.spec!r} "
                              f"(0 .. {len(topology.layers) - 1})")
         if i == out or not isinstance(topology.layers[i], (Conv2D, Affine)):
+            allowed = [j for j in filter_layers(topology) if j != out]
             raise ValueError(f"cadLayers: layer {i} ({topology.layers[i].spec()}) cannot be decoupled; expected "
-                             f"one of the conv or hidden affine layers {[j for j in filter_layers(topology) if j != out]}")
+                             f"one of the conv or hidden affine layers {allowed}")
         checked.add(int(i))
     return sorted(checked)
 
