@@ -3,6 +3,8 @@ the server's row-weighted merge, and a device's local training."""
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
 import pytest
 
@@ -96,6 +98,28 @@ def test_activation_stats_are_per_class_means_and_merge():
     for layer in stats.layers:
         np.testing.assert_allclose(halves.means(layer), stats.means(layer), rtol=1e-12)
         np.testing.assert_array_equal(halves.counts[layer], stats.counts[layer])
+
+
+def test_activation_stats_checkpoint_round_trip():
+    topo = _small()
+    model = FeedForwardModel(topo, seed=1, dtype=np.float64)
+    x, y = _rows(topo, 30)
+    stats = ActivationStats(topo)
+    stats.add(model, x, y)
+    buf = io.BytesIO()
+    np.savez(buf, **stats.state_dict())
+    buf.seek(0)
+    with np.load(buf, allow_pickle=False) as saved:
+        back = ActivationStats(topo)
+        back.load_state_dict(dict(saved))
+    for layer in stats.layers:
+        np.testing.assert_array_equal(back.means(layer), stats.means(layer))
+    with pytest.raises(ValueError, match=r"must hold the keys \['counts_10', .*got \['sums_3'\]"):
+        back.load_state_dict({"sums_3": stats.sums[3]})
+    bad = stats.state_dict()
+    bad["sums_3"] = bad["sums_3"][:, :2]
+    with pytest.raises(ValueError, match=r"sums_3 must have shape \(6, 8\), got \(6, 2\)"):
+        back.load_state_dict(bad)
 
 
 def test_preference_scores_and_critical_paths():

@@ -251,6 +251,24 @@ class ActivationStats:
             self.sums[i] += other.sums[i]
             self.counts[i] += other.counts[i]
 
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """The statistics as arrays (``.npz``-able, for checkpoints): ``sums_<layer>`` and ``counts_<layer>``."""
+        d = {f"sums_{i}": self.sums[i].copy() for i in self.layers}
+        d.update({f"counts_{i}": self.counts[i].copy() for i in self.layers})
+        return d
+
+    def load_state_dict(self, d: Mapping[str, np.ndarray]) -> None:
+        """Restore a :meth:`state_dict` of the same topology and layers."""
+        expected = set(self.state_dict())
+        if set(d) != expected:
+            raise ValueError(f"activation statistics must hold the keys {sorted(expected)}, got {sorted(d)}")
+        for i in self.layers:
+            for name, target in (("sums", self.sums[i]), ("counts", self.counts[i])):
+                a = np.asarray(d[f"{name}_{i}"], dtype=np.float64)
+                if a.shape != target.shape:
+                    raise ValueError(f"{name}_{i} must have shape {target.shape}, got {a.shape}")
+                target[...] = a
+
     def means(self, layer: int) -> np.ndarray:
         """The (classes, filters) preference matrix of ``layer``: mean activation of each filter over the rows of
         each class; NaN where no row of the class was seen."""
