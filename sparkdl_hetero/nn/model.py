@@ -134,10 +134,11 @@ class FeedForwardModel:
         return self.backend.to_host(self.topology.loss_layer.output(self.backend, self.forward(x)[-1]))
 
     # ---- backward --------------------------------------------------------------------------------------
-    def backward(self, delta: Array, extra: dict[int, Array] | None = None) -> None:
+    def backward(self, delta: Array | None, extra: dict[int, Array] | None = None, *,
+                 need_input: bool = False) -> Array | None:
         """Back-propagate ``delta`` (w.r.t. the last output of the latest :meth:`forward` call), accumulating
         into :attr:`gradient`. ``extra`` adds deltas w.r.t. intermediate outputs (layer index -> delta); deltas
-        may be modified in place."""
+        may be modified in place. ``need_input``: return the delta w.r.t. the input (the engine's layout)."""
         extra = extra or {}
         for i in range(len(self.layer_models) - 1, -1, -1):
             if i in extra:
@@ -146,7 +147,8 @@ class FeedForwardModel:
                 else:
                     self.backend.axpy(delta, extra[i], 1.0)
             if delta is not None:
-                delta = self.layer_models[i].backward(delta, need_dx=i > 0)
+                delta = self.layer_models[i].backward(delta, need_dx=i > 0 or need_input)
+        return delta if need_input else None
 
     def target(self, y: np.ndarray) -> Array:
         """Labels (integers) -> one-hot device targets; a (batch, classes) array is taken as targets."""
@@ -186,6 +188,27 @@ class FeedForwardModel:
         for k in range(len(models) - 1, -1, -1):
             delta = models[k].backward(delta, need_dx=k > 0)
         return loss_sum / n
+
+    def input_gradient(self, x: np.ndarray, layer: int, direction: np.ndarray | Array) -> np.ndarray:
+        """``d <direction, output of layer `layer`> / dx`` for host rows ``x``, in ``x``'s layout: the gradient of
+        an inner activation with respect to the input (filter visualization). ``direction`` has the shape of
+        ``forward(x)[layer]`` (images in the engine's (batch, h, w, c) layout). Runs in inference mode; the weight
+        gradient it accumulates on the way is undone, so :attr:`gradient` is left as it was."""
+        if not 0 <= layer < len(self.layer_models):
+            raise ValueError(f"layer must be in [0, {len(self.layer_models)}), got {layer}")
+        out = self.forward(x)[layer]
+        if tuple(direction.shape) != tuple(out.shape):
+            raise ValueError(f"direction must have the shape of layer {layer}'s output {tuple(out.shape)}, "
+                             f"got {tuple(direction.shape)}")
+        if isinstance(direction, np.ndarray):  # a copy: backward may write into its deltas
+            direction = self.backend.asarray(np.array(direction, dtype=self.dtype))
+        saved = self.get_gradient()
+        dx = self.backward(None, {layer: direction}, need_input=True)
+        self.backend.copy_into(self.gradient, saved)
+        g = self.backend.to_host(dx)
+        if g.ndim == 4:  # (batch, h, w, c) -> the user's (batch, c * h * w)
+            g = g.transpose(0, 3, 1, 2)
+        return g.reshape(len(x), -1)
 
 
 def rows_per_pass(topology: FeedForwardTopology, backend: Backend, dtype: Any) -> int | None:
