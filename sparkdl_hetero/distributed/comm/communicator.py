@@ -25,6 +25,7 @@ from .transport import Transport
 
 RING_MIN_BYTES = 1 << 18  # "auto" uses the ring from this vector size on (and only with more than two ranks): below
 # it the ring's 2 (n - 1) steps of latency cost more than the hub's bandwidth bottleneck at rank 0
+ELEMENT_BYTES = 8  # max_elements counts values of the widest dtype a vector has (float64)
 LISTEN_BACKLOG = 8  # at least: room for every peer connecting at once, and a stranger or two besides
 ALGORITHMS = ("auto", "hub", "ring")
 
@@ -47,7 +48,7 @@ class Communicator:
         self.rank = rank
         self.world_size = world_size
         self.timeout = float(timeout)
-        self.max_data_bytes = int(max_elements) * 8
+        self.max_data_bytes = int(max_elements) * ELEMENT_BYTES
         self.max_object_bytes = int(max_object_bytes)
         self.shm_dir = shm_dir
         self._listener = socket.create_server((host, port), backlog=max(world_size, LISTEN_BACKLOG))

@@ -21,6 +21,7 @@ import numpy as np
 
 SHM_DIR = "/dev/shm"
 FILE_PREFIX = "sparkdl-hetero-"
+NAME_BYTES = 16  # random bytes in a file's name: no other process guesses it or collides with it
 NONCE_BYTES = 16  # random: a file that starts with the nonce the peer sent is that peer's, not a stale one
 HEAD_BYTES = 64  # the file starts with its owner's nonce; the slots follow at a cache-line boundary
 
@@ -60,7 +61,7 @@ def share(directory: str | None, slot_bytes: int, send: Callable[[Any], None],
     size = file_size(slot_bytes)
     nonce = secrets.token_bytes(NONCE_BYTES)
     mine: mmap.mmap | None = None
-    path = os.path.join(directory, f"{FILE_PREFIX}{secrets.token_hex(16)}") if directory else ""
+    path = os.path.join(directory, f"{FILE_PREFIX}{secrets.token_hex(NAME_BYTES)}") if directory else ""
     if path:
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)

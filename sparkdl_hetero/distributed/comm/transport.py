@@ -36,11 +36,12 @@ ADMIT_SECONDS = 10.0  # a connection that has not completed the handshake by the
 # connects and stays silent cannot hold up accepting the real peers for the whole timeout
 TRACE_ANSWER_SECONDS = 5.0  # a rank inside any wait answers a query at once, so one that has not answered by then is
 # busy outside the collectives; shorter than the timeout, so following a chain of waits does not cost a timeout a hop
+MIN_WAIT_SECONDS = 0.01  # a socket timeout of 0 would make it non-blocking: a deadline just passed waits this long
 FAREWELL_SECONDS = 1.0  # verdicts and goodbyes are best effort (the peer may be dead): failing or closing does not
 # wait longer for them to go out
 
 
-class Peer:
+class _Peer:
     """One authenticated connection, non-blocking once the mesh is up: the frame being received (parsed as its
     bytes arrive), complete frames, and the bytes not yet handed to the kernel."""
 
@@ -70,9 +71,9 @@ class Transport:
         self.world_size = world_size
         self.timeout = timeout
         self._limits = {FrameKind.DATA: max_data_bytes, FrameKind.OBJECT: max_object_bytes}
-        self._peers: dict[int, Peer] = {}
+        self._peers: dict[int, _Peer] = {}
         self._poller = select.poll()
-        self._by_fd: dict[int, Peer] = {}
+        self._by_fd: dict[int, _Peer] = {}
         self._abort: CommError | None = None  # the verdict: the first failure here, or one a peer sent
         self._closing = False
         self._waiting_on: int | None = None  # the peer this rank is blocked on (answered to queries)
@@ -112,7 +113,7 @@ class Transport:
     def _dial(self, r: int, address: tuple[str, int], secret: bytes, deadline: float) -> None:
         while True:  # the peer may not listen yet only if it is slow to start; retry until the deadline
             try:
-                sock = socket.create_connection(address, timeout=max(deadline - time.monotonic(), 0.01))
+                sock = socket.create_connection(address, timeout=max(deadline - time.monotonic(), MIN_WAIT_SECONDS))
                 break
             except OSError as e:
                 if time.monotonic() >= deadline:
@@ -120,13 +121,13 @@ class Transport:
                                       f"within {self.timeout:g} s: {e}", r) from e
                 time.sleep(DIAL_RETRY_SECONDS)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        sock.settimeout(max(deadline - time.monotonic(), 0.01))
+        sock.settimeout(max(deadline - time.monotonic(), MIN_WAIT_SECONDS))
         try:
             authenticate_to(sock, secret, self.rank, r)
         except TimeoutError as e:
             raise CommTimeout(f"rank {self.rank}: rank {r} did not complete the authentication handshake within "
                               f"{self.timeout:g} s", r) from e
-        self._peers[r] = Peer(r, sock)
+        self._peers[r] = _Peer(r, sock)
 
     def _admit(self, sock: socket.socket, secret: bytes, expected: set[int]) -> int | None:
         """Authenticate one incoming connection; a stranger is dropped (None) and accepting goes on."""
@@ -134,11 +135,11 @@ class Transport:
         sock.settimeout(min(self.timeout, ADMIT_SECONDS))
         r = authenticate_from(sock, secret, self.rank, expected)
         if r is not None:
-            self._peers[r] = Peer(r, sock)
+            self._peers[r] = _Peer(r, sock)
         return r
 
     # ---- sending and receiving -------------------------------------------------------------------------
-    def limit(self, kind: FrameKind) -> int:
+    def _limit(self, kind: FrameKind) -> int:
         """The most payload bytes a frame of ``kind`` may carry."""
         return self._limits.get(kind, CONTROL_LIMIT)
 
@@ -146,9 +147,9 @@ class Transport:
         """Hand a frame to the kernel (the caller may reuse ``payload`` afterwards). While the peer's socket is
         full this rank keeps receiving on every connection, so ranks sending to each other never deadlock."""
         peer = self._peers[r]
-        if len(payload) > self.limit(kind):
+        if len(payload) > self._limit(kind):
             raise ProtocolError(f"rank {self.rank}: refusing to send {len(payload)} bytes in one {kind.label} frame to "
-                                f"rank {r} (limit {self.limit(kind)})", self.rank)
+                                f"rank {r} (limit {self._limit(kind)})", self.rank)
         self._queue(peer, kind, payload)
         if peer.outbox:
             self._waiting_on = r
@@ -191,7 +192,7 @@ class Transport:
         """Every other rank, in rank order."""
         return sorted(self._peers)
 
-    def _wait_frame(self, peer: Peer, kind: FrameKind, deadline: float) -> Any:
+    def _wait_frame(self, peer: _Peer, kind: FrameKind, deadline: float) -> Any:
         r = peer.rank
         self._pump_in(peer)  # usually there already: no poll
         while True:
@@ -277,13 +278,13 @@ class Transport:
             peer.sock.close()
 
     # ---- the machinery -----------------------------------------------------------------------------------
-    def _flush(self, peers: list[Peer], seconds: float) -> None:
+    def _flush(self, peers: list[_Peer], seconds: float) -> None:
         """Push the peers' queued frames out for at most ``seconds`` (receiving meanwhile)."""
         deadline = time.monotonic() + seconds
         while any(p.outbox for p in peers) and time.monotonic() < deadline:
             self._poll(deadline - time.monotonic())
 
-    def _watch(self, peer: Peer) -> None:
+    def _watch(self, peer: _Peer) -> None:
         """Poll the socket for what the peer needs now: input always, output while bytes wait in its outbox."""
         events = 0 if peer.failure is not None else select.POLLIN | (select.POLLOUT if peer.outbox else 0)
         if events == peer.events:
@@ -298,7 +299,7 @@ class Transport:
             self._poller.register(fd, events)
         peer.events = events
 
-    def _lost(self, peer: Peer, error: CommError, close: bool = False) -> None:
+    def _lost(self, peer: _Peer, error: CommError, close: bool = False) -> None:
         """The connection to ``peer`` is unusable (EOF, a socket error, a malformed frame): stop polling it."""
         if peer.failure is None and not self._closing and not peer.left:
             peer.failure = error
@@ -309,7 +310,7 @@ class Transport:
         if close:
             peer.sock.close()
 
-    def _pump_in(self, peer: Peer, force: bool = False) -> None:
+    def _pump_in(self, peer: _Peer, force: bool = False) -> None:
         """Read whatever the peer's socket holds (never blocks) and handle every frame it completes; ``force``:
         also after a failure to send (a verdict it sent before closing is still read)."""
         if peer.failure is not None and not force:
@@ -336,9 +337,9 @@ class Transport:
                 if magic != MAGIC or kind is None:
                     self._lost(peer, ProtocolError(f"rank {r} sent a malformed frame header", r), close=True)
                     return
-                if length > self.limit(kind):
+                if length > self._limit(kind):
                     self._lost(peer, ProtocolError(f"rank {r} sent a {kind.label} frame of {length} bytes, larger "
-                                                   f"than the limit of {self.limit(kind)} bytes", r), close=True)
+                                                   f"than the limit of {self._limit(kind)} bytes", r), close=True)
                     return
                 if kind == FrameKind.DATA:  # into the vector waiting for the next frame when it fits, else a fresh one
                     into, peer.into = (peer.into, None) if not peer.frames else (None, peer.into)
@@ -361,7 +362,7 @@ class Transport:
                 if peer.left:
                     return
 
-    def _dispatch(self, peer: Peer, kind: FrameKind, payload: Any) -> None:
+    def _dispatch(self, peer: _Peer, kind: FrameKind, payload: Any) -> None:
         if kind == FrameKind.GOODBYE:
             peer.left = True
             self._watch(peer)
@@ -377,7 +378,7 @@ class Transport:
         else:
             peer.frames.append((kind, payload))
 
-    def _queue(self, peer: Peer, kind: FrameKind, payload: bytes | memoryview) -> None:
+    def _queue(self, peer: _Peer, kind: FrameKind, payload: bytes | memoryview) -> None:
         """Append a frame to the peer's outbox and hand the kernel what it takes now."""
         if peer.failure is not None:
             return
@@ -386,7 +387,7 @@ class Transport:
             peer.outbox.append(memoryview(payload).cast("B"))
         self._pump_out(peer)
 
-    def _pump_out(self, peer: Peer) -> None:
+    def _pump_out(self, peer: _Peer) -> None:
         """Send queued bytes until the socket would block (header and payload in one system call)."""
         out = peer.outbox
         while out:
