@@ -74,8 +74,8 @@ def test_vectors_larger_than_the_socket_buffers(algorithm: str) -> None:
     np.testing.assert_array_equal(results[0], data[0] + data[1])
 
 
-@pytest.mark.parametrize("algorithm", ["auto", "hub"])
-def test_allreduce_into_out_also_when_the_next_frames_come_early(algorithm: str) -> None:
+@pytest.mark.parametrize(("algorithm", "shm_dir"), [("auto", None), ("auto", "/dev/shm"), ("hub", None)])
+def test_allreduce_into_out_also_when_the_next_frames_come_early(algorithm: str, shm_dir: str | None) -> None:
     data = [np.random.default_rng(r).normal(size=1001).astype(np.float32) for r in range(2)]
 
     def fn(c: Communicator) -> list[np.ndarray]:
@@ -89,7 +89,7 @@ def test_allreduce_into_out_also_when_the_next_frames_come_early(algorithm: str)
             sums.append(got.copy())
         return sums
 
-    results = run_ranks(2, fn, shm_dir=None)  # the sockets' path: where frames can arrive early
+    results = run_ranks(2, fn, shm_dir=shm_dir)
     assert not any(isinstance(r, Exception) for r in results), results
     for i in range(8):
         expected = data[0] * (i + 1) + data[1] * (i + 1)
