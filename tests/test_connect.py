@@ -127,11 +127,11 @@ def _corrupt(path: str, what: str) -> None:
 
 
 @pytest.mark.parametrize("what, error, message", [
-    ("truncated", DamagedSaveError, r"cannot read .*data: checksum error"),
-    ("truncated-nocrc", DamagedSaveError, r"cannot read .*data: "),
+    ("truncated", DamagedSaveError, r"cannot read .*data: \[FAILED_READ_FILE.*\] .*part-.*parquet.*checksum error"),
+    ("truncated-nocrc", DamagedSaveError, r"cannot read .*data: \[FAILED_READ_FILE.*\] .*part-.*parquet"),
     ("replaced-nocrc", DamagedSaveError, r"array 'weights' in .*data does not match the sha256 in the metadata"),
     ("json", DamagedSaveError, r"metadata is not valid JSON .* in .*metadata"),
-    ("json-crc", DamagedSaveError, r"cannot read .*metadata: checksum error"),
+    ("json-crc", DamagedSaveError, r"cannot read .*metadata: .*part-.*checksum error"),
     ("missing", MissingSaveFileError, r"array file .*data is missing"),
     ("version", DamagedSaveError, r"format version 99 in .*metadata is not one this version of sparkdl_hetero "
                                   r"reads \(1, 2\)"),

@@ -20,6 +20,7 @@ import hashlib
 import io
 import json
 import os
+import re
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import numpy as np
@@ -75,13 +76,23 @@ def _npy_bytes(a: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+_ERROR_CLASS = re.compile(r"\[([A-Z][A-Z_]*(?:\.[A-Z_]+)*)\]\s*([^\n]*)")
+_CAUSE = re.compile(r"^(?:Caused by: )?(?:[a-z]+\.)+[A-Za-z]*(?:Exception|Error): ([^\n]+)$", re.M)
+
+
 def _spark_error(exc: BaseException) -> str:
-    """The first line of a Spark error (no JVM stack trace), with the cause when Hadoop's checksums caught it."""
+    """What went wrong in a Spark read, in one line without the JVM stack trace: Spark's error that names the
+    file (e.g. FAILED_READ_FILE) and the root cause (checksum, not a Parquet file, ...)."""
     text = str(exc)
-    first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+    found = [m for m in _ERROR_CLASS.finditer(text) if m.group(1) != "SQLSTATE"]
+    named = next((m for m in found if "file" in m.group(2).lower()), found[-1] if found else None)
+    head = f"[{named.group(1)}] {named.group(2).split(' SQLSTATE')[0]}" if named else ""
+    causes = [c.strip() for c in _CAUSE.findall(text)]
+    cause = causes[-1] if causes else ""
     if "ChecksumException" in text:
-        return f"checksum error (the file was changed or truncated after it was written): {first[:300]}"
-    return first[:300]
+        cause = f"checksum error, the file was changed or truncated after it was written ({cause})"
+    parts = [p for p in (head, cause) if p] or [text.strip().splitlines()[0] if text.strip() else type(exc).__name__]
+    return "; ".join(p[:400] for p in parts)
 
 
 def _is_missing(exc: BaseException) -> bool:
