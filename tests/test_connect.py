@@ -19,6 +19,7 @@ import pytest
 from pyspark.ml.classification import MultilayerPerceptronClassificationModel, MultilayerPerceptronClassifier
 from pyspark.ml.linalg import Vectors
 
+from sparkdl_hetero.data.parquet import fashion_mnist_parquet
 from sparkdl_hetero.distributed.cluster import check_barrier_slots, task_slots
 from sparkdl_hetero.distributed.placement import probe_executors
 from sparkdl_hetero.ml.classifier import DeepClassificationModel, DeepClassifier
@@ -235,3 +236,36 @@ def test_task_slots_local_cluster_one_core(tmp_path):
     counts, message = line.split("|", 1)
     assert counts.split()[1:] == ["1", "1", "2"]
     assert "numWorkers=2 but the cluster runs only 1 tasks at once" in message
+
+
+# ---- datasets as Parquet -----------------------------------------------------------------------------------------
+def _write_idx(path: str, a: np.ndarray) -> None:
+    import gzip
+    import struct
+
+    with gzip.open(path, "wb") as f:
+        f.write(struct.pack(">BBBB", 0, 0, 0x08, a.ndim) + struct.pack(f">{a.ndim}I", *a.shape) + a.tobytes())
+
+
+def test_fashion_mnist_parquet_converts_once(session, tmp_path):
+    rng = np.random.default_rng(0)
+    src = tmp_path / "src"
+    src.mkdir()
+    data = {}
+    for split, n in (("train", 5), ("t10k", 3)):
+        images, labels = rng.integers(0, 256, size=(n, 28, 28), dtype=np.uint8), rng.integers(0, 10, n, np.uint8)
+        _write_idx(str(src / f"{split}-images-idx3-ubyte.gz"), images)
+        _write_idx(str(src / f"{split}-labels-idx1-ubyte.gz"), labels)
+        data[split] = (images, labels)
+    train, test = fashion_mnist_parquet(str(tmp_path / "pq"), str(src))
+    for path, (images, labels) in ((train, data["train"]), (test, data["t10k"])):
+        rows = session.read.parquet(path).collect()
+        x = np.array([r["features"] for r in rows], dtype=np.float32)
+        np.testing.assert_array_equal(x, images.reshape(len(images), -1).astype(np.float32) / np.float32(255))
+        np.testing.assert_array_equal([r["label"] for r in rows], labels.astype(np.float64))
+    assert dict(session.read.parquet(train).dtypes) == {"features": "array<float>", "label": "double"}
+    shutil.rmtree(src)  # a complete conversion is reused: the source is not read again
+    assert fashion_mnist_parquet(str(tmp_path / "pq"), str(src)) == (train, test)
+    os.remove(os.path.join(test, "_SUCCESS"))  # an interrupted conversion is redone (and needs its source)
+    with pytest.raises(FileNotFoundError, match="Fashion-MNIST not found"):
+        fashion_mnist_parquet(str(tmp_path / "pq"), str(src))
