@@ -4,15 +4,21 @@ from __future__ import annotations
 
 import os
 import re
-import threading
-import time
 from collections.abc import Callable
 
 import numpy as np
 import pytest
 from _helpers import run_ranks
 
-from sparkdl_hetero.distributed.barrier import BarrierWorker, balanced_shares, rebalance, split_batch, train_worker
+from sparkdl_hetero.distributed.balancing import (
+    FIRST_MEASUREMENTS,
+    WARMUP_STEPS,
+    Balancer,
+    BalancerState,
+    balanced_shares,
+    rebalance,
+)
+from sparkdl_hetero.distributed.barrier import BarrierWorker, split_batch, train_worker
 from sparkdl_hetero.distributed.comm import Communicator
 from sparkdl_hetero.distributed.config import TrainConfig
 from sparkdl_hetero.nn.model import FeedForwardModel
@@ -163,7 +169,7 @@ def test_early_stopping_stops_every_rank_together() -> None:
 
 
 def test_lbfgs_replicas_agree_and_match_a_single_process_lbfgs() -> None:
-    from sparkdl_hetero.distributed.lbfgs import minimize_lbfgs
+    from sparkdl_hetero.nn.lbfgs import minimize_lbfgs
 
     cfg = TrainConfig(mode="barrier", solver="l-bfgs", maxIter=15, dtype="float64", regParam=1e-3)
     results = _train_threads(cfg)
@@ -296,39 +302,45 @@ def test_barrier_settings_are_checked_before_any_spark_work(field: str, value: o
                     obj.initial_weights(0))
 
 
-def test_a_re_split_restarts_the_throughput_measurements(monkeypatch) -> None:  # noqa: ANN001
+def _record(balancer: Balancer, steps: range, throughputs: list[float]) -> list[bool]:
+    return [balancer.record(np.array(throughputs), t) for t in steps]
+
+
+def test_a_re_split_restarts_the_throughput_measurements() -> None:
     """Throughput measured at one split says little about another (fixed per-step costs): after a re-split the
     next one is weighed on FIRST_MEASUREMENTS steps at the new split only, not on a ring mixing both."""
-    from sparkdl_hetero.distributed import barrier
-
-    calls: dict[int, list[tuple[list[int], int]]] = {}  # per rank's thread: (shares, measurements weighed)
-    real = barrier.balanced_shares
-
-    def spy(shares: np.ndarray, samples: np.ndarray, min_gain: float = barrier.REBALANCE_GAIN) -> np.ndarray:
-        calls.setdefault(threading.get_ident(), []).append(([int(s) for s in shares], len(samples)))
-        return real(shares, samples, min_gain)
-
-    monkeypatch.setattr(barrier, "balanced_shares", spy)
-    cfg = TrainConfig(mode="barrier", solver="sgd", epochs=1, batchSize=64, stepSize=0.05, straggler={1: 4.0})
-    worker = _train_threads(cfg, n=2000)[0][0]
-    first, second = next(iter(calls.values()))[:2]
-    assert first == ([32, 32], barrier.FIRST_MEASUREMENTS)  # the first re-split, as before
-    assert second[0] != [32, 32], calls  # the straggler moved rows...
-    assert second[1] == barrier.FIRST_MEASUREMENTS, calls  # ...and the next look weighed the new split's steps only
-    assert worker.extra["finalShares"][0] > 2 * worker.extra["finalShares"][1]
+    b = Balancer(64, [1000, 1000], balance=True)
+    assert b.shares.tolist() == [32, 32]
+    first = WARMUP_STEPS + FIRST_MEASUREMENTS
+    changed = _record(b, range(1, first + 1), [4000.0, 1000.0])  # a 4x faster rank 0
+    assert changed == [False] * (first - 1) + [True]  # warm-up steps are not measured; the first look re-splits
+    assert b.shares.tolist() == split_batch(64, np.array([4.0, 1.0])).tolist() == [51, 13]
+    # at the new split the ranks measure equal: a ring still holding the 4:1 steps would keep a 2.5:1 median
+    changed = _record(b, range(first + 1, first + FIRST_MEASUREMENTS + 1), [1000.0, 1000.0])
+    assert changed == [False] * (FIRST_MEASUREMENTS - 1) + [True]
+    assert b.shares.tolist() == [32, 32]
+    assert b.snapshot() == BalancerState([1000.0, 1000.0], [32, 32])
 
 
-def test_one_slow_step_at_the_start_does_not_unbalance_equal_workers(monkeypatch) -> None:  # noqa: ANN001
-    from sparkdl_hetero.distributed import barrier
+def test_one_slow_step_at_the_start_does_not_unbalance_equal_workers() -> None:
+    b = Balancer(64, [1000, 1000], balance=True)
+    steps = range(1, WARMUP_STEPS + FIRST_MEASUREMENTS + 1)
+    # the warm-up steps (one-off costs) and then the first measured step of rank 1 (a GC pause, say) are slow
+    thr = {t: [1000.0, 100.0] if t <= WARMUP_STEPS + 1 else [1000.0, 1010.0] for t in steps}
+    assert not any(b.record(np.array(thr[t]), t) for t in steps)
+    assert b.shares.tolist() == [32, 32]
+    # the same look with a real straggler (every step 4x slower) moves rows to rank 0
+    s = Balancer(64, [1000, 1000], balance=True)
+    assert _record(s, steps, [1000.0, 250.0])[-1] and s.shares[0] > 2 * s.shares[1]
 
-    gradient_sum = BarrierWorker._gradient_sum
 
-    def hiccup(self: BarrierWorker, idx: np.ndarray | None) -> tuple:
-        if self.rank == 1 and self.iteration == barrier.WARMUP_STEPS:  # the first measured step: a GC pause, say
-            time.sleep(0.2)
-        return gradient_sum(self, idx)
-
-    monkeypatch.setattr(BarrierWorker, "_gradient_sum", hiccup)
-    cfg = TrainConfig(mode="barrier", solver="sgd", epochs=1, batchSize=64, stepSize=0.05)
-    worker = _train_threads(cfg, n=2000)[0][0]
-    assert worker.extra["finalShares"] == [32, 32], worker.extra
+def test_balancer_state_survives_a_checkpoint_and_balance_off_keeps_the_row_split() -> None:
+    b = Balancer(64, [1000, 1000], balance=True)
+    _record(b, range(1, WARMUP_STEPS + FIRST_MEASUREMENTS + 1), [3000.0, 1000.0])
+    state = BalancerState.from_json(b.snapshot().to_json())
+    resumed = Balancer(64, [1000, 1000], balance=True, state=state)
+    assert resumed.shares.tolist() == b.shares.tolist() == [48, 16]
+    np.testing.assert_array_equal(resumed.throughput, [3000.0, 1000.0])
+    off = Balancer(64, [3000, 1000], balance=False)
+    assert off.shares.tolist() == [48, 16]
+    assert not any(_record(off, range(1, 40), [1000.0, 3000.0])) and off.shares.tolist() == [48, 16]

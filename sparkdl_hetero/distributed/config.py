@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..backends import BACKENDS
+from ..nn.solvers import TrainingDivergedError as TrainingDivergedError  # defined with the solvers; importable here
 
 SOLVERS = ("l-bfgs", "gd", "sgd", "momentum", "adam")
 MODES = ("treeAggregate", "barrier")
@@ -70,14 +71,3 @@ class TrainResult:
     objectiveHistory: list[float] = field(default_factory=list)
     iterations: int = 0
     stats: dict = field(default_factory=dict)  # mode-specific: per-worker timings, backends used, ...
-
-
-class TrainingDivergedError(FloatingPointError):
-    """The loss became NaN or infinite (raised by every mode); ``weights`` are the last weights with a finite loss
-    (``None`` before the first finite one, and in barrier mode, whose workers do not ship weights on failure)."""
-
-    def __init__(self, message: str, weights: np.ndarray | None, iteration: int, history: list[float]) -> None:
-        super().__init__(message)
-        self.weights = weights
-        self.iteration = iteration
-        self.history = history

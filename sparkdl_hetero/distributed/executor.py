@@ -19,3 +19,17 @@ def blas_limit(cpus: int) -> Any:
     if not _CONTROLLER:
         _CONTROLLER.append(ThreadpoolController())
     return _CONTROLLER[0].limit(limits=cpus, user_api="blas")
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set size in bytes (Linux: VmHWM; elsewhere getrusage)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
