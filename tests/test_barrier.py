@@ -344,3 +344,30 @@ def test_balancer_state_survives_a_checkpoint_and_balance_off_keeps_the_row_spli
     off = Balancer(64, [3000, 1000], balance=False)
     assert off.shares.tolist() == [48, 16]
     assert not any(_record(off, range(1, 40), [1000.0, 3000.0])) and off.shares.tolist() == [48, 16]
+
+
+def test_the_driver_tells_deterministic_failures_by_class_name_not_by_message() -> None:
+    from sparkdl_hetero.distributed.errors import NOT_RETRIABLE_MARK, NotRetriableError, is_not_retriable
+
+    wrapped = NotRetriableError.wrapping(ValueError("bad rows"))
+    assert str(wrapped) == "ValueError: bad rows" and is_not_retriable(wrapped)
+    spark_text = ("org.apache.spark.SparkException: Job aborted due to stage failure: ...\n"
+                  "Traceback (most recent call last):\n  File \"worker.py\", line 1, in main\n"
+                  f"{NOT_RETRIABLE_MARK}: ValueError: bad rows\n")
+    assert is_not_retriable(RuntimeError(spark_text))
+    # a transient failure whose message happens to mention an error name is retried
+    transient = ("org.apache.spark.SparkException: Job aborted\nTraceback (most recent call last):\n"
+                 "sparkdl_hetero.distributed.comm.CommError: peer 1 aborted: ValueError while reading\n")
+    assert not is_not_retriable(RuntimeError(transient))
+
+
+def test_a_deterministic_task_failure_is_not_retried(blob_df, tmp_path) -> None:  # noqa: ANN001
+    from sparkdl_hetero.distributed.checkpoint import Checkpoint, save_checkpoint
+    from sparkdl_hetero.distributed.fit import fit
+
+    ckpt = str(tmp_path / "other")  # another training's checkpoint: every task's restore raises ValueError
+    save_checkpoint(ckpt, Checkpoint(np.zeros(5), 3, [1.0], {}, "gd"))
+    cfg = TrainConfig(mode="barrier", solver="sgd", epochs=1, numWorkers=2, checkpointDir=ckpt, verbose=False)
+    with pytest.raises(RuntimeError, match=r"barrier training failed after 1 attempt\(s\): .*NotRetriableError: "
+                                           r"ValueError: checkpointDir .* holds a checkpoint of solver 'gd'"):
+        fit(blob_df, "features", "label", objective(), cfg)

@@ -281,18 +281,18 @@ class BarrierWorker:
         return loss, g, n
 
     def _full_batch(self) -> str:
-        t_iter = [time.perf_counter()]
+        started = [time.perf_counter()]  # of the current iteration, its checkpoint excluded
 
-        def timed(state: SolverState, loss: float, count: int) -> None:
-            now = time.perf_counter()
-            self.step_seconds.append(now - t_iter[0])
-            t_iter[0] = now
+        def start(iteration: int) -> None:
+            self._maybe_fault(iteration)
+            started[0] = time.perf_counter()
 
-        hooks = Hooks(iteration_start=self._maybe_fault, iteration_end=timed, checkpoint_due=self._checkpoint_due,
-                      checkpoint=lambda state: self.checkpoint(force=True))
+        def timed(_state: SolverState, _loss: float, _count: int) -> None:
+            self.step_seconds.append(time.perf_counter() - started[0])
+
+        hooks = Hooks(iteration_start=start, iteration_end=timed, checkpoint_due=self._checkpoint_due,
+                      checkpoint=lambda _state: self.checkpoint(force=True))
         solve = solvers.lbfgs if self.config.solver == "l-bfgs" else solvers.gd
-        if self.config.solver == "gd":  # gd's iteration time starts at its own evaluation
-            hooks.iteration_start = lambda i: (self._maybe_fault(i), t_iter.__setitem__(0, time.perf_counter()))
         return solve(self.state, self.config, self._evaluate, hooks, keep_last_good=False)
 
     def minibatch(self) -> str:
@@ -353,7 +353,7 @@ class BarrierWorker:
 
         hooks = Hooks(iteration_start=self._maybe_fault, iteration_end=step_end,
                       checkpoint_due=lambda it: it % k == 0 and self._checkpoint_due(it),
-                      checkpoint=lambda state: self.checkpoint(force=True), epoch_loss=epoch_loss,
+                      checkpoint=lambda _state: self.checkpoint(force=True), epoch_loss=epoch_loss,
                       epoch_end=epoch_end)
         stop = solvers.minibatch(self.state, c, steps_per_epoch, step, hooks, updater=updater,
                                  check_finite=k == 1)
