@@ -9,6 +9,8 @@ from collections.abc import Callable
 import numpy as np
 import pytest
 from _helpers import run_ranks
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from sparkdl_hetero.distributed.balancing import (
     FIRST_MEASUREMENTS,
@@ -371,3 +373,17 @@ def test_a_deterministic_task_failure_is_not_retried(blob_df, tmp_path) -> None:
     with pytest.raises(RuntimeError, match=r"barrier training failed after 1 attempt\(s\): .*NotRetriableError: "
                                            r"ValueError: checkpointDir .* holds a checkpoint of solver 'gd'"):
         fit(blob_df, "features", "label", objective(), cfg)
+
+
+@settings(max_examples=60, deadline=None, derandomize=True)
+@given(batch=st.integers(1, 512), world=st.integers(1, 6), data=st.data())
+def test_every_split_the_balancer_makes_covers_the_batch(batch: int, world: int, data: st.DataObject) -> None:
+    positive = st.floats(1.0, 1e6, allow_nan=False)
+    rows = data.draw(st.lists(st.integers(1, 10_000), min_size=world, max_size=world))
+    b = Balancer(batch, rows, balance=True)
+    for t in range(1, 40):
+        b.record(np.array(data.draw(st.lists(positive, min_size=world, max_size=world))), t)
+        assert b.shares.sum() == batch and (b.shares >= min(1, batch // world)).all(), b.shares
+    exact = split_batch(batch, np.asarray(rows, dtype=np.float64))
+    floor = min(1, batch // world)
+    assert np.all(np.abs(exact - floor - (batch - floor * world) * np.asarray(rows) / sum(rows)) < 1.0)
