@@ -128,12 +128,11 @@ def _diverged(config: Any, f: float, iteration: int, good: np.ndarray | None, hi
     return TrainingDivergedError(message, None if good is None else good.copy(), iteration, list(history))
 
 
-def _after(state: SolverState, hooks: Hooks, loss: float, count: int, updater: Updater | None = None) -> None:
+def _after(state: SolverState, hooks: Hooks, loss: float, count: int) -> None:
+    """A full-batch iteration's end: its hook, then a checkpoint when due (no updater state to save)."""
     if hooks.iteration_end is not None:
         hooks.iteration_end(state, loss, count)
     if hooks.checkpoint is not None and (hooks.checkpoint_due is None or hooks.checkpoint_due(state.iteration)):
-        if updater is not None:
-            state.updater_state = updater.state_dict()
         hooks.checkpoint(state)
 
 
