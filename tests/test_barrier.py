@@ -389,3 +389,20 @@ def test_every_split_the_balancer_makes_covers_the_batch(batch: int, world: int,
     exact = split_batch(batch, np.asarray(rows, dtype=np.float64))
     floor = min(1, batch // world)
     assert np.all(np.abs(exact - floor - (batch - floor * world) * np.asarray(rows) / sum(rows)) < 1.0)
+
+
+@pytest.mark.parametrize(("error", "deterministic"), [(ValueError("bad rows"), True), (RuntimeError("flaky"), False)])
+def test_a_peer_stopped_by_a_deterministic_failure_knows_it(error: Exception, deterministic: bool) -> None:
+    """The rank whose failure Spark reports may be the one stopped by the other's abort: it must not make the
+    driver retry a deterministic failure."""
+    from sparkdl_hetero.distributed.comm import CommError
+    from sparkdl_hetero.distributed.errors import NOT_RETRIABLE, NotRetriableError, from_peer
+
+    def fn(comm: Communicator) -> object:
+        if comm.rank == 0:
+            comm.abort(NotRetriableError.wrapping(error) if isinstance(error, NOT_RETRIABLE) else error)
+            return None
+        return comm.allgather(1)
+
+    peer = run_ranks(2, fn)[1]
+    assert isinstance(peer, CommError) and from_peer(peer) is deterministic, peer

@@ -31,7 +31,7 @@ from .balancing import split_batch
 from .comm import CommError, Communicator, new_secret
 from .config import TrainConfig, TrainingDivergedError, TrainResult
 from .data import prepare
-from .errors import NOT_RETRIABLE, NotRetriableError, failure_summary, is_not_retriable
+from .errors import NOT_RETRIABLE, NotRetriableError, failure_summary, from_peer, is_not_retriable
 from .executor import blas_limit
 from .worker import BarrierWorker, train_worker
 
@@ -97,10 +97,12 @@ def _barrier_task(batches: Iterator, objective: Objective, config: TrainConfig, 
                                                        _fault_step(ctx, rank))
             except TrainingDivergedError as e:  # the loss is all-reduced: every rank stops at the same step
                 diverged = e
-    except BaseException as e:
-        comm.abort(e)
-        if isinstance(e, NOT_RETRIABLE):  # the driver sees only the traceback text: tell it by one class name
-            raise NotRetriableError.wrapping(e) from e
+    except BaseException as e:  # the driver sees only the traceback text: a deterministic failure says so by type
+        deterministic = isinstance(e, NOT_RETRIABLE) or (isinstance(e, CommError) and from_peer(e))
+        failure = NotRetriableError.wrapping(e) if deterministic else e
+        comm.abort(failure)
+        if deterministic:
+            raise failure from e
         raise
     comm.close()
     if rank == 0:

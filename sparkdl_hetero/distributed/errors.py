@@ -9,7 +9,9 @@ Why a wrapper class: Spark hands the driver a Python exception raised in a task 
 traceback inside its own exception, so the driver cannot catch the task's exception type. A barrier task therefore
 raises every deterministic failure as :class:`NotRetriableError`, whose fully qualified class name
 (:data:`NOT_RETRIABLE_MARK`) the driver looks for verbatim at the start of a traceback line: the decision rests on
-one class name this package owns, never on the wording of an error message.
+one class name this package owns, never on the wording of an error message. The rank that fails aborts the mesh
+with that wrapper (:meth:`.comm.Communicator.abort` names the error's class to every peer), so a peer that stops on
+the abort -- and whose failure Spark may report first -- raises it as not retriable too (:func:`from_peer`).
 """
 
 from __future__ import annotations
@@ -34,6 +36,12 @@ class NotRetriableError(RuntimeError):
     @classmethod
     def wrapping(cls, e: BaseException) -> NotRetriableError:
         return cls(f"{type(e).__name__}: {e}")
+
+
+def from_peer(comm_error: BaseException) -> bool:
+    """Whether a peer's abort (a ``CommError`` naming the peer's error class, ``"...: NotRetriableError: ..."``)
+    stopped this rank because of a deterministic failure."""
+    return f"{NotRetriableError.__name__}: " in str(comm_error)
 
 
 NOT_RETRIABLE: tuple[type[BaseException], ...] = (ValueError, TrainingDivergedError, FloatingPointError,

@@ -43,7 +43,7 @@ from ..nn.solvers import Hooks, SolverState
 from .checkpoint import Checkpoint, load_compatible, save_checkpoint
 from .config import TrainConfig, TrainResult
 from .data import PartitionedData, resident_blocks
-from .executor import CHUNK_ROWS, blas_limit, peak_rss_bytes
+from .executor import accumulate_gradient, blas_limit, peak_rss_bytes
 
 
 # ---- executor side ---------------------------------------------------------------------------------------
@@ -114,15 +114,8 @@ def partition_gradient(job: _Job, x: np.ndarray, y: np.ndarray, part: int, weigh
     rep, account = _replica(job)
     rep.set_weights(weights)
     rep.zero_grad()
-    loss = 0.0
     with blas_limit(cpus):
-        for lo in range(0, m, CHUNK_ROWS):
-            hi = min(m, lo + CHUNK_ROWS)
-            if idx is None:
-                xb, yb = x[lo:hi], y[lo:hi]
-            else:
-                xb, yb = x[idx[lo:hi]], y[idx[lo:hi]]
-            loss += rep.compute_gradient(xb, yb, scale=float(hi - lo)) * (hi - lo)
+        loss = accumulate_gradient(rep, x, y, idx)
     return rep.get_gradient(), loss, m, account
 
 

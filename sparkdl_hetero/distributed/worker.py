@@ -43,7 +43,7 @@ from .checkpoint import Checkpoint, load_compatible, save_checkpoint
 from .comm import Communicator
 from .config import TrainConfig
 from .errors import InjectedFault, ReplicasDivergedError
-from .executor import CHUNK_ROWS, peak_rss_bytes
+from .executor import CHUNK_ROWS, accumulate_gradient, peak_rss_bytes
 
 
 def pause(seconds: float) -> None:
@@ -159,11 +159,7 @@ class BarrierWorker:
         rep.set_weights(self._w_model)
         rep.zero_grad()
         m = len(self.y) if idx is None else len(idx)
-        loss = 0.0
-        for lo in range(0, m, CHUNK_ROWS):
-            hi = min(m, lo + CHUNK_ROWS)
-            sel = slice(lo, hi) if idx is None else idx[lo:hi]
-            loss += rep.compute_gradient(self.x[sel], self.y[sel], scale=float(hi - lo)) * (hi - lo)
+        loss = accumulate_gradient(rep, self.x, self.y, idx)
         g = rep.get_gradient() if m else np.zeros(self.nw, self.dtype)
         elapsed = time.perf_counter() - t0
         if self.straggle > 1.0:
