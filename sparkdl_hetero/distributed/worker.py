@@ -192,14 +192,6 @@ class BarrierWorker:
             raise ValueError("no worker has rows to train on")
         return out[:nw], float(out[nw]), total, out[nw + 2:].astype(np.float64)
 
-    def combined_gradient(self, idx: np.ndarray | None) -> tuple[np.ndarray, float, int, np.ndarray]:
-        """:meth:`reduced_sums` as means: the mean gradient (float64) and mean loss over every worker's selected
-        rows, the total count, and every rank's throughput."""
-        g, loss, total, thr = self.reduced_sums(idx)
-        mean = g.astype(np.float64)
-        mean /= total
-        return mean, loss / total, total, thr
-
     def _validation(self) -> tuple[float, float]:
         """All-reduced (mean loss, accuracy) on the held-out rows at the current weights."""
         rep = self.replica
