@@ -199,9 +199,9 @@ class NumpyBackend(ArrayModuleBackend):
         delta *= delta.dtype.type(scale)
         return loss, np.ascontiguousarray(delta.T)
 
-    def maxpool(self, x: Array, k: int, stride: int) -> tuple[Array, Array]:
-        if stride != k or k == 1:
-            return super().maxpool(x, k, stride)
+    def maxpool(self, x: Array, k: int, stride: int, pad: int = 0) -> tuple[Array, Array]:
+        if stride != k or k == 1 or pad:
+            return super().maxpool(x, k, stride, pad)
         # disjoint windows: each of the k*k window positions as one contiguous plane (pixels copied as opaque
         # items), then a pairwise tournament of neighbouring groups in raster order in which the later group wins
         # only when strictly greater -- the first maximum in raster order, as in the general path. Whole-plane
@@ -225,11 +225,11 @@ class NumpyBackend(ArrayModuleBackend):
         return level[0]
 
     def maxpool_backward(self, dy: Array, idx: Array, x_shape: tuple[int, int, int, int], k: int,
-                         stride: int) -> Array:
+                         stride: int, pad: int = 0) -> Array:
         n, h, w, c = x_shape
         oh, ow = dy.shape[1], dy.shape[2]
-        if stride != k or h != oh * k or w != ow * k:
-            return super().maxpool_backward(dy, idx, x_shape, k, stride)
+        if stride != k or h != oh * k or w != ow * k or pad:
+            return super().maxpool_backward(dy, idx, x_shape, k, stride, pad)
         dx = np.empty(x_shape, dtype=dy.dtype)  # the disjoint windows tile the image: every pixel is written
         win = _pixels(dx).reshape(n, oh, k, ow, k)
         for p in range(k * k):
