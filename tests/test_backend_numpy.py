@@ -115,7 +115,11 @@ def test_every_op_agrees_with_the_reference(dtype):
                                       REF.avgpool_backward(g, img.shape, k, stride))
 
 
-@pytest.mark.parametrize("spec, shape", [(LENET, (1, 28, 28)), ("affine(30)-sigmoid-affine(20)-tanh-affine(5)", 40)])
+@pytest.mark.parametrize("spec, shape", [
+    (LENET, (1, 28, 28)), ("affine(30)-sigmoid-affine(20)-tanh-affine(5)", 40),
+    ("conv(4,3,pad=1)-batchnorm-relu-res(conv(8,3,stride=2,pad=1)-batchnorm-relu-conv(8,3,pad=1)-batchnorm)-relu"
+     "-maxpool(3,stride=2,pad=1)-avgpool(2,stride=1,pad=1)-gap-affine(5)", (3, 12, 12)),
+])
 def test_model_gradient_is_the_same_through_both_backends(spec, shape):
     topo = FeedForwardTopology.from_spec(spec, shape)
     rng = np.random.default_rng(1)
@@ -124,11 +128,12 @@ def test_model_gradient_is_the_same_through_both_backends(spec, shape):
     got = []
     for be in (FAST, REF):
         m = FeedForwardModel(topo, seed=3, dtype=np.float64, backend=be)
-        got.append((m.compute_gradient(x, y), m.get_gradient()))
-    (l1, g1), (l2, g2) = got
+        got.append((m.compute_gradient(x, y), m.get_gradient(), m.get_state()))
+    (l1, g1, s1), (l2, g2, s2) = got
     eps = np.finfo(np.float64).eps
     assert l1 == pytest.approx(l2, rel=1e4 * eps)
     np.testing.assert_allclose(g1, g2, rtol=1e6 * eps, atol=1e6 * eps * np.abs(g2).max())
+    np.testing.assert_allclose(s1, s2, rtol=1e6 * eps, atol=1e6 * eps)
 
 
 # ---- the activation registry ------------------------------------------------------------------------------------
