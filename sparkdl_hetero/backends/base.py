@@ -129,6 +129,23 @@ class Backend(ABC):
         (kh*kw*c, filters). Backends may override it to fuse or reorder the two steps."""
         return self.col2im(self.gemm(dy, w, trans_b=True), x_shape, kh, kw, stride, pad)
 
+    def conv_forward(self, x: Array, w: Array, b: Array, kh: int, kw: int, stride: int, pad: int) -> Array:
+        """A convolution of ``x`` (n, h, w, c) with weights ``w`` (kh*kw*c, filters) and bias ``b``: the
+        (n*oh*ow, filters) rows of ``im2col(x) @ w + b``. Backends may override it to work in blocks of images."""
+        y = self.gemm(self.im2col(x, kh, kw, stride, pad), w)
+        self.add_row(y, b)
+        return y
+
+    def conv_backward(self, x: Array, dy: Array, w: Array, gw: Array, gb: Array, kh: int, kw: int, stride: int,
+                      pad: int, need_dx: bool) -> Array | None:
+        """For :meth:`conv_forward` of ``x`` and output delta ``dy`` (n*oh*ow, filters): adds the weight gradient
+        ``im2col(x)^T @ dy`` to ``gw`` and the bias gradient to ``gb``; returns the input delta when ``need_dx``.
+        The columns are computed again from ``x`` rather than kept from the forward pass: a convolution's columns
+        are ``kh * kw`` times its input, and rebuilding them costs less than holding them between the passes."""
+        self.gemm(self.im2col(x, kh, kw, stride, pad), dy, out=gw, trans_a=True, beta=1.0)
+        self.col_sum(dy, gb, beta=1.0)
+        return self.conv_backward_input(dy, w, tuple(x.shape), kh, kw, stride, pad) if need_dx else None
+
     @abstractmethod
     def maxpool(self, x: Array, k: int, stride: int, pad: int = 0) -> tuple[Array, Array]:
         """Max pooling of (n, h, w, c), floor mode, ``pad`` ignored positions (-inf) on each side (``pad <= k // 2``:

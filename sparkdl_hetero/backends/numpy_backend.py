@@ -31,6 +31,24 @@ _SMALL_GEMM = 1_000_000
 # up to this many rows a bias add / column sum is one broadcast pass / one reduction: the GEMV and tiled forms
 # pay fixed costs that a small batch does not recover
 _FEW_ROWS = 64
+# a convolution builds its im2col columns for as many images at a time as fit in about this many bytes per BLAS
+# thread -- a core's share of cache -- and multiplies them at once: the columns (kh*kw times the input) are then
+# read by the GEMM from cache instead of being written to and read back from memory, and rebuilding them for the
+# backward pass costs less than keeping a batch's worth alive
+_CONV_BLOCK_BYTES = 1 << 20
+
+
+@functools.cache
+def _blas_controllers() -> tuple[Any, ...]:
+    """threadpoolctl's controllers of the BLAS libraries NumPy loaded (their thread counts are read live)."""
+    from threadpoolctl import ThreadpoolController
+
+    return tuple(lib for lib in ThreadpoolController().lib_controllers if lib.user_api == "blas")
+
+
+def _blas_threads() -> int:
+    """The number of threads BLAS calls use now (under threadpool_limits too); 1 when unknown."""
+    return max([1, *(lib.num_threads for lib in _blas_controllers())])
 
 
 def _skinny_piece(m: int, k: int, n: int, dtype: Any, b_transposed: bool) -> int:
@@ -234,6 +252,43 @@ class NumpyBackend(ArrayModuleBackend):
         win = _pixels(dx).reshape(n, oh, k, ow, k)
         for p in range(k * k):
             win[:, :, p // k, :, p % k] = _pixels(np.ascontiguousarray(dy * (idx == p)))
+        return dx
+
+    @staticmethod
+    def _conv_blocks(x_shape: tuple[int, ...], kh: int, kw: int, stride: int, pad: int,
+                     itemsize: int) -> tuple[int, int]:
+        """(images per block, output pixels per image) for a convolution of ``x_shape`` (see _CONV_BLOCK_BYTES)."""
+        n, h, w, c = x_shape
+        pixels = pool_out(h, kh, stride, pad) * pool_out(w, kw, stride, pad)
+        return max(1, _CONV_BLOCK_BYTES * _blas_threads() // (pixels * kh * kw * c * itemsize)), pixels
+
+    def conv_forward(self, x: Array, w: Array, b: Array, kh: int, kw: int, stride: int, pad: int) -> Array:
+        n = x.shape[0]
+        step, p = self._conv_blocks(x.shape, kh, kw, stride, pad, x.itemsize)
+        if step >= n:
+            return super().conv_forward(x, w, b, kh, kw, stride, pad)
+        y = np.empty((n * p, w.shape[1]), dtype=x.dtype)
+        for lo in range(0, n, step):
+            hi = min(n, lo + step)
+            yb = y[lo * p:hi * p]
+            self.gemm(self.im2col(x[lo:hi], kh, kw, stride, pad), w, out=yb)
+            self.add_row(yb, b)  # while the block is in cache
+        return y
+
+    def conv_backward(self, x: Array, dy: Array, w: Array, gw: Array, gb: Array, kh: int, kw: int, stride: int,
+                      pad: int, need_dx: bool) -> Array | None:
+        n = x.shape[0]
+        step, p = self._conv_blocks(x.shape, kh, kw, stride, pad, x.itemsize)
+        if step >= n:
+            return super().conv_backward(x, dy, w, gw, gb, kh, kw, stride, pad, need_dx)
+        dx = np.empty(x.shape, dtype=dy.dtype) if need_dx else None
+        for lo in range(0, n, step):
+            hi = min(n, lo + step)
+            dyb = dy[lo * p:hi * p]
+            self.gemm(self.im2col(x[lo:hi], kh, kw, stride, pad), dyb, out=gw, trans_a=True, beta=1.0)
+            if dx is not None:
+                dx[lo:hi] = self.conv_backward_input(dyb, w, (hi - lo, *x.shape[1:]), kh, kw, stride, pad)
+        self.col_sum(dy, gb, beta=1.0)
         return dx
 
     def conv_backward_input(self, dy: Array, w: Array, x_shape: tuple[int, int, int, int], kh: int, kw: int,

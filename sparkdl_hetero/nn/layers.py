@@ -267,28 +267,20 @@ class _ConvModel(LayerModel):
     def __init__(self, cfg: Conv2D, be: Backend, out_shape: Shape, w: Array, b: Array, gw: Array,
                  gb: Array) -> None:
         self.cfg, self.be, self.out, self.w, self.b, self.gw, self.gb = cfg, be, out_shape, w, b, gw, gb
-        self.cols: Array = None
-        self.x_shape: tuple[int, int, int, int] = (0, 0, 0, 0)
+        self.x: Array = None
 
     def forward(self, x: Array, training: bool) -> Array:
         c = self.cfg
-        self.x_shape = tuple(x.shape)
-        self.cols = None
-        self.cols = self.be.im2col(x, c.kernel, c.kernel, c.stride, c.pad)
-        y = self.be.gemm(self.cols, self.w)
-        self.be.add_row(y, self.b)
+        self.x = None
+        y = self.be.conv_forward(x, self.w, self.b, c.kernel, c.kernel, c.stride, c.pad)
+        self.x = x
         return y.reshape((x.shape[0],) + self.out)
 
     def backward(self, dy: Array, need_dx: bool) -> Array | None:
         c = self.cfg
+        x, self.x = self.x, None
         dy2 = dy.reshape(dy.shape[0] * self.out[0] * self.out[1], c.filters)
-        cols, self.cols = self.cols, None
-        self.be.gemm(cols, dy2, out=self.gw, trans_a=True, beta=1.0)
-        del cols
-        self.be.col_sum(dy2, self.gb, beta=1.0)
-        if not need_dx:
-            return None
-        return self.be.conv_backward_input(dy2, self.w, self.x_shape, c.kernel, c.kernel, c.stride, c.pad)
+        return self.be.conv_backward(x, dy2, self.w, self.gw, self.gb, c.kernel, c.kernel, c.stride, c.pad, need_dx)
 
 
 # ---- pooling, flatten, dropout ----------------------------------------------------------------------------
