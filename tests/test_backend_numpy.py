@@ -178,10 +178,12 @@ def test_device_batch_in_the_engine_layout_runs_through_forward_device():
 
 
 @pytest.mark.parametrize("n, h, c, f, k, stride, pad", [
-    (16, 32, 8, 5, 3, 1, 1), (40, 28, 1, 6, 5, 1, 2), (40, 31, 6, 7, 3, 2, 1), (40, 48, 16, 4, 1, 2, 0)])
+    (16, 32, 8, 5, 3, 1, 1), (40, 28, 1, 6, 5, 1, 2), (40, 31, 6, 7, 3, 2, 1), (40, 48, 16, 4, 1, 2, 0),
+    (9, 20, 32, 24, 3, 1, 1), (3, 9, 16, 5, 3, 1, 2), (4, 10, 20, 6, 5, 1, 0)])
 def test_convolution_in_blocks_of_images_equals_the_reference(n, h, c, f, k, stride, pad):
-    """NumPy's convolution works on blocks of images that fit a core's cache (these shapes span several blocks
-    with one BLAS thread); forward, weight/bias gradients and input delta equal the reference's."""
+    """NumPy's convolution works on blocks of images that fit a core's cache (the first shapes span several blocks
+    with one BLAS thread) and, from 16 input channels, takes the input delta of a stride-1 convolution as a
+    convolution of dy (the last ones); forward, weight/bias gradients and input delta equal the reference's."""
     from threadpoolctl import threadpool_limits
 
     rng = np.random.default_rng(n + h)

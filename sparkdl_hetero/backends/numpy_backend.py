@@ -36,6 +36,9 @@ _FEW_ROWS = 64
 # read by the GEMM from cache instead of being written to and read back from memory, and rebuilding them for the
 # backward pass costs less than keeping a batch's worth alive
 _CONV_BLOCK_BYTES = 1 << 20
+# GEMM outputs at least this many columns wide fill whole SIMD-register-wide blocks (16 float32 values with AVX-512)
+# of BLAS kernels; narrower ones run through slower edge paths
+_WIDE = 16
 
 
 @functools.cache
@@ -254,6 +257,21 @@ class NumpyBackend(ArrayModuleBackend):
             win[:, :, p // k, :, p % k] = _pixels(np.ascontiguousarray(dy * (idx == p)))
         return dx
 
+    def _conv_rows(self, x: Array, w: Array, k: int, pad: int) -> Array:
+        """A stride-1 convolution of ``x`` (n, h, w, c) with a k x k kernel ``w`` (k*k*c, f), zero padding ``pad``:
+        (n*oh*ow, f) rows. Instead of im2col's k*k copies of every pixel, k: the k neighbours of each position of
+        a padded row, contiguous (k*c values); kernel row i then multiplies the rows of output row y + i, one
+        contiguous slice per image, and the k products add up."""
+        n, c = x.shape[0], x.shape[3]
+        xq = self._padded(x, pad)
+        oh, ow, kc = xq.shape[1] - k + 1, xq.shape[2] - k + 1, k * c
+        sn, sh, sw, sc = xq.strides
+        rows = np.ascontiguousarray(as_strided(xq, shape=(n, xq.shape[1], ow, kc), strides=(sn, sh, sw, sc)))
+        y = rows[:, :oh].reshape(n, oh * ow, kc) @ w[:kc]
+        for i in range(1, k):
+            y += rows[:, i:i + oh].reshape(n, oh * ow, kc) @ w[i * kc:(i + 1) * kc]
+        return y.reshape(n * oh * ow, w.shape[1])
+
     @staticmethod
     def _conv_blocks(x_shape: tuple[int, ...], kh: int, kw: int, stride: int, pad: int,
                      itemsize: int) -> tuple[int, int]:
@@ -297,6 +315,12 @@ class NumpyBackend(ArrayModuleBackend):
         oh, ow = pool_out(h, kh, stride, pad), pool_out(wd, kw, stride, pad)
         hp, wp = h + 2 * pad, wd + 2 * pad
         f = dy.shape[1]
+        if stride == 1 and kh == kw and pad < kh and c >= _WIDE:
+            # the input delta is a full correlation of dy with the kernel: a stride-1 convolution of dy, padded by
+            # kh - 1 - pad, with the kernel flipped in both directions and its channel axes swapped
+            flipped = np.ascontiguousarray(w.reshape(kh, kw, c, f)[::-1, ::-1].transpose(0, 1, 3, 2))
+            return self._conv_rows(dy.reshape(n, oh, ow, f), flipped.reshape(kh * kw * f, c), kh,
+                                   kh - 1 - pad).reshape(x_shape)
         if stride == 1:
             # the input delta is a full correlation of dy with the flipped kernel. Gather, for every position of
             # a padded input row, the kw dy pixels its kernel row sees (contiguous runs of kw*f); one GEMM sums
