@@ -252,13 +252,18 @@ class ArrayModuleBackend(Backend):
         return dx
 
     # ---- batch normalization -------------------------------------------------------------------------
+    def _rowwise(self, op: Any, x: Array, v: Array, out: Array | None = None) -> Array:
+        """``op(x, v)`` for a ufunc ``op``, a (rows, c) matrix ``x`` and a vector ``v`` of c values broadcast over
+        the rows (into ``out`` when given)."""
+        return op(x, v, out=out)
+
     def batchnorm_forward(self, x: Array, gamma: Array, beta: Array, mean: Array, var: Array, eps: float,
                           momentum: float, training: bool) -> tuple[Array, Array, Array]:
-        t = x.dtype.type
+        xp, t = self.xp, x.dtype.type
         if training:
             rows = x.shape[0]
             mu = self._col_sums(x) * t(1.0 / rows)
-            xc = x - mu
+            xc = self._rowwise(xp.subtract, x, mu)
             v = self._col_sums(xc * xc) * t(1.0 / rows)  # two passes: no cancellation between E[x^2] and mu^2
             mean *= t(1.0 - momentum)
             mean += t(momentum) * mu
@@ -266,16 +271,17 @@ class ArrayModuleBackend(Backend):
             var += t(momentum * rows / (rows - 1)) * v
         else:
             mu, v = mean.copy(), var
-            xc = x - mu
-        inv_std = 1 / self.xp.sqrt(v + t(eps))
-        xc *= gamma * inv_std
-        xc += beta
+            xc = self._rowwise(xp.subtract, x, mu)
+        inv_std = 1 / xp.sqrt(v + t(eps))
+        self._rowwise(xp.multiply, xc, gamma * inv_std, out=xc)
+        self._rowwise(xp.add, xc, beta, out=xc)
         return xc, mu, inv_std
 
     def batchnorm_backward(self, dy: Array, x: Array, gamma: Array, mu: Array, inv_std: Array, dgamma: Array,
                            dbeta: Array, training: bool, need_dx: bool) -> Array | None:
-        xhat = (x - mu) * inv_std
-        dg = self._col_sums(dy * xhat)
+        xp, t = self.xp, x.dtype.type
+        xc = self._rowwise(xp.subtract, x, mu)
+        dg = self._col_sums(dy * xc) * inv_std  # sum(dy * xhat), xhat = xc * inv_std
         db = self._col_sums(dy)
         dgamma += dg
         dbeta += db
@@ -283,14 +289,14 @@ class ArrayModuleBackend(Backend):
             return None
         scale = gamma * inv_std
         if not training:
-            return dy * scale
+            return self._rowwise(xp.multiply, dy, scale)
         # d/dx of gamma * xhat + beta through the batch mean and variance: the delta minus its mean and minus its
-        # projection on xhat, scaled
+        # projection on xhat, scaled: dx = scale * (dy - (db + xhat * dg) / rows), as per-column terms of dy and xc
         rows = x.shape[0]
-        xhat *= dg * x.dtype.type(1.0 / rows)
-        xhat += db * x.dtype.type(1.0 / rows)
-        dx = dy - xhat
-        dx *= scale
+        self._rowwise(xp.multiply, xc, -scale * inv_std * dg * t(1.0 / rows), out=xc)
+        self._rowwise(xp.add, xc, -scale * db * t(1.0 / rows), out=xc)
+        dx = self._rowwise(xp.multiply, dy, scale)
+        dx += xc
         return dx
 
     def dropout_mask(self, shape: tuple[int, ...], keep: float, rng: np.random.Generator, dtype: Any) -> Array:

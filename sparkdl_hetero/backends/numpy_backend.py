@@ -156,6 +156,17 @@ class NumpyBackend(ArrayModuleBackend):
             tiled[...] = b
             y.reshape(rows // r, r * cols).__iadd__(tiled.reshape(-1))
 
+    def _rowwise(self, op: Any, x: Array, v: Array, out: Array | None = None) -> Array:
+        rows, cols = x.shape
+        r = _rows_per_run(rows, cols) if x.flags.c_contiguous and rows > _FEW_ROWS else 1
+        if r == 1 or (out is not None and not out.flags.c_contiguous):
+            return op(x, v, out=out)
+        # narrow rows (a convolution's channels): r copies of v against r rows at once, as add_row does
+        tiled = np.empty((r, cols), dtype=np.result_type(x, v))
+        tiled[...] = v
+        wide = out.reshape(rows // r, r * cols) if out is not None else None
+        return op(x.reshape(rows // r, r * cols), tiled.reshape(-1), out=wide).reshape(rows, cols)
+
     def _col_sums(self, x: Array) -> Array:
         rows, cols = x.shape
         if rows <= _FEW_ROWS:
