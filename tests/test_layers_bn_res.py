@@ -258,8 +258,9 @@ def test_resnet8_preset():
     ("res(affine(3)-softmax)-affine(2)", 4, r"a loss layer \(softmax\) cannot be inside a residual block"),
     ("res(conv(3,3)-bogus)-gap-affine(2)", (1, 6, 6), r"layer 0 \('res\(conv\(3,3\)-bogus\)'\) > layer 1 "
                                                         r"\('bogus'\): unknown layer 'bogus'"),
-    ("res(flatten)-affine(2)", (1, 6, 6), r"no 1x1 projection with one stride maps the input shape \(6, 6, 1\)"),
-    ("res(conv(3,3))-gap-affine(2)", (1, 6, 6), r"onto the block.s output shape \(4, 4, 3\)"),  # 6 -> 4: no stride
+    ("res(flatten)-affine(2)", (1, 6, 6),
+     r"no 1x1 projection with one stride maps the input shape \(1, 6, 6\) onto the block's output shape \(36,\)"),
+    ("res(conv(3,3))-gap-affine(2)", (1, 6, 6), r"onto the block.s output shape \(3, 4, 4\)"),  # 6 -> 4: no stride
     ("batchnorm(momentum=1.5)-affine(2)", 4, r"momentum must be in \[0, 1\], got 1.5"),
     ("batchnorm(eps=0)-affine(2)", 4, "eps must be > 0, got 0"),
     ("maxpool(2,pad=2)-flatten-affine(2)", (1, 6, 6), r"pad must be in \[0, 1\] \(half the window\), got 2"),

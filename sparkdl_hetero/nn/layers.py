@@ -104,10 +104,15 @@ def _spark_uniform(size: int, fan_in: int, rng: np.random.Generator) -> np.ndarr
     return (rng.random(size) * 4.8 - 2.4) / math.sqrt(fan_in)
 
 
+def _shown(shape: Shape) -> Shape:
+    """A shape as users write it: images as (c, h, w)."""
+    return (shape[2], shape[0], shape[1]) if len(shape) == 3 else shape
+
+
 def _flat_size(layer: Layer, in_shape: Shape) -> int:
     if len(in_shape) != 1:
-        shown = (in_shape[2], in_shape[0], in_shape[1]) if len(in_shape) == 3 else in_shape  # as (c, h, w)
-        raise SpecError(f"{layer.spec()} needs a flat input but gets shape {shown}; add 'flatten' before it")
+        raise SpecError(f"{layer.spec()} needs a flat input but gets shape {_shown(in_shape)}; add 'flatten' "
+                        "before it")
     return in_shape[0]
 
 
@@ -484,7 +489,7 @@ class Residual(Layer):
             try:
                 shapes.append(layer.out_shape(shapes[-1]))
             except SpecError as e:
-                raise SpecError(f"res layer {i} ({layer.spec()}) with input shape {shapes[-1]}: {e}") from None
+                raise SpecError(f"res layer {i} ({layer.spec()}) with input shape {_shown(shapes[-1])}: {e}") from None
         return shapes
 
     def projection(self, in_shape: Shape) -> Layer | None:
@@ -499,8 +504,8 @@ class Residual(Layer):
             stride = -(-h // oh)
             if pool_out(h, 1, stride) == oh and pool_out(w, 1, stride) == ow:
                 return Conv2D(c, 1, stride)
-        raise SpecError(f"{self.spec()}: no 1x1 projection with one stride maps the input shape {in_shape} onto "
-                        f"the block's output shape {out}")
+        raise SpecError(f"{self.spec()}: no 1x1 projection with one stride maps the input shape {_shown(in_shape)} "
+                        f"onto the block's output shape {_shown(out)}")
 
     def _sizes(self, in_shape: Shape) -> tuple[list[int], list[int]]:
         shapes = self.shapes(in_shape)
