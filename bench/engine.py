@@ -3,8 +3,12 @@
 Same data, same order, same batch size, same optimizer (Adam), float32, same thread count, one process.
 The two engines train in alternation, a chunk of batches each (``--chunk``), and each one's time is summed over
 the epoch: both see the same machine load, so the ratio stays meaningful on a busy machine.
-Goals: MLP [784,100,10] >= 0.8x PyTorch, LeNet-5 >= 0.5x. torch is not a dependency: without it only our
-figures are printed. Run under the shared lock, e.g.
+Models: ``mlp`` (Spark's [784,100,10]), ``lenet`` (LeNet-5), and on 3x32x32 inputs (Fashion-MNIST padded to 32x32,
+its channel repeated 3 times) ``vgg`` (the VGG-style network of issue 15) and ``resnet8`` (ResNet-8 with batch
+normalization). Goals (ours / PyTorch): MLP >= 0.8x, LeNet-5 >= 2x, VGG >= 1.0x. After the epochs, the peak RSS of
+a ResNet-8 training process at batch ``--batch`` is printed for both engines (goal: ours within 2x PyTorch's), each
+measured in a fresh process. torch is not a dependency: without it only our figures are printed. Run under the
+shared lock, e.g.
 
     flock /tmp/bench.lock .venv/bin/python bench/engine.py [--samples 60000] [--batch 64] [--threads 2]
 """
@@ -12,6 +16,8 @@ figures are printed. Run under the shared lock, e.g.
 from __future__ import annotations
 
 import argparse
+import subprocess
+import sys
 import time
 from typing import Any
 
@@ -25,13 +31,61 @@ from sparkdl_hetero.nn.optim import make_updater
 from sparkdl_hetero.nn.trainer import accuracy, train
 
 LENET = "conv(6,5,pad=2)-relu-maxpool(2)-conv(16,5)-relu-maxpool(2)-flatten-affine(120)-relu-affine(84)-relu-affine(10)"
-GOALS = {"mlp": 0.8, "lenet": 0.5}
+VGG = ("conv(32,3,pad=1)-relu-conv(32,3,pad=1)-relu-maxpool(2)-conv(64,3,pad=1)-relu-conv(64,3,pad=1)-relu-maxpool(2)"
+       "-flatten-affine(256)-relu-affine(10)")
+GOALS = {"mlp": 0.8, "lenet": 2.0, "vgg": 1.0}
+RGB32 = ("vgg", "resnet8")  # the models trained on 3x32x32 inputs
 
 
 def topology(name: str) -> FeedForwardTopology:
     if name == "mlp":
         return FeedForwardTopology.multilayer_perceptron([784, 100, 10])
+    if name == "vgg":
+        return FeedForwardTopology.from_spec(VGG, (3, 32, 32))
+    if name == "resnet8":
+        return FeedForwardTopology.from_spec("resnet8", (3, 32, 32))
     return FeedForwardTopology.from_spec(LENET, (1, 28, 28))
+
+
+def rgb32(x: np.ndarray) -> np.ndarray:
+    """Fashion-MNIST rows (n, 784) as 3x32x32 images (zero border of 2, the channel repeated), flattened C, H, W."""
+    img = np.zeros((len(x), 1, 32, 32), dtype=x.dtype)
+    img[:, 0, 2:30, 2:30] = x.reshape(-1, 28, 28)
+    return np.ascontiguousarray(np.repeat(img, 3, axis=1).reshape(len(x), -1))
+
+
+def torch_module(name: str) -> Any:
+    """The network ``name`` in PyTorch (the same layers as :func:`topology`)."""
+    import torch.nn as tnn
+
+    if name == "mlp":
+        return tnn.Sequential(tnn.Linear(784, 100), tnn.Sigmoid(), tnn.Linear(100, 10))
+    if name == "lenet":
+        return tnn.Sequential(
+            tnn.Conv2d(1, 6, 5, padding=2), tnn.ReLU(), tnn.MaxPool2d(2),
+            tnn.Conv2d(6, 16, 5), tnn.ReLU(), tnn.MaxPool2d(2), tnn.Flatten(),
+            tnn.Linear(400, 120), tnn.ReLU(), tnn.Linear(120, 84), tnn.ReLU(), tnn.Linear(84, 10))
+    if name == "vgg":
+        return tnn.Sequential(
+            tnn.Conv2d(3, 32, 3, padding=1), tnn.ReLU(), tnn.Conv2d(32, 32, 3, padding=1), tnn.ReLU(),
+            tnn.MaxPool2d(2), tnn.Conv2d(32, 64, 3, padding=1), tnn.ReLU(), tnn.Conv2d(64, 64, 3, padding=1),
+            tnn.ReLU(), tnn.MaxPool2d(2), tnn.Flatten(), tnn.Linear(64 * 8 * 8, 256), tnn.ReLU(), tnn.Linear(256, 10))
+
+    class Block(tnn.Module):  # ResNet's basic block, as the spec's res(...) with a strided 1x1 projection
+        def __init__(self, c_in: int, c_out: int, stride: int) -> None:
+            super().__init__()
+            self.body = tnn.Sequential(
+                tnn.Conv2d(c_in, c_out, 3, stride, 1), tnn.BatchNorm2d(c_out), tnn.ReLU(),
+                tnn.Conv2d(c_out, c_out, 3, 1, 1), tnn.BatchNorm2d(c_out))
+            self.skip = tnn.Identity() if c_in == c_out and stride == 1 else tnn.Conv2d(c_in, c_out, 1, stride)
+
+        def forward(self, x: Any) -> Any:
+            return self.body(x) + self.skip(x)
+
+    return tnn.Sequential(
+        tnn.Conv2d(3, 16, 3, padding=1), tnn.BatchNorm2d(16), tnn.ReLU(), Block(16, 16, 1), tnn.ReLU(),
+        Block(16, 32, 2), tnn.ReLU(), Block(32, 64, 2), tnn.ReLU(), tnn.AdaptiveAvgPool2d(1), tnn.Flatten(),
+        tnn.Linear(64, 10))
 
 
 class Ours:
@@ -58,15 +112,9 @@ class Torch:
         import torch.nn as tnn
 
         torch.manual_seed(seed)
-        if name == "mlp":
-            self.model = tnn.Sequential(tnn.Linear(784, 100), tnn.Sigmoid(), tnn.Linear(100, 10))
-        else:
-            self.model = tnn.Sequential(
-                tnn.Conv2d(1, 6, 5, padding=2), tnn.ReLU(), tnn.MaxPool2d(2),
-                tnn.Conv2d(6, 16, 5), tnn.ReLU(), tnn.MaxPool2d(2), tnn.Flatten(),
-                tnn.Linear(400, 120), tnn.ReLU(), tnn.Linear(120, 84), tnn.ReLU(), tnn.Linear(84, 10))
+        self.model = torch_module(name)
         self.torch, self.batch = torch, batch
-        self.shape = (-1, 784) if name == "mlp" else (-1, 1, 28, 28)
+        self.shape = {"mlp": (-1, 784), "lenet": (-1, 1, 28, 28)}.get(name, (-1, 3, 32, 32))
         self.opt = torch.optim.Adam(self.model.parameters(), lr=lr)
         self.loss_fn = tnn.CrossEntropyLoss()
 
@@ -82,9 +130,46 @@ class Torch:
         return total
 
     def accuracy(self, x: np.ndarray, y: np.ndarray) -> float:
+        self.model.eval()  # batch normalization with its running statistics
         with self.torch.no_grad():
-            pred = self.model(self.torch.from_numpy(x.reshape(self.shape))).argmax(dim=1).numpy()
+            pred = np.concatenate([self.model(self.torch.from_numpy(x[i:i + 1024].reshape(self.shape))).argmax(dim=1)
+                                   .numpy() for i in range(0, len(x), 1024)])
+        self.model.train()
         return float(np.mean(pred == y))
+
+
+def _status_mb(field: str) -> float:
+    """A memory field of this process' /proc status (Linux) in MiB: VmRSS (now), VmHWM (peak). Not getrusage's
+    ru_maxrss, which a process inherits from its parent across exec."""
+    with open("/proc/self/status") as f:
+        kb = next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+    return kb / 1024
+
+
+def rss_child(engine: str, name: str, batch: int, threads: int) -> None:
+    """Print this process' RSS after building ``engine``'s ``name`` and its peak RSS over 5 training steps."""
+    with threadpool_limits(limits=threads):
+        rng = np.random.default_rng(0)
+        x = rng.random((5 * batch, topology(name).num_inputs), dtype=np.float32)
+        y = rng.integers(0, 10, 5 * batch)
+        if engine == "torch":
+            import torch
+
+            torch.set_num_threads(threads)
+            eng: Any = Torch(name, batch, 1e-3, 0)
+        else:
+            eng = Ours(name, batch, 1e-3, 0)
+        before = _status_mb("VmRSS")
+        eng.run(x, y)
+    print(f"{before:.1f} {_status_mb('VmHWM'):.1f}")
+
+
+def peak_rss(engine: str, name: str, batch: int, threads: int) -> tuple[float, float]:
+    """(RSS before training, peak RSS) in MiB of a fresh process training ``name`` with ``engine``."""
+    out = subprocess.run([sys.executable, __file__, "--rss-child", engine, "--models", name, "--batch", str(batch),
+                          "--threads", str(threads)], check=True, capture_output=True, text=True).stdout
+    before, peak = (float(v) for v in out.split())
+    return before, peak
 
 
 def epoch(engines: dict[str, Any], x: np.ndarray, y: np.ndarray, chunk: int, seed: int) -> dict[str, tuple]:
@@ -108,12 +193,17 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--chunk", type=int, default=10, help="batches each engine runs before the other's turn")
     ap.add_argument("--epochs", type=int, default=1, help="epochs measured (each printed)")
-    ap.add_argument("--models", default="mlp,lenet")
+    ap.add_argument("--models", default="mlp,lenet,vgg,resnet8")
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--rss-child", choices=("ours", "torch"), help=argparse.SUPPRESS)  # peak_rss's subprocess
     a = ap.parse_args()
+    if a.rss_child:
+        rss_child(a.rss_child, a.models, a.batch, a.threads)
+        return
     x_train, y_train, x_test, y_test = fashion_mnist()
     x, y = x_train[:a.samples], y_train[:a.samples]
+    data = {"flat": (x, y, x_test, y_test)}
     try:
         import torch
 
@@ -131,6 +221,9 @@ def main() -> None:
         if torch is None:
             print("# torch is not installed: only our figures (pip install torch==2.13.0 for the comparison)")
         for name in a.models.split(","):
+            if name in RGB32 and "rgb32" not in data:
+                data["rgb32"] = (rgb32(x), y, rgb32(x_test), y_test)
+            x, y, x_test, y_test = data["rgb32" if name in RGB32 else "flat"]
             engines: dict[str, Any] = {"ours": Ours(name, a.batch, a.lr, a.seed)}
             if torch is not None:
                 engines["torch"] = Torch(name, a.batch, a.lr, a.seed)
@@ -145,8 +238,18 @@ def main() -> None:
                           f"{acc[k]:.4f}) {label}")
                 if "torch" in res:
                     ratio = res["ours"][0] / res["torch"][0]
-                    verdict = "met" if ratio >= GOALS[name] else "NOT met"
-                    print(f"{name:6s} epoch {e + 1} ratio : {ratio:.2f}x  (goal >= {GOALS[name]}x: {verdict})")
+                    goal = f"goal >= {GOALS[name]}x: {'met' if ratio >= GOALS[name] else 'NOT met'}" \
+                        if name in GOALS else "no goal"
+                    print(f"{name:6s} epoch {e + 1} ratio : {ratio:.2f}x  ({goal})")
+        if "resnet8" in a.models.split(","):
+            rss = {k: peak_rss(k, "resnet8", a.batch, a.threads) for k in (["ours", "torch"] if torch else ["ours"])}
+            for k, (before, peak) in rss.items():
+                print(f"resnet8 peak RSS, batch {a.batch}, {k:6s}: {peak:7.1f} MiB (before the first step "
+                      f"{before:.1f} MiB; the steps' growth {peak - before:.1f} MiB)")
+            if "torch" in rss:
+                ratio = rss["ours"][1] / rss["torch"][1]
+                print(f"resnet8 peak RSS ratio ours/torch: {ratio:.2f}x (goal <= 2x: "
+                      f"{'met' if ratio <= 2 else 'NOT met'})")
 
 
 if __name__ == "__main__":

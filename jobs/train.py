@@ -57,8 +57,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="partitions of the training DataFrame (0: the cluster's task slots)")
     m = p.add_argument_group("model")
     m.add_argument("--model", default="lenet",
-                   help="'lenet' (LeNet-5), 'mlp' (Spark's sigmoid MLP with --hidden layers) or a layer spec such "
-                        "as 'affine(256)-relu-dropout(0.2)-affine(10)'")
+                   help="'lenet' (LeNet-5), 'resnet8' (ResNet-8 with batch normalization), 'mlp' (Spark's sigmoid "
+                        "MLP with --hidden layers) or a layer spec such as 'affine(256)-relu-dropout(0.2)-affine(10)'")
     m.add_argument("--hidden", default="100", help="mlp: comma-separated hidden layer sizes")
     m.add_argument("--input-shape", help="C,H,W (or D) of the input; default: 1,H,W for image data, D otherwise")
     t = p.add_argument_group("training")

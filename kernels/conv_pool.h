@@ -78,21 +78,27 @@ KERNEL void col2im(const long count, ARR(real_t, dx), ARR(const real_t, cols), c
     }
 }
 
-/* count = n*oh*ow: per channel, the window maximum and its position p = di*k + dj (the first one on ties). */
+/* count = n*oh*ow: per channel, the window maximum and its position p = di*k + dj in the padded window (the first
+ * one on ties); positions in the padding are skipped (pad <= k/2: every window holds an input pixel). */
 KERNEL void maxpool(const long count, ARR(real_t, y), ARR(int, idx), ARR(const real_t, x), const int h, const int w,
-                    const int c, const int k, const int stride, const int oh, const int ow) {
+                    const int c, const int k, const int stride, const int pad, const int oh, const int ow) {
     const long i = ITEM;
     if (i >= count) return;
     const index_t e = (index_t)i;
     PIXEL_COORDS(e, oh, ow, b, oi, oj);
-    const GLOBAL real_t *win = AT(x) + ((b * h + oi * stride) * w + oj * stride) * c;
+    const int y0 = oi * stride - pad, x0 = oj * stride - pad;
+    const GLOBAL real_t *img = AT(x) + b * h * w * c;
     for (int ch = 0; ch < c; ++ch) {
-        real_t best = win[ch];
-        int arg = 0;
+        real_t best = (real_t)0;
+        int arg = -1;
         for (int di = 0; di < k; ++di) {
+            const int yy = y0 + di;
+            if (yy < 0 || yy >= h) continue;
             for (int dj = 0; dj < k; ++dj) {
-                const real_t v = win[(di * w + dj) * c + ch];
-                if (v > best) {
+                const int xx = x0 + dj;
+                if (xx < 0 || xx >= w) continue;
+                const real_t v = img[(yy * w + xx) * c + ch];
+                if (arg < 0 || v > best) {
                     best = v;
                     arg = di * k + dj;
                 }
@@ -105,17 +111,18 @@ KERNEL void maxpool(const long count, ARR(real_t, y), ARR(int, idx), ARR(const r
 
 /* count = n*h*w: per channel, the sum of dy over the windows whose maximum was this pixel. */
 KERNEL void maxpool_backward(const long count, ARR(real_t, dx), ARR(const real_t, dy), ARR(const int, idx), const int h,
-                             const int w, const int c, const int k, const int stride, const int oh,
+                             const int w, const int c, const int k, const int stride, const int pad, const int oh,
                              const int ow) {
     const long i = ITEM;
     if (i >= count) return;
     const index_t e = (index_t)i;
     PIXEL_COORDS(e, h, w, b, y, xx);
     GLOBAL real_t *out = zeroed_pixel(AT(dx), e, c);
-    const int oi_last = WINDOW_LAST(y, stride, oh), oj_last = WINDOW_LAST(xx, stride, ow);
-    for (int oi = WINDOW_FIRST(y, k, stride); oi <= oi_last; ++oi) {
-        for (int oj = WINDOW_FIRST(xx, k, stride); oj <= oj_last; ++oj) {
-            const int p = (y - oi * stride) * k + (xx - oj * stride);
+    const int py = y + pad, px = xx + pad;
+    const int oi_last = WINDOW_LAST(py, stride, oh), oj_last = WINDOW_LAST(px, stride, ow);
+    for (int oi = WINDOW_FIRST(py, k, stride); oi <= oi_last; ++oi) {
+        for (int oj = WINDOW_FIRST(px, k, stride); oj <= oj_last; ++oj) {
+            const int p = (py - oi * stride) * k + (px - oj * stride);
             const index_t o = ((b * oh + oi) * ow + oj) * c;
             for (int ch = 0; ch < c; ++ch) {
                 if (AT(idx)[o + ch] == p) out[ch] += AT(dy)[o + ch];
@@ -124,19 +131,25 @@ KERNEL void maxpool_backward(const long count, ARR(real_t, dx), ARR(const real_t
     }
 }
 
-/* count = n*oh*ow: per channel, the window mean. */
+/* count = n*oh*ow: per channel, the window sum over k*k (zeros in the padding count: count_include_pad). */
 KERNEL void avgpool(const long count, ARR(real_t, y), ARR(const real_t, x), const int h, const int w, const int c,
-                    const int k, const int stride, const int oh, const int ow) {
+                    const int k, const int stride, const int pad, const int oh, const int ow) {
     const long i = ITEM;
     if (i >= count) return;
     const index_t e = (index_t)i;
     PIXEL_COORDS(e, oh, ow, b, oi, oj);
-    const GLOBAL real_t *win = AT(x) + ((b * h + oi * stride) * w + oj * stride) * c;
+    const int y0 = oi * stride - pad, x0 = oj * stride - pad;
+    const GLOBAL real_t *img = AT(x) + b * h * w * c;
     const real_t inv = (real_t)1 / (real_t)(k * k);
     for (int ch = 0; ch < c; ++ch) {
         real_t s = (real_t)0;
         for (int di = 0; di < k; ++di) {
-            for (int dj = 0; dj < k; ++dj) s += win[(di * w + dj) * c + ch];
+            const int yy = y0 + di;
+            if (yy < 0 || yy >= h) continue;
+            for (int dj = 0; dj < k; ++dj) {
+                const int xx = x0 + dj;
+                if (xx >= 0 && xx < w) s += img[(yy * w + xx) * c + ch];
+            }
         }
         AT(y)[e * c + ch] = s * inv;
     }
@@ -144,20 +157,41 @@ KERNEL void avgpool(const long count, ARR(real_t, y), ARR(const real_t, x), cons
 
 /* count = n*h*w: per channel, the sum of dy / k^2 over the windows covering this pixel. */
 KERNEL void avgpool_backward(const long count, ARR(real_t, dx), ARR(const real_t, dy), const int h, const int w,
-                             const int c, const int k, const int stride, const int oh, const int ow) {
+                             const int c, const int k, const int stride, const int pad, const int oh, const int ow) {
     const long i = ITEM;
     if (i >= count) return;
     const index_t e = (index_t)i;
     PIXEL_COORDS(e, h, w, b, y, xx);
     const real_t inv = (real_t)1 / (real_t)(k * k);
     GLOBAL real_t *out = zeroed_pixel(AT(dx), e, c);
-    const int oi_last = WINDOW_LAST(y, stride, oh), oj_last = WINDOW_LAST(xx, stride, ow);
-    for (int oi = WINDOW_FIRST(y, k, stride); oi <= oi_last; ++oi) {
-        for (int oj = WINDOW_FIRST(xx, k, stride); oj <= oj_last; ++oj) {
+    const int py = y + pad, px = xx + pad;
+    const int oi_last = WINDOW_LAST(py, stride, oh), oj_last = WINDOW_LAST(px, stride, ow);
+    for (int oi = WINDOW_FIRST(py, k, stride); oi <= oi_last; ++oi) {
+        for (int oj = WINDOW_FIRST(px, k, stride); oj <= oj_last; ++oj) {
             const GLOBAL real_t *g = AT(dy) + ((b * oh + oi) * ow + oj) * c;
             for (int ch = 0; ch < c; ++ch) out[ch] += g[ch] * inv;
         }
     }
+}
+
+/* count = n*c: the mean of channel ch of image b over its hw pixels. */
+KERNEL void global_avgpool(const long count, ARR(real_t, y), ARR(const real_t, x), const int hw, const int c) {
+    const long i = ITEM;
+    if (i >= count) return;
+    const index_t e = (index_t)i;
+    const int ch = e % c;
+    const GLOBAL real_t *src = AT(x) + (e / c) * hw * c + ch;
+    real_t s = (real_t)0;
+    for (int p = 0; p < hw; ++p) s += src[p * c];
+    AT(y)[e] = s / (real_t)hw;
+}
+
+/* count = n*hw*c: dx[b, pixel, ch] = dy[b, ch] / hw. */
+KERNEL void global_avgpool_backward(const long count, ARR(real_t, dx), ARR(const real_t, dy), const int hw, const int c) {
+    const long i = ITEM;
+    if (i >= count) return;
+    const index_t e = (index_t)i;
+    AT(dx)[e] = AT(dy)[e / (hw * c) * c + e % c] / (real_t)hw;
 }
 
 /* count = rows: per row, loss = -sum t * log_softmax(z) and delta = (softmax(z) - t) * scale, through the

@@ -20,6 +20,11 @@ KERNEL void axpy(const long count, ARR(real_t, y), ARR(const real_t, x), const r
     if (i < count) AT(y)[i] += alpha * AT(x)[i];
 }
 
+KERNEL void add(const long count, ARR(real_t, out), ARR(const real_t, a), ARR(const real_t, b)) {
+    const long i = ITEM;
+    if (i < count) AT(out)[i] = AT(a)[i] + AT(b)[i];
+}
+
 KERNEL void mul(const long count, ARR(real_t, out), ARR(const real_t, a), ARR(const real_t, b)) {
     const long i = ITEM;
     if (i < count) AT(out)[i] = AT(a)[i] * AT(b)[i];

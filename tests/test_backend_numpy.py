@@ -115,7 +115,11 @@ def test_every_op_agrees_with_the_reference(dtype):
                                       REF.avgpool_backward(g, img.shape, k, stride))
 
 
-@pytest.mark.parametrize("spec, shape", [(LENET, (1, 28, 28)), ("affine(30)-sigmoid-affine(20)-tanh-affine(5)", 40)])
+@pytest.mark.parametrize("spec, shape", [
+    (LENET, (1, 28, 28)), ("affine(30)-sigmoid-affine(20)-tanh-affine(5)", 40),
+    ("conv(4,3,pad=1)-batchnorm-relu-res(conv(8,3,stride=2,pad=1)-batchnorm-relu-conv(8,3,pad=1)-batchnorm)-relu"
+     "-maxpool(3,stride=2,pad=1)-avgpool(2,stride=1,pad=1)-gap-affine(5)", (3, 12, 12)),
+])
 def test_model_gradient_is_the_same_through_both_backends(spec, shape):
     topo = FeedForwardTopology.from_spec(spec, shape)
     rng = np.random.default_rng(1)
@@ -124,11 +128,12 @@ def test_model_gradient_is_the_same_through_both_backends(spec, shape):
     got = []
     for be in (FAST, REF):
         m = FeedForwardModel(topo, seed=3, dtype=np.float64, backend=be)
-        got.append((m.compute_gradient(x, y), m.get_gradient()))
-    (l1, g1), (l2, g2) = got
+        got.append((m.compute_gradient(x, y), m.get_gradient(), m.get_state()))
+    (l1, g1, s1), (l2, g2, s2) = got
     eps = np.finfo(np.float64).eps
     assert l1 == pytest.approx(l2, rel=1e4 * eps)
     np.testing.assert_allclose(g1, g2, rtol=1e6 * eps, atol=1e6 * eps * np.abs(g2).max())
+    np.testing.assert_allclose(s1, s2, rtol=1e6 * eps, atol=1e6 * eps)
 
 
 # ---- the activation registry ------------------------------------------------------------------------------------
@@ -170,3 +175,34 @@ def test_device_batch_in_the_engine_layout_runs_through_forward_device():
         np.testing.assert_array_equal(a, b)
     with pytest.raises(ValueError, match=r"input must be a \(batch, 72\) array, got \(5, 6, 6, 2\)"):
         model.forward(batch)
+
+
+@pytest.mark.parametrize("n, h, c, f, k, stride, pad", [
+    (16, 32, 8, 5, 3, 1, 1), (40, 28, 1, 6, 5, 1, 2), (40, 31, 6, 7, 3, 2, 1), (40, 48, 16, 4, 1, 2, 0),
+    (9, 20, 32, 24, 3, 1, 1), (3, 9, 16, 5, 3, 1, 2), (4, 10, 20, 6, 5, 1, 0)])
+def test_convolution_in_blocks_of_images_equals_the_reference(n, h, c, f, k, stride, pad):
+    """NumPy's convolution works on blocks of images that fit a core's cache (the first shapes span several blocks
+    with one BLAS thread) and, from 16 input channels, takes the input delta of a stride-1 convolution as a
+    convolution of dy (the last ones); forward, weight/bias gradients and input delta equal the reference's."""
+    from threadpoolctl import threadpool_limits
+
+    rng = np.random.default_rng(n + h)
+    x = rng.standard_normal((n, h, h, c)).astype(np.float32)
+    w = rng.standard_normal((k * k * c, f)).astype(np.float32)
+    b = rng.standard_normal(f).astype(np.float32)
+    with threadpool_limits(limits=1):
+        y = FAST.conv_forward(x, w, b, k, k, stride, pad)
+        want = REF.conv_forward(x, w, b, k, k, stride, pad)
+        cols = np.abs(REF.im2col(x, k, k, stride, pad))
+        _close(y, want, np.float32, k * k * c + 1, cols @ np.abs(w) + np.abs(b))
+        dy = rng.standard_normal(y.shape).astype(np.float32)
+        grads = []
+        for be in (FAST, REF):
+            gw, gb = np.ones_like(w), np.ones_like(b)  # accumulated into
+            dx = be.conv_backward(x, dy, w, gw, gb, k, k, stride, pad, need_dx=True)
+            grads.append((gw, gb, dx))
+            assert be.conv_backward(x, dy, w, gw.copy(), gb.copy(), k, k, stride, pad, need_dx=False) is None
+    (gw1, gb1, dx1), (gw2, gb2, dx2) = grads
+    _close(gw1, gw2, np.float32, y.shape[0] + 1, cols.T @ np.abs(dy) + 1)
+    _close(gb1, gb2, np.float32, y.shape[0] + 1, np.abs(dy).sum(0) + 1)
+    _close(dx1, dx2, np.float32, k * k * f, REF.col2im(np.abs(dy) @ np.abs(w).T, x.shape, k, k, stride, pad))

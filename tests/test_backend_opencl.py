@@ -266,27 +266,40 @@ def test_col2im_shape_error(be):
         be.col2im(be.zeros((3, 9), np.float32), (1, 4, 4, 1), 3, 3, 1, 0)
 
 
-POOL_CASES = [(2, 8, 8, 3, 2, 2), (1, 7, 9, 2, 2, 2), (2, 9, 7, 4, 3, 2), (1, 5, 5, 1, 3, 1), (3, 6, 10, 6, 1, 1),
-              (1, 9, 8, 2, 2, 3)]
+POOL_CASES = [(2, 8, 8, 3, 2, 2, 0), (1, 7, 9, 2, 2, 2, 0), (2, 9, 7, 4, 3, 2, 0), (1, 5, 5, 1, 3, 1, 0),
+              (3, 6, 10, 6, 1, 1, 0), (1, 9, 8, 2, 2, 3, 0), (2, 7, 6, 3, 3, 2, 1), (1, 5, 5, 2, 2, 2, 1),
+              (1, 4, 6, 2, 3, 1, 1)]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("n,h,w,c,k,stride", POOL_CASES)
-def test_pooling(be, dtype, n, h, w, c, k, stride):
+@pytest.mark.parametrize("n,h,w,c,k,stride,pad", POOL_CASES)
+def test_pooling(be, dtype, n, h, w, c, k, stride, pad):
     rng = np.random.default_rng(h * 10 + w + k)
     x = rand(rng, n, h, w, c, dtype=dtype)
     dxv, _ = view(be, x, 2)
-    y, idx = be.maxpool(dxv, k, stride)
-    wy, widx = NP.maxpool(x, k, stride)
+    y, idx = be.maxpool(dxv, k, stride, pad)
+    wy, widx = NP.maxpool(x, k, stride, pad)
     close(be.to_host(y), wy, rel_for(dtype))
     np.testing.assert_array_equal(be.to_host(idx), widx)
     g = rand(rng, *wy.shape, dtype=dtype)
     dg, _ = view(be, g, 4)
-    close(be.to_host(be.maxpool_backward(dg, idx, x.shape, k, stride)),
-          NP.maxpool_backward(g, widx, x.shape, k, stride), rel_for(dtype))
-    close(be.to_host(be.avgpool(dxv, k, stride)), NP.avgpool(x, k, stride), rel_for(dtype))
-    close(be.to_host(be.avgpool_backward(dg, x.shape, k, stride)), NP.avgpool_backward(g, x.shape, k, stride),
-          rel_for(dtype))
+    close(be.to_host(be.maxpool_backward(dg, idx, x.shape, k, stride, pad)),
+          NP.maxpool_backward(g, widx, x.shape, k, stride, pad), rel_for(dtype))
+    close(be.to_host(be.avgpool(dxv, k, stride, pad)), NP.avgpool(x, k, stride, pad), rel_for(dtype))
+    close(be.to_host(be.avgpool_backward(dg, x.shape, k, stride, pad)),
+          NP.avgpool_backward(g, x.shape, k, stride, pad), rel_for(dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_global_avgpool_and_add(be, dtype):
+    rng = np.random.default_rng(12)
+    x = rand(rng, 3, 5, 4, 6, dtype=dtype)
+    xv, _ = view(be, x, 3)
+    close(be.to_host(be.global_avgpool(xv)), NP.global_avgpool(x), rel_for(dtype))
+    g = rand(rng, 3, 6, dtype=dtype)
+    gv, _ = view(be, g, 1)
+    close(be.to_host(be.global_avgpool_backward(gv, x.shape)), NP.global_avgpool_backward(g, x.shape), rel_for(dtype))
+    close(be.to_host(be.add(xv, xv)), x + x, rel_for(dtype))
 
 
 def test_maxpool_ties_pick_the_first_position_like_numpy(be):
@@ -333,6 +346,23 @@ def test_mlp_sigmoid_mse_and_dropout_step_equals_numpy(be):
     assert l_cl == pytest.approx(l_np, rel=1e-4)
     close(g_cl, g_np)
     close(p_cl, p_np)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_batchnorm_residual_gap_training_step_and_state_equal_numpy(be, dtype):
+    rng = np.random.default_rng(13)
+    topo = FeedForwardTopology.from_spec("conv(4,3,pad=1)-batchnorm-relu-res(conv(6,3,stride=2,pad=1)-batchnorm-relu"
+                                         "-conv(6,3,pad=1)-batchnorm)-relu-avgpool(3,stride=1,pad=1)-gap-affine(3)",
+                                         (2, 8, 7))
+    x, y = rng.random((6, 112)).astype(dtype), rng.integers(0, 3, 6)
+    l_np, g_np, p_np, m_np = _step(topo, "numpy", x, y, dtype)
+    l_cl, g_cl, p_cl, m_cl = _step(topo, be, x, y, dtype)
+    assert l_cl == pytest.approx(l_np, rel=rel_for(dtype))
+    close(g_cl, g_np, 10 * rel_for(dtype))
+    close(p_cl, p_np, rel_for(dtype))
+    close(m_cl.get_state(), m_np.get_state(), rel_for(dtype))
+    assert not np.array_equal(m_np.get_state(), FeedForwardModel.initial_state(topo))
+    assert type(m_cl.state).__module__.startswith("pyopencl"), "the state must stay on the device"
 
 
 def test_gradients_on_caller_views_equal_numpy(be):

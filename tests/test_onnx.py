@@ -65,6 +65,47 @@ def test_flatten_order_is_the_engines_not_nchw(tmp_path) -> None:
     assert np.abs(_run(str(path), x) - want).max() > 1e-3
 
 
+def _trained_state_model(topology: FeedForwardTopology, seed: int) -> FeedForwardModel:
+    """A model whose batch-norm running statistics and scales are far from their initial values."""
+    rng = np.random.default_rng(seed)
+    model = FeedForwardModel(topology, FeedForwardModel.initial_weights(topology, rng))
+    w = model.get_weights()
+    w += rng.normal(scale=0.2, size=w.shape).astype(np.float32)
+    model.set_weights(w)
+    for _ in range(3):
+        x = (rng.normal(size=(16, topology.num_inputs)) * 2 + 0.5).astype(np.float32)
+        model.compute_gradient(x, rng.integers(0, topology.num_outputs, 16))
+    return model
+
+
+@pytest.mark.parametrize("spec, shape", [
+    ("resnet8", (3, 32, 32)),
+    ("affine(12)-batchnorm(momentum=0.5,eps=0.001)-relu-res(affine(7)-batchnorm-tanh)-affine(4)", 9),
+    ("conv(4,3)-avgpool(3,stride=2,pad=1)-maxpool(3,stride=1,pad=1)-res(conv(4,3,pad=1)-relu)-gap-affine(3)",
+     (2, 9, 8)),
+])
+def test_onnx_with_batchnorm_residual_blocks_and_padded_pools_matches_the_engine(spec, shape, tmp_path) -> None:
+    topology = FeedForwardTopology.from_spec(spec, shape)
+    model = _trained_state_model(topology, 4)
+    assert topology.num_state == 0 or not np.array_equal(model.get_state(),
+                                                         FeedForwardModel.initial_state(topology))
+    x = np.random.default_rng(5).normal(size=(9, topology.num_inputs)).astype(np.float32)
+    path = tmp_path / "m.onnx"
+    export_onnx(topology, model.get_weights(), path, state=model.get_state())
+    want = model.predict(x)
+    np.testing.assert_allclose(_run(str(path), x), want, atol=1e-5, rtol=0)
+    assert np.ptp(want, axis=0).max() > 1e-3  # outputs differ across rows: a layout error would show
+
+
+def test_a_topology_with_state_needs_the_state(tmp_path) -> None:
+    topology = FeedForwardTopology.from_spec("affine(3)-batchnorm-affine(2)", 4)
+    weights = FeedForwardModel.initial_weights(topology, np.random.default_rng(0))
+    with pytest.raises(ValueError, match=r"has 6 values of state .* pass state=model.get_state\(\)"):
+        to_onnx(topology, weights)
+    with pytest.raises(ValueError, match=r"state must be a vector of 6 values for .* got shape \(5,\)"):
+        to_onnx(topology, weights, state=np.zeros(5))
+
+
 def test_wrong_weight_count_is_rejected(tmp_path) -> None:
     topology = FeedForwardTopology.multilayer_perceptron([4, 3])
     with pytest.raises(ValueError, match=r"weights must be a vector of 15 values for 'affine\(3\)-softmax', "

@@ -108,6 +108,9 @@ class ArrayModuleBackend(Backend):
     def mul(self, a: Array, b: Array) -> Array:
         return a * b
 
+    def add(self, a: Array, b: Array) -> Array:
+        return a + b
+
     def sum(self, a: Array) -> float:
         return float(a.sum(dtype=self.xp.float64))
 
@@ -144,10 +147,16 @@ class ArrayModuleBackend(Backend):
         return _row_rmse(self.xp, a, b, scale)
 
     # ---- convolution and pooling (NHWC) --------------------------------------------------------------
-    def _pad(self, x: Array, pad: int) -> Array:
+    def _pad(self, x: Array, pad: int, value: float = 0.0) -> Array:
         if pad == 0:
             return x
-        return self.xp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+        return self.xp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)), constant_values=value)
+
+    def _crop(self, a: Array, pad: int) -> Array:
+        """The inverse of :meth:`_pad`: the inner (h, w) of a padded (n, h + 2 pad, w + 2 pad, c), contiguous."""
+        if pad == 0:
+            return a
+        return self.xp.ascontiguousarray(a[:, pad:a.shape[1] - pad, pad:a.shape[2] - pad, :])
 
     def im2col(self, x: Array, kh: int, kw: int, stride: int, pad: int) -> Array:
         xp = self.xp
@@ -178,8 +187,9 @@ class ArrayModuleBackend(Backend):
     def _window(a: Array, i: int, j: int, oh: int, ow: int, stride: int) -> Array:
         return a[:, i:i + stride * (oh - 1) + 1:stride, j:j + stride * (ow - 1) + 1:stride, :]
 
-    def maxpool(self, x: Array, k: int, stride: int) -> tuple[Array, Array]:
+    def maxpool(self, x: Array, k: int, stride: int, pad: int = 0) -> tuple[Array, Array]:
         xp = self.xp
+        x = self._pad(x, pad, -xp.inf)
         n, h, w, c = x.shape
         oh, ow = pool_out(h, k, stride), pool_out(w, k, stride)
         y = self._window(x, 0, 0, oh, ow, stride).copy()
@@ -194,9 +204,10 @@ class ArrayModuleBackend(Backend):
         return y, idx
 
     def maxpool_backward(self, dy: Array, idx: Array, x_shape: tuple[int, int, int, int], k: int,
-                         stride: int) -> Array:
+                         stride: int, pad: int = 0) -> Array:
         xp = self.xp
-        dx = xp.zeros(x_shape, dtype=dy.dtype)
+        n, h, w, c = x_shape
+        dx = xp.zeros((n, h + 2 * pad, w + 2 * pad, c), dtype=dy.dtype)
         oh, ow = dy.shape[1], dy.shape[2]
         for p in range(k * k):
             win = self._window(dx, p // k, p % k, oh, ow, stride)
@@ -204,9 +215,10 @@ class ArrayModuleBackend(Backend):
                 xp.multiply(dy, idx == p, out=win)
             else:
                 win += dy * (idx == p)
-        return dx
+        return self._crop(dx, pad)
 
-    def avgpool(self, x: Array, k: int, stride: int) -> Array:
+    def avgpool(self, x: Array, k: int, stride: int, pad: int = 0) -> Array:
+        x = self._pad(x, pad)
         n, h, w, c = x.shape
         oh, ow = pool_out(h, k, stride), pool_out(w, k, stride)
         y = self._window(x, 0, 0, oh, ow, stride).copy()
@@ -215,8 +227,10 @@ class ArrayModuleBackend(Backend):
         y *= y.dtype.type(1.0 / (k * k))
         return y
 
-    def avgpool_backward(self, dy: Array, x_shape: tuple[int, int, int, int], k: int, stride: int) -> Array:
-        dx = self.xp.zeros(x_shape, dtype=dy.dtype)
+    def avgpool_backward(self, dy: Array, x_shape: tuple[int, int, int, int], k: int, stride: int,
+                         pad: int = 0) -> Array:
+        n, h, w, c = x_shape
+        dx = self.xp.zeros((n, h + 2 * pad, w + 2 * pad, c), dtype=dy.dtype)
         g = dy * dy.dtype.type(1.0 / (k * k))
         oh, ow = dy.shape[1], dy.shape[2]
         for p in range(k * k):
@@ -225,6 +239,64 @@ class ArrayModuleBackend(Backend):
                 win[...] = g
             else:
                 win += g
+        return self._crop(dx, pad)
+
+    def global_avgpool(self, x: Array) -> Array:
+        n, h, w, c = x.shape
+        return x.reshape(n, h * w, c).mean(axis=1)
+
+    def global_avgpool_backward(self, dy: Array, x_shape: tuple[int, int, int, int]) -> Array:
+        n, h, w, c = x_shape
+        dx = self.xp.empty(x_shape, dtype=dy.dtype)
+        dx[...] = (dy * dy.dtype.type(1.0 / (h * w))).reshape(n, 1, 1, c)
+        return dx
+
+    # ---- batch normalization -------------------------------------------------------------------------
+    def _rowwise(self, op: Any, x: Array, v: Array, out: Array | None = None) -> Array:
+        """``op(x, v)`` for a ufunc ``op``, a (rows, c) matrix ``x`` and a vector ``v`` of c values broadcast over
+        the rows (into ``out`` when given)."""
+        return op(x, v, out=out)
+
+    def batchnorm_forward(self, x: Array, gamma: Array, beta: Array, mean: Array, var: Array, eps: float,
+                          momentum: float, training: bool) -> tuple[Array, Array, Array]:
+        xp, t = self.xp, x.dtype.type
+        if training:
+            rows = x.shape[0]
+            mu = self._col_sums(x) * t(1.0 / rows)
+            xc = self._rowwise(xp.subtract, x, mu)
+            v = self._col_sums(xc * xc) * t(1.0 / rows)  # two passes: no cancellation between E[x^2] and mu^2
+            mean *= t(1.0 - momentum)
+            mean += t(momentum) * mu
+            var *= t(1.0 - momentum)
+            var += t(momentum * rows / (rows - 1)) * v
+        else:
+            mu, v = mean.copy(), var
+            xc = self._rowwise(xp.subtract, x, mu)
+        inv_std = 1 / xp.sqrt(v + t(eps))
+        self._rowwise(xp.multiply, xc, gamma * inv_std, out=xc)
+        self._rowwise(xp.add, xc, beta, out=xc)
+        return xc, mu, inv_std
+
+    def batchnorm_backward(self, dy: Array, x: Array, gamma: Array, mu: Array, inv_std: Array, dgamma: Array,
+                           dbeta: Array, training: bool, need_dx: bool) -> Array | None:
+        xp, t = self.xp, x.dtype.type
+        xc = self._rowwise(xp.subtract, x, mu)
+        dg = self._col_sums(dy * xc) * inv_std  # sum(dy * xhat), xhat = xc * inv_std
+        db = self._col_sums(dy)
+        dgamma += dg
+        dbeta += db
+        if not need_dx:
+            return None
+        scale = gamma * inv_std
+        if not training:
+            return self._rowwise(xp.multiply, dy, scale)
+        # d/dx of gamma * xhat + beta through the batch mean and variance: the delta minus its mean and minus its
+        # projection on xhat, scaled: dx = scale * (dy - (db + xhat * dg) / rows), as per-column terms of dy and xc
+        rows = x.shape[0]
+        self._rowwise(xp.multiply, xc, -scale * inv_std * dg * t(1.0 / rows), out=xc)
+        self._rowwise(xp.add, xc, -scale * db * t(1.0 / rows), out=xc)
+        dx = self._rowwise(xp.multiply, dy, scale)
+        dx += xc
         return dx
 
     def dropout_mask(self, shape: tuple[int, ...], keep: float, rng: np.random.Generator, dtype: Any) -> Array:

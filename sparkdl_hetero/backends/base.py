@@ -79,6 +79,10 @@ class Backend(ABC):
         """Element-wise product, a new array."""
 
     @abstractmethod
+    def add(self, a: Array, b: Array) -> Array:
+        """Element-wise sum of two arrays of one shape, a new array."""
+
+    @abstractmethod
     def sum(self, a: Array) -> float:
         """Sum of all elements, as a host float."""
 
@@ -125,22 +129,69 @@ class Backend(ABC):
         (kh*kw*c, filters). Backends may override it to fuse or reorder the two steps."""
         return self.col2im(self.gemm(dy, w, trans_b=True), x_shape, kh, kw, stride, pad)
 
+    def conv_forward(self, x: Array, w: Array, b: Array, kh: int, kw: int, stride: int, pad: int) -> Array:
+        """A convolution of ``x`` (n, h, w, c) with weights ``w`` (kh*kw*c, filters) and bias ``b``: the
+        (n*oh*ow, filters) rows of ``im2col(x) @ w + b``. Backends may override it to work in blocks of images."""
+        y = self.gemm(self.im2col(x, kh, kw, stride, pad), w)
+        self.add_row(y, b)
+        return y
+
+    def conv_backward(self, x: Array, dy: Array, w: Array, gw: Array, gb: Array, kh: int, kw: int, stride: int,
+                      pad: int, need_dx: bool) -> Array | None:
+        """For :meth:`conv_forward` of ``x`` and output delta ``dy`` (n*oh*ow, filters): adds the weight gradient
+        ``im2col(x)^T @ dy`` to ``gw`` and the bias gradient to ``gb``; returns the input delta when ``need_dx``.
+        The columns are computed again from ``x`` rather than kept from the forward pass: a convolution's columns
+        are ``kh * kw`` times its input, and rebuilding them costs less than holding them between the passes."""
+        self.gemm(self.im2col(x, kh, kw, stride, pad), dy, out=gw, trans_a=True, beta=1.0)
+        self.col_sum(dy, gb, beta=1.0)
+        return self.conv_backward_input(dy, w, tuple(x.shape), kh, kw, stride, pad) if need_dx else None
+
     @abstractmethod
-    def maxpool(self, x: Array, k: int, stride: int) -> tuple[Array, Array]:
-        """Max pooling of (n, h, w, c), floor mode, no padding -> (output, argmax index within window)."""
+    def maxpool(self, x: Array, k: int, stride: int, pad: int = 0) -> tuple[Array, Array]:
+        """Max pooling of (n, h, w, c), floor mode, ``pad`` ignored positions (-inf) on each side (``pad <= k // 2``:
+        every window holds an input) -> (output, argmax index ``di * k + dj`` within the padded window)."""
 
     @abstractmethod
     def maxpool_backward(self, dy: Array, idx: Array, x_shape: tuple[int, int, int, int], k: int,
-                         stride: int) -> Array:
+                         stride: int, pad: int = 0) -> Array:
         """Route ``dy`` to the argmax positions; overlapping windows accumulate."""
 
     @abstractmethod
-    def avgpool(self, x: Array, k: int, stride: int) -> Array:
-        """Average pooling of (n, h, w, c), floor mode, no padding."""
+    def avgpool(self, x: Array, k: int, stride: int, pad: int = 0) -> Array:
+        """Average pooling of (n, h, w, c), floor mode, ``pad`` zeros on each side counted in every window's
+        ``k * k`` (PyTorch's ``count_include_pad=True``)."""
 
     @abstractmethod
-    def avgpool_backward(self, dy: Array, x_shape: tuple[int, int, int, int], k: int, stride: int) -> Array:
+    def avgpool_backward(self, dy: Array, x_shape: tuple[int, int, int, int], k: int, stride: int,
+                         pad: int = 0) -> Array:
         """Spread ``dy / k^2`` over each window; overlapping windows accumulate."""
+
+    @abstractmethod
+    def global_avgpool(self, x: Array) -> Array:
+        """The mean of every channel of (n, h, w, c) over its h*w pixels: (n, c)."""
+
+    @abstractmethod
+    def global_avgpool_backward(self, dy: Array, x_shape: tuple[int, int, int, int]) -> Array:
+        """Adjoint of :meth:`global_avgpool`: ``dy[b, ch] / (h * w)`` at every pixel of channel ``ch``."""
+
+    # ---- batch normalization (the columns of a (rows, c) matrix: features, or NHWC channels) -------------
+    @abstractmethod
+    def batchnorm_forward(self, x: Array, gamma: Array, beta: Array, mean: Array, var: Array, eps: float,
+                          momentum: float, training: bool) -> tuple[Array, Array, Array]:
+        """``y = gamma * (x - mu) * inv_std + beta`` per column of ``x`` (rows, c), ``inv_std = 1 / sqrt(v + eps)``.
+
+        ``training``: ``mu`` and ``v`` are the batch's column mean and biased variance, and the running
+        statistics ``mean`` and ``var`` (device vectors, updated in place) move towards them as PyTorch's do:
+        ``mean = (1 - momentum) * mean + momentum * mu``, ``var = (1 - momentum) * var + momentum * v * rows /
+        (rows - 1)``. Otherwise ``mu, v = mean, var`` (left unchanged). Returns ``(y, mu, inv_std)``, the last two
+        new vectors for :meth:`batchnorm_backward`."""
+
+    @abstractmethod
+    def batchnorm_backward(self, dy: Array, x: Array, gamma: Array, mu: Array, inv_std: Array, dgamma: Array,
+                           dbeta: Array, training: bool, need_dx: bool) -> Array | None:
+        """For the forward pass that returned ``mu, inv_std``: adds ``sum(dy * xhat)`` to ``dgamma`` and ``sum(dy)``
+        to ``dbeta`` (in place, ``xhat = (x - mu) * inv_std``) and returns the input delta when ``need_dx`` --
+        through the batch statistics when ``training``, else ``dy * gamma * inv_std``."""
 
     @abstractmethod
     def dropout_mask(self, shape: tuple[int, ...], keep: float, rng: np.random.Generator, dtype: Any) -> Array:

@@ -31,6 +31,27 @@ _SMALL_GEMM = 1_000_000
 # up to this many rows a bias add / column sum is one broadcast pass / one reduction: the GEMV and tiled forms
 # pay fixed costs that a small batch does not recover
 _FEW_ROWS = 64
+# a convolution builds its im2col columns for as many images at a time as fit in about this many bytes per BLAS
+# thread -- a core's share of cache -- and multiplies them at once: the columns (kh*kw times the input) are then
+# read by the GEMM from cache instead of being written to and read back from memory, and rebuilding them for the
+# backward pass costs less than keeping a batch's worth alive
+_CONV_BLOCK_BYTES = 1 << 20
+# GEMM outputs at least this many columns wide fill whole SIMD-register-wide blocks (16 float32 values with AVX-512)
+# of BLAS kernels; narrower ones run through slower edge paths
+_WIDE = 16
+
+
+@functools.cache
+def _blas_controllers() -> tuple[Any, ...]:
+    """threadpoolctl's controllers of the BLAS libraries NumPy loaded (their thread counts are read live)."""
+    from threadpoolctl import ThreadpoolController
+
+    return tuple(lib for lib in ThreadpoolController().lib_controllers if lib.user_api == "blas")
+
+
+def _blas_threads() -> int:
+    """The number of threads BLAS calls use now (under threadpool_limits too); 1 when unknown."""
+    return max([1, *(lib.num_threads for lib in _blas_controllers())])
 
 
 def _skinny_piece(m: int, k: int, n: int, dtype: Any, b_transposed: bool) -> int:
@@ -135,6 +156,17 @@ class NumpyBackend(ArrayModuleBackend):
             tiled[...] = b
             y.reshape(rows // r, r * cols).__iadd__(tiled.reshape(-1))
 
+    def _rowwise(self, op: Any, x: Array, v: Array, out: Array | None = None) -> Array:
+        rows, cols = x.shape
+        r = _rows_per_run(rows, cols) if x.flags.c_contiguous and rows > _FEW_ROWS else 1
+        if r == 1 or (out is not None and not out.flags.c_contiguous):
+            return op(x, v, out=out)
+        # narrow rows (a convolution's channels): r copies of v against r rows at once, as add_row does
+        tiled = np.empty((r, cols), dtype=np.result_type(x, v))
+        tiled[...] = v
+        wide = out.reshape(rows // r, r * cols) if out is not None else None
+        return op(x.reshape(rows // r, r * cols), tiled.reshape(-1), out=wide).reshape(rows, cols)
+
     def _col_sums(self, x: Array) -> Array:
         rows, cols = x.shape
         if rows <= _FEW_ROWS:
@@ -199,9 +231,9 @@ class NumpyBackend(ArrayModuleBackend):
         delta *= delta.dtype.type(scale)
         return loss, np.ascontiguousarray(delta.T)
 
-    def maxpool(self, x: Array, k: int, stride: int) -> tuple[Array, Array]:
-        if stride != k or k == 1:
-            return super().maxpool(x, k, stride)
+    def maxpool(self, x: Array, k: int, stride: int, pad: int = 0) -> tuple[Array, Array]:
+        if stride != k or k == 1 or pad:
+            return super().maxpool(x, k, stride, pad)
         # disjoint windows: each of the k*k window positions as one contiguous plane (pixels copied as opaque
         # items), then a pairwise tournament of neighbouring groups in raster order in which the later group wins
         # only when strictly greater -- the first maximum in raster order, as in the general path. Whole-plane
@@ -225,15 +257,67 @@ class NumpyBackend(ArrayModuleBackend):
         return level[0]
 
     def maxpool_backward(self, dy: Array, idx: Array, x_shape: tuple[int, int, int, int], k: int,
-                         stride: int) -> Array:
+                         stride: int, pad: int = 0) -> Array:
         n, h, w, c = x_shape
         oh, ow = dy.shape[1], dy.shape[2]
-        if stride != k or h != oh * k or w != ow * k:
-            return super().maxpool_backward(dy, idx, x_shape, k, stride)
+        if stride != k or h != oh * k or w != ow * k or pad:
+            return super().maxpool_backward(dy, idx, x_shape, k, stride, pad)
         dx = np.empty(x_shape, dtype=dy.dtype)  # the disjoint windows tile the image: every pixel is written
         win = _pixels(dx).reshape(n, oh, k, ow, k)
         for p in range(k * k):
             win[:, :, p // k, :, p % k] = _pixels(np.ascontiguousarray(dy * (idx == p)))
+        return dx
+
+    def _conv_rows(self, x: Array, w: Array, k: int, pad: int) -> Array:
+        """A stride-1 convolution of ``x`` (n, h, w, c) with a k x k kernel ``w`` (k*k*c, f), zero padding ``pad``:
+        (n*oh*ow, f) rows. Instead of im2col's k*k copies of every pixel, k: the k neighbours of each position of
+        a padded row, contiguous (k*c values); kernel row i then multiplies the rows of output row y + i, one
+        contiguous slice per image, and the k products add up."""
+        n, c = x.shape[0], x.shape[3]
+        xq = self._padded(x, pad)
+        oh, ow, kc = xq.shape[1] - k + 1, xq.shape[2] - k + 1, k * c
+        sn, sh, sw, sc = xq.strides
+        rows = np.ascontiguousarray(as_strided(xq, shape=(n, xq.shape[1], ow, kc), strides=(sn, sh, sw, sc)))
+        y = rows[:, :oh].reshape(n, oh * ow, kc) @ w[:kc]
+        for i in range(1, k):
+            y += rows[:, i:i + oh].reshape(n, oh * ow, kc) @ w[i * kc:(i + 1) * kc]
+        return y.reshape(n * oh * ow, w.shape[1])
+
+    @staticmethod
+    def _conv_blocks(x_shape: tuple[int, ...], kh: int, kw: int, stride: int, pad: int,
+                     itemsize: int) -> tuple[int, int]:
+        """(images per block, output pixels per image) for a convolution of ``x_shape`` (see _CONV_BLOCK_BYTES)."""
+        n, h, w, c = x_shape
+        pixels = pool_out(h, kh, stride, pad) * pool_out(w, kw, stride, pad)
+        return max(1, _CONV_BLOCK_BYTES * _blas_threads() // (pixels * kh * kw * c * itemsize)), pixels
+
+    def conv_forward(self, x: Array, w: Array, b: Array, kh: int, kw: int, stride: int, pad: int) -> Array:
+        n = x.shape[0]
+        step, p = self._conv_blocks(x.shape, kh, kw, stride, pad, x.itemsize)
+        if step >= n:
+            return super().conv_forward(x, w, b, kh, kw, stride, pad)
+        y = np.empty((n * p, w.shape[1]), dtype=x.dtype)
+        for lo in range(0, n, step):
+            hi = min(n, lo + step)
+            yb = y[lo * p:hi * p]
+            self.gemm(self.im2col(x[lo:hi], kh, kw, stride, pad), w, out=yb)
+            self.add_row(yb, b)  # while the block is in cache
+        return y
+
+    def conv_backward(self, x: Array, dy: Array, w: Array, gw: Array, gb: Array, kh: int, kw: int, stride: int,
+                      pad: int, need_dx: bool) -> Array | None:
+        n = x.shape[0]
+        step, p = self._conv_blocks(x.shape, kh, kw, stride, pad, x.itemsize)
+        if step >= n:
+            return super().conv_backward(x, dy, w, gw, gb, kh, kw, stride, pad, need_dx)
+        dx = np.empty(x.shape, dtype=dy.dtype) if need_dx else None
+        for lo in range(0, n, step):
+            hi = min(n, lo + step)
+            dyb = dy[lo * p:hi * p]
+            self.gemm(self.im2col(x[lo:hi], kh, kw, stride, pad), dyb, out=gw, trans_a=True, beta=1.0)
+            if dx is not None:
+                dx[lo:hi] = self.conv_backward_input(dyb, w, (hi - lo, *x.shape[1:]), kh, kw, stride, pad)
+        self.col_sum(dy, gb, beta=1.0)
         return dx
 
     def conv_backward_input(self, dy: Array, w: Array, x_shape: tuple[int, int, int, int], kh: int, kw: int,
@@ -242,6 +326,12 @@ class NumpyBackend(ArrayModuleBackend):
         oh, ow = pool_out(h, kh, stride, pad), pool_out(wd, kw, stride, pad)
         hp, wp = h + 2 * pad, wd + 2 * pad
         f = dy.shape[1]
+        if stride == 1 and kh == kw and pad < kh and c >= _WIDE:
+            # the input delta is a full correlation of dy with the kernel: a stride-1 convolution of dy, padded by
+            # kh - 1 - pad, with the kernel flipped in both directions and its channel axes swapped
+            flipped = np.ascontiguousarray(w.reshape(kh, kw, c, f)[::-1, ::-1].transpose(0, 1, 3, 2))
+            return self._conv_rows(dy.reshape(n, oh, ow, f), flipped.reshape(kh * kw * f, c), kh,
+                                   kh - 1 - pad).reshape(x_shape)
         if stride == 1:
             # the input delta is a full correlation of dy with the flipped kernel. Gather, for every position of
             # a padded input row, the kw dy pixels its kernel row sees (contiguous runs of kw*f); one GEMM sums

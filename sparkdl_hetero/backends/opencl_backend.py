@@ -297,6 +297,12 @@ class OpenCLBackend(ConvPoolKernels):
         self.launch("mul", a.dtype, a.size, out, self._check(a, "mul a"), self._check(b, "mul b"))
         return out
 
+    def add(self, a: Array, b: Array) -> Array:
+        self._same_size(a, b, "add")
+        out = self._empty(a.shape, a.dtype)
+        self.launch("add", a.dtype, a.size, out, self._check(a, "add a"), self._check(b, "add b"))
+        return out
+
     def sum(self, a: Array) -> float:
         n = self._check(a, "sum").size
         if n == 0:
@@ -346,6 +352,28 @@ class OpenCLBackend(ConvPoolKernels):
         self.launch("row_rmse", a.dtype, rows, r, delta, a, self._check(b, "row_rmse b"), np.int32(cols),
                   a.dtype.type(scale))
         return self.sum(r), delta
+
+    # ---- batch normalization ---------------------------------------------------------------------------
+    # On the host (NumPy's code, so both backends compute the same statistics): a per-channel reduction and a
+    # broadcast per layer, whose transfers cost less than a network's convolutions; results return to the device
+    def batchnorm_forward(self, x: Array, gamma: Array, beta: Array, mean: Array, var: Array, eps: float,
+                          momentum: float, training: bool) -> tuple[Array, Array, Array]:
+        h_mean, h_var = self.to_host(mean), self.to_host(var)
+        y, mu, inv_std = _HOST.batchnorm_forward(self.to_host(x), self.to_host(gamma), self.to_host(beta), h_mean,
+                                                 h_var, eps, momentum, training)
+        if training:
+            self.copy_into(mean, h_mean)
+            self.copy_into(var, h_var)
+        return self.asarray(y), self.asarray(mu), self.asarray(inv_std)
+
+    def batchnorm_backward(self, dy: Array, x: Array, gamma: Array, mu: Array, inv_std: Array, dgamma: Array,
+                           dbeta: Array, training: bool, need_dx: bool) -> Array | None:
+        h_dgamma, h_dbeta = self.to_host(dgamma), self.to_host(dbeta)
+        dx = _HOST.batchnorm_backward(self.to_host(dy), self.to_host(x), self.to_host(gamma), self.to_host(mu),
+                                      self.to_host(inv_std), h_dgamma, h_dbeta, training, need_dx)
+        self.copy_into(dgamma, h_dgamma)
+        self.copy_into(dbeta, h_dbeta)
+        return None if dx is None else self.asarray(dx)
 
     # ---- dropout ---------------------------------------------------------------------------------------
     def dropout_mask(self, shape: tuple[int, ...], keep: float, rng: np.random.Generator, dtype: Any) -> Array:

@@ -24,7 +24,7 @@ class KernelLauncher(Protocol):
 
 
 class ConvPoolKernels(Backend):
-    """im2col/col2im, max/avg pooling (forward and backward) and softmax_xent through the kernels of
+    """im2col/col2im, max/avg/global-average pooling (forward and backward) and softmax_xent through the kernels of
     kernels/conv_pool.h. Put it before any other implementation of these ops among a backend's bases."""
 
     launch: KernelLauncher  # a method or an instance attribute of the backend
@@ -75,40 +75,55 @@ class ConvPoolKernels(Backend):
                     i32(c), i32(kh), i32(kw), i32(stride), i32(pad), i32(oh), i32(ow))
         return dx
 
-    def maxpool(self, x: Array, k: int, stride: int) -> tuple[Array, Array]:
+    def maxpool(self, x: Array, k: int, stride: int, pad: int = 0) -> tuple[Array, Array]:
         x = self._kernel_input(x, "maxpool x")
         n, h, w, c = x.shape
-        oh, ow = pool_out(h, k, stride), pool_out(w, k, stride)
+        oh, ow = pool_out(h, k, stride, pad), pool_out(w, k, stride, pad)
         y, idx = self._empty((n, oh, ow, c), x.dtype), self._empty((n, oh, ow, c), np.int32)
         i32 = np.int32
-        self.launch("maxpool", x.dtype, n * oh * ow, y, idx, x, i32(h), i32(w), i32(c), i32(k), i32(stride), i32(oh),
-                    i32(ow))
+        self.launch("maxpool", x.dtype, n * oh * ow, y, idx, x, i32(h), i32(w), i32(c), i32(k), i32(stride), i32(pad),
+                    i32(oh), i32(ow))
         return y, idx
 
     def maxpool_backward(self, dy: Array, idx: Array, x_shape: tuple[int, int, int, int], k: int,
-                         stride: int) -> Array:
+                         stride: int, pad: int = 0) -> Array:
         n, h, w, c = x_shape
         dx = self._empty(x_shape, dy.dtype)
         i32 = np.int32
         self.launch("maxpool_backward", dy.dtype, n * h * w, dx, self._kernel_input(dy, "maxpool_backward dy"),
                     self._kernel_input(idx, "maxpool_backward idx"), i32(h), i32(w), i32(c), i32(k), i32(stride),
-                    i32(dy.shape[1]), i32(dy.shape[2]))
+                    i32(pad), i32(dy.shape[1]), i32(dy.shape[2]))
         return dx
 
-    def avgpool(self, x: Array, k: int, stride: int) -> Array:
+    def avgpool(self, x: Array, k: int, stride: int, pad: int = 0) -> Array:
         x = self._kernel_input(x, "avgpool x")
         n, h, w, c = x.shape
-        oh, ow = pool_out(h, k, stride), pool_out(w, k, stride)
+        oh, ow = pool_out(h, k, stride, pad), pool_out(w, k, stride, pad)
         y = self._empty((n, oh, ow, c), x.dtype)
         i32 = np.int32
-        self.launch("avgpool", x.dtype, n * oh * ow, y, x, i32(h), i32(w), i32(c), i32(k), i32(stride), i32(oh),
-                    i32(ow))
+        self.launch("avgpool", x.dtype, n * oh * ow, y, x, i32(h), i32(w), i32(c), i32(k), i32(stride), i32(pad),
+                    i32(oh), i32(ow))
         return y
 
-    def avgpool_backward(self, dy: Array, x_shape: tuple[int, int, int, int], k: int, stride: int) -> Array:
+    def avgpool_backward(self, dy: Array, x_shape: tuple[int, int, int, int], k: int, stride: int,
+                         pad: int = 0) -> Array:
         n, h, w, c = x_shape
         dx = self._empty(x_shape, dy.dtype)
         i32 = np.int32
         self.launch("avgpool_backward", dy.dtype, n * h * w, dx, self._kernel_input(dy, "avgpool_backward dy"),
-                    i32(h), i32(w), i32(c), i32(k), i32(stride), i32(dy.shape[1]), i32(dy.shape[2]))
+                    i32(h), i32(w), i32(c), i32(k), i32(stride), i32(pad), i32(dy.shape[1]), i32(dy.shape[2]))
+        return dx
+
+    def global_avgpool(self, x: Array) -> Array:
+        x = self._kernel_input(x, "global_avgpool x")
+        n, h, w, c = x.shape
+        y = self._empty((n, c), x.dtype)
+        self.launch("global_avgpool", x.dtype, n * c, y, x, np.int32(h * w), np.int32(c))
+        return y
+
+    def global_avgpool_backward(self, dy: Array, x_shape: tuple[int, int, int, int]) -> Array:
+        n, h, w, c = x_shape
+        dx = self._empty(x_shape, dy.dtype)
+        self.launch("global_avgpool_backward", dy.dtype, n * h * w * c, dx,
+                    self._kernel_input(dy, "global_avgpool_backward dy"), np.int32(h * w), np.int32(c))
         return dx

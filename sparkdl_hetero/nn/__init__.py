@@ -2,23 +2,26 @@
 
 from .layers import (
     Affine,
+    BatchNorm,
     Conv2D,
     Dropout,
     Flatten,
     Functional,
+    GlobalAvgPool,
     Layer,
     LayerModel,
     LossLayer,
     Pool2D,
+    Residual,
     SigmoidSquaredError,
     SoftmaxCrossEntropy,
     SpecError,
 )
 from .model import FeedForwardModel, one_hot
-from .topology import FeedForwardTopology, parse_layer
+from .topology import PRESETS, FeedForwardTopology, parse_layer
 
 __all__ = [
-    "Affine", "Conv2D", "Dropout", "FeedForwardModel", "FeedForwardTopology", "Flatten", "Functional", "Layer",
-    "LayerModel", "LossLayer", "Pool2D", "SigmoidSquaredError", "SoftmaxCrossEntropy", "SpecError", "one_hot",
-    "parse_layer",
+    "PRESETS", "Affine", "BatchNorm", "Conv2D", "Dropout", "FeedForwardModel", "FeedForwardTopology", "Flatten",
+    "Functional", "GlobalAvgPool", "Layer", "LayerModel", "LossLayer", "Pool2D", "Residual", "SigmoidSquaredError",
+    "SoftmaxCrossEntropy", "SpecError", "one_hot", "parse_layer",
 ]

@@ -35,13 +35,20 @@ class FeedForwardModel:
     Inputs: :meth:`forward`, :meth:`predict`, :meth:`predict_raw` and :meth:`compute_gradient` take host rows in
     the user's layout ((batch, features); images flattened as C, H, W). A caller that already holds a device
     batch in the engine's layout (from :meth:`device_batch`) runs it with :meth:`forward_device`.
+
+    State: :attr:`state` is a third flat device vector (:attr:`num_state` elements, empty for most topologies)
+    of values that every training forward pass updates and no gradient trains -- batch normalization's running
+    mean and variance, which inference uses. It is part of a trained model like the weights: save and restore it
+    with :meth:`get_state` / :meth:`set_state`. Data-parallel training keeps replicas identical by averaging it
+    at each synchronization (see :meth:`set_state`).
     """
 
     def __init__(self, topology: FeedForwardTopology, weights: np.ndarray | None = None, *,
                  seed: int | None = None, dtype: Any = np.float32, backend: str | Backend = "numpy",
-                 views: tuple[Array, Array] | None = None) -> None:
+                 views: tuple[Array, Array] | None = None, state: np.ndarray | None = None) -> None:
         """``views``: caller-owned (weights, gradient) device vectors of ``num_weights`` elements to build the
-        model on (e.g. slices of a larger parameter vector); ``weights`` (or the initialization) is copied in."""
+        model on (e.g. slices of a larger parameter vector); ``weights`` (or the initialization) is copied in.
+        ``state``: the non-trained state (:meth:`get_state` of a trained model); None: :meth:`initial_state`."""
         self.topology = topology
         self.dtype = np.dtype(dtype)
         self.backend = get_backend(backend)
@@ -64,10 +71,13 @@ class FeedForwardModel:
                                      f"got shape {tuple(v.shape)} {np.dtype(v.dtype)}")
             self.weights, self.gradient = views
             be.copy_into(self.weights, weights.astype(self.dtype, copy=False))
-        offs = topology.offsets
+        self.state: Array = be.asarray(self.initial_state(topology), dtype=self.dtype)
+        if state is not None:
+            self.set_state(state)
+        offs, s_offs = topology.offsets, topology.state_offsets
         self.layer_models = [
             layer.create_model(topology.shapes[i], self.weights[offs[i]:offs[i + 1]],
-                               self.gradient[offs[i]:offs[i + 1]], be, self.rng)
+                               self.gradient[offs[i]:offs[i + 1]], be, self.rng, self.state[s_offs[i]:s_offs[i + 1]])
             for i, layer in enumerate(topology.layers[:-1])
         ]
         self._step_models = _step_order(topology.layers[:-1], self.layer_models)
@@ -79,10 +89,40 @@ class FeedForwardModel:
         parts = [layer.init_weights(topology.shapes[i], rng) for i, layer in enumerate(topology.layers)]
         return np.concatenate(parts) if parts else np.zeros(0)
 
+    @staticmethod
+    def initial_state(topology: FeedForwardTopology) -> np.ndarray:
+        """Every layer's initial state (running means 0, variances 1), concatenated in layer order (float64,
+        host)."""
+        parts = [layer.init_state(topology.shapes[i]) for i, layer in enumerate(topology.layers)]
+        return np.concatenate([np.zeros(0), *parts])
+
     # ---- weights ---------------------------------------------------------------------------------------
     @property
     def num_weights(self) -> int:
         return self.topology.num_weights
+
+    # ---- state -----------------------------------------------------------------------------------------
+    @property
+    def num_state(self) -> int:
+        return self.topology.num_state
+
+    def get_state(self) -> np.ndarray:
+        """A host copy of the non-trained state vector (model dtype; layer order as the topology's
+        ``state_offsets``; empty when no layer has state)."""
+        return self.backend.to_host(self.state)
+
+    def set_state(self, state: np.ndarray | Array) -> None:
+        """Overwrite the state in place (the layers' views stay valid).
+
+        Data-parallel training: a training step moves each replica's running statistics towards its own batch's
+        statistics, a linear update of the state; so after each synchronization set every replica's state to the
+        mean of the replicas' :meth:`get_state` vectors (an all-reduce sum divided by the replica count, in the
+        same order everywhere): the replicas are then identical, and the running means equal those of one model
+        that saw the mean of the replicas' batch means."""
+        if tuple(state.shape) != (self.num_state,):
+            raise ValueError(f"state must be a vector of {self.num_state} values for {self.topology.spec!r}, got "
+                             f"shape {tuple(state.shape)}")
+        self.backend.copy_into(self.state, state)
 
     def get_weights(self) -> np.ndarray:
         return self.backend.to_host(self.weights)
@@ -213,9 +253,10 @@ class FeedForwardModel:
 
 def rows_per_pass(topology: FeedForwardTopology, backend: Backend, dtype: Any) -> int | None:
     """Rows of a training pass whose activations fit ``backend.cache_bytes``: the largest power of two within it,
-    between 32 and 1024 (LeNet-5: 64, Spark's MLP [784, 100, 10]: 1024); None when the backend takes any batch."""
-    if backend.cache_bytes is None:
-        return None
+    between 32 and 1024 (LeNet-5: 64, Spark's MLP [784, 100, 10]: 1024); None (the whole batch in one pass) when
+    the backend takes any batch or a layer couples the rows of a batch (:attr:`Layer.couples_rows`)."""
+    if backend.cache_bytes is None or any(layer.couples_rows for layer in topology.layers):
+        return None  # (batch statistics are the whole batch's: it runs in one pass)
     shapes = topology.shapes
     per_row = max((layer.work_size(shapes[i]) for i, layer in enumerate(topology.layers[:-1])), default=1)
     rows = backend.cache_bytes // max(1, per_row * np.dtype(dtype).itemsize)

@@ -8,18 +8,41 @@ from collections.abc import Callable, Sequence
 from ..backends.activations import DEFAULT_ALPHA, REGISTRY
 from .layers import (
     Affine,
+    BatchNorm,
     Conv2D,
     Dropout,
     Flatten,
     Functional,
+    GlobalAvgPool,
     Layer,
     LossLayer,
     Pool2D,
+    Residual,
     Shape,
     SigmoidSquaredError,
     SoftmaxCrossEntropy,
     SpecError,
 )
+
+
+def _resnet8(widths: Sequence[int] = (16, 32, 64), classes: int = 10) -> str:
+    """ResNet-8's spec: a 3x3 stem convolution, three stages of one basic residual block (two 3x3 convolutions with
+    batch normalization; the second and third stages halve the resolution with stride 2 and their shortcut is a
+    strided 1x1 projection), global average pooling and the classifier."""
+    def block(width: int, stride: int) -> str:
+        return f"res(conv({width},3,stride={stride},pad=1)-batchnorm-relu-conv({width},3,pad=1)-batchnorm)-relu"
+
+    stem = f"conv({widths[0]},3,pad=1)-batchnorm-relu"
+    stages = [block(w, 1 if i == 0 else 2) for i, w in enumerate(widths)]
+    return "-".join([stem, *stages, f"gap-affine({classes})"])
+
+
+#: named networks ``FeedForwardTopology.from_spec`` (hence the estimator's ``topology`` param) accepts as a spec
+PRESETS: dict[str, str] = {
+    "lenet": "conv(6,5,pad=2)-relu-maxpool(2)-conv(16,5)-relu-maxpool(2)-flatten-affine(120)-relu-affine(84)-relu-"
+             "affine(10)",
+    "resnet8": _resnet8(),
+}
 
 _TOKEN = re.compile(r"^\s*([a-z_0-9]+)\s*(?:\((.*)\))?\s*$")
 
@@ -64,15 +87,22 @@ def _conv(a: dict, where: str) -> Layer:
 
 
 def _pool(mode: str) -> Callable[[dict, str], Layer]:
-    return lambda a, where: Pool2D(_int(a["size"], where), _int(a.get("stride", 0), where), mode)
+    return lambda a, where: Pool2D(_int(a["size"], where), _int(a.get("stride", 0), where), mode,
+                                   _int(a.get("pad", 0), where))
+
+
+def _batchnorm(a: dict, where: str) -> Layer:
+    return BatchNorm(float(a.get("momentum", 0.1)), float(a.get("eps", 1e-5)))
 
 
 # name -> (argument names, how many are required, builder)
 _BUILDERS: dict[str, tuple[tuple[str, ...], int, Callable[[dict, str], Layer]]] = {
     "affine": (("out",), 1, lambda a, w: Affine(_int(a["out"], w))),
     "conv": (("filters", "kernel", "stride", "pad"), 2, _conv),
-    "maxpool": (("size", "stride"), 1, _pool("max")),
-    "avgpool": (("size", "stride"), 1, _pool("avg")),
+    "maxpool": (("size", "stride", "pad"), 1, _pool("max")),
+    "avgpool": (("size", "stride", "pad"), 1, _pool("avg")),
+    "gap": ((), 0, lambda a, w: GlobalAvgPool()),
+    "batchnorm": (("momentum", "eps"), 0, _batchnorm),
     "flatten": ((), 0, lambda a, w: Flatten()),
     "dropout": (("rate",), 1, lambda a, w: Dropout(float(a["rate"]))),
     "softmax": ((), 0, lambda a, w: SoftmaxCrossEntropy()),
@@ -83,15 +113,57 @@ for _kind, _act in REGISTRY.items():  # every registered activation; those with 
                         if _act.has_alpha else ((), 0, lambda a, w, k=_kind: Functional(k)))
 
 
+RESIDUAL = "res"  # res(<spec>): a residual block around the layers of <spec>
+
+
+def split_spec(spec: str) -> list[str]:
+    """The ``-``-separated layer tokens of a spec, a residual block's ``res(...)`` (dashes inside parentheses)
+    as one token."""
+    tokens, depth, start = [], 0, 0
+    for i, ch in enumerate(spec):
+        if ch == "(":
+            depth += 1
+        elif ch == ")":
+            depth -= 1
+            if depth < 0:
+                raise SpecError(f"unbalanced ')' at position {i} of spec {spec!r}")
+        elif ch == "-" and depth == 0:
+            tokens.append(spec[start:i])
+            start = i + 1
+    if depth:
+        raise SpecError(f"unbalanced '(' in spec {spec!r}")
+    tokens.append(spec[start:])
+    if not spec.strip() or any(not t.strip() for t in tokens):
+        raise SpecError(f"empty layer in spec {spec!r}")
+    return tokens
+
+
+def parse_layers(spec: str, where: str = "") -> list[Layer]:
+    """The layers of a ``-``-separated spec (see :func:`parse_layer`); ``where`` prefixes error messages."""
+    prefix = f"{where} > " if where else ""
+    return [parse_layer(t, f"{prefix}layer {i} ({t.strip()!r})") for i, t in enumerate(split_spec(spec))]
+
+
 def parse_layer(token: str, where: str = "") -> Layer:
-    """One layer from its spec form, e.g. ``conv(6,5,pad=2)``, ``maxpool(2)``, ``affine(10)``, ``relu``."""
+    """One layer from its spec form, e.g. ``conv(6,5,pad=2)``, ``maxpool(2)``, ``affine(10)``, ``relu``,
+    ``res(conv(16,3,pad=1)-batchnorm-relu)``."""
     where = where or repr(token)
     m = _TOKEN.match(token.lower())
     if not m:
         raise SpecError(f"{where}: cannot parse {token!r}")
     name, args = m.group(1), m.group(2)
+    if name == RESIDUAL:
+        if not args or not args.strip():
+            raise SpecError(f"{where}: a residual block needs layers, e.g. res(conv(16,3,pad=1)-relu)")
+        try:
+            return Residual(tuple(parse_layers(args, where)))
+        except SpecError as e:
+            if str(e).startswith(where):
+                raise
+            raise SpecError(f"{where}: {e}") from None
     if name not in _BUILDERS:
-        raise SpecError(f"{where}: unknown layer {name!r}; expected one of {', '.join(sorted(_BUILDERS))}")
+        raise SpecError(f"{where}: unknown layer {name!r}; expected one of "
+                        f"{', '.join(sorted([*_BUILDERS, RESIDUAL]))}")
     names, required, build = _BUILDERS[name]
     try:
         return build(_args(args, names, required, where), where)
@@ -124,14 +196,17 @@ class FeedForwardTopology:
         self.input_shape: Shape = (input_shape,) if isinstance(input_shape, int) else tuple(input_shape)
         shape = _internal_shape(input_shape)
         self.shapes: list[Shape] = [shape]  # shapes[i] is the input of layer i; shapes[-1] the output
-        self.offsets: list[int] = [0]
+        self.offsets: list[int] = [0]  # layer i's weights: [offsets[i], offsets[i + 1]) of the weight vector
+        self.state_offsets: list[int] = [0]  # layer i's state: [state_offsets[i], state_offsets[i + 1])
         for i, layer in enumerate(layers):
             try:
                 out = layer.out_shape(shape)
                 size = layer.weight_size(shape)
+                state = layer.state_size(shape)
             except SpecError as e:
                 raise SpecError(f"layer {i} ({layer.spec()}) with input shape {_user_shape(shape)}: {e}") from None
             self.offsets.append(self.offsets[-1] + size)
+            self.state_offsets.append(self.state_offsets[-1] + state)
             self.shapes.append(out)
             shape = out
         if len(shape) != 1:
@@ -153,11 +228,9 @@ class FeedForwardTopology:
 
     @classmethod
     def from_spec(cls, spec: str, input_shape: int | Sequence[int]) -> FeedForwardTopology:
-        """Layers from a ``-``-separated spec, e.g. ``conv(6,5,pad=2)-relu-maxpool(2)-flatten-affine(10)``."""
-        tokens = [t for t in spec.split("-")]
-        if not spec.strip() or any(not t.strip() for t in tokens):
-            raise SpecError(f"empty layer in spec {spec!r}")
-        return cls([parse_layer(t, f"layer {i} ({t.strip()!r})") for i, t in enumerate(tokens)], input_shape)
+        """Layers from a ``-``-separated spec, e.g. ``conv(6,5,pad=2)-relu-maxpool(2)-flatten-affine(10)``, or
+        the name of a preset network of :data:`PRESETS` (``lenet``, ``resnet8``)."""
+        return cls(parse_layers(PRESETS.get(spec.strip().lower(), spec)), input_shape)
 
     @property
     def spec(self) -> str:
@@ -166,6 +239,11 @@ class FeedForwardTopology:
     @property
     def num_weights(self) -> int:
         return self.offsets[-1]
+
+    @property
+    def num_state(self) -> int:
+        """Elements of the model's non-trained state vector (batch normalization's running statistics)."""
+        return self.state_offsets[-1]
 
     @property
     def num_inputs(self) -> int:
