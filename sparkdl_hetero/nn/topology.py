@@ -12,6 +12,7 @@ from .layers import (
     Dropout,
     Flatten,
     Functional,
+    Huber,
     Layer,
     LossLayer,
     Pool2D,
@@ -19,6 +20,7 @@ from .layers import (
     SigmoidSquaredError,
     SoftmaxCrossEntropy,
     SpecError,
+    SquaredError,
 )
 
 _TOKEN = re.compile(r"^\s*([a-z_0-9]+)\s*(?:\((.*)\))?\s*$")
@@ -77,6 +79,8 @@ _BUILDERS: dict[str, tuple[tuple[str, ...], int, Callable[[dict, str], Layer]]] 
     "dropout": (("rate",), 1, lambda a, w: Dropout(float(a["rate"]))),
     "softmax": ((), 0, lambda a, w: SoftmaxCrossEntropy()),
     "sigmoid_mse": ((), 0, lambda a, w: SigmoidSquaredError()),
+    "squared_error": ((), 0, lambda a, w: SquaredError()),
+    "huber": (("delta",), 0, lambda a, w: Huber(float(a.get("delta", Huber.delta)))),
 }
 for _kind, _act in REGISTRY.items():  # every registered activation; those with a slope take it as ``alpha``
     _BUILDERS[_kind] = ((("alpha",), 0, lambda a, w, k=_kind: Functional(k, float(a.get("alpha", DEFAULT_ALPHA))))
@@ -111,12 +115,14 @@ def _internal_shape(input_shape: int | Sequence[int]) -> Shape:
 
 
 class FeedForwardTopology:
-    """Layers from input to a loss layer on top, with the shape of every intermediate output."""
+    """Layers from input to a loss layer on top, with the shape of every intermediate output. ``loss``: the loss
+    layer put on top when ``layers`` do not end with one (default softmax + cross-entropy)."""
 
-    def __init__(self, layers: Sequence[Layer], input_shape: int | Sequence[int]) -> None:
+    def __init__(self, layers: Sequence[Layer], input_shape: int | Sequence[int],
+                 loss: LossLayer | None = None) -> None:
         layers = list(layers)
         if not layers or not isinstance(layers[-1], LossLayer):
-            layers.append(SoftmaxCrossEntropy())
+            layers.append(loss if loss is not None else SoftmaxCrossEntropy())
         for i, layer in enumerate(layers[:-1]):
             if isinstance(layer, LossLayer):
                 raise SpecError(f"layer {i} ({layer.spec()}): a loss layer can only be the last layer")
@@ -152,12 +158,15 @@ class FeedForwardTopology:
         return cls(layers, sizes[0])
 
     @classmethod
-    def from_spec(cls, spec: str, input_shape: int | Sequence[int]) -> FeedForwardTopology:
-        """Layers from a ``-``-separated spec, e.g. ``conv(6,5,pad=2)-relu-maxpool(2)-flatten-affine(10)``."""
+    def from_spec(cls, spec: str, input_shape: int | Sequence[int],
+                  loss: LossLayer | None = None) -> FeedForwardTopology:
+        """Layers from a ``-``-separated spec, e.g. ``conv(6,5,pad=2)-relu-maxpool(2)-flatten-affine(10)``;
+        ``loss`` as in the constructor."""
         tokens = [t for t in spec.split("-")]
         if not spec.strip() or any(not t.strip() for t in tokens):
             raise SpecError(f"empty layer in spec {spec!r}")
-        return cls([parse_layer(t, f"layer {i} ({t.strip()!r})") for i, t in enumerate(tokens)], input_shape)
+        return cls([parse_layer(t, f"layer {i} ({t.strip()!r})") for i, t in enumerate(tokens)], input_shape,
+                   loss)
 
     @property
     def spec(self) -> str:
