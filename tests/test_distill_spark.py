@@ -91,12 +91,16 @@ def test_bad_mentor_settings_fail_before_training(iris, mentor) -> None:
         DeepClassifier(layers=MENTEE, mentor="model.onnx", verbose=False).fit(iris)
     with pytest.raises(ValueError, match=r"hint pair 0: mentor layer index 3 is out of range \[0, 3\)"):
         DeepClassifier(layers=MENTEE, mentor=mentor, hintLayers=[[0, 3]], verbose=False).fit(iris)
-    with pytest.raises(ValueError, match=r"temperature must be a finite number > 0, got 0.0"):
+    # the engine's errors name its arguments; the estimator's name the params that set them
+    with pytest.raises(ValueError, match=r"^temperature must be a finite number > 0, got 0.0$"):
         DeepClassifier(layers=MENTEE, mentor=mentor, temperature=0.0, verbose=False).fit(iris)
-    with pytest.raises(ValueError, match=r"distillAlpha must be in \[0, 1\], got 2.0"):
+    with pytest.raises(ValueError, match=r"^distillAlpha must be in \[0, 1\], got 2.0$"):
         DeepClassifier(layers=MENTEE, mentor=mentor, distillAlpha=2.0, verbose=False).fit(iris)
-    with pytest.raises(ValueError, match=r"hintWeights must hold one weight per hint pair: 1 pairs"):
+    with pytest.raises(ValueError, match=r"^hintWeights must be one weight per hint pair \(1 pairs \[\(0, 0\)\]\), "
+                                         r"got \[1.0, 1.0\]$"):
         DeepClassifier(layers=MENTEE, mentor=mentor, hintLayers=[[0, 0]], hintWeights=[1.0, 1.0]).fit(iris)
+    with pytest.raises(ValueError, match=r"^hintWeights must be finite and >= 0, got \[-1.0\]$"):
+        DeepClassifier(layers=MENTEE, mentor=mentor, hintLayers=[[0, 0]], hintWeights=[-1.0]).fit(iris)
     with pytest.raises(TypeError, match=r"hintLayers must be a list of \[mentee layer, mentor layer\] index pairs"):
         DeepClassifier(layers=MENTEE, hintLayers=[[0, 1, 2]])
 

@@ -17,6 +17,8 @@ from pyspark.ml.tuning import CrossValidator, CrossValidatorModel, ParamGridBuil
 from pyspark.sql.types import DoubleType
 
 from sparkdl_hetero.ml import DeepClassificationModel, DeepClassifier
+from sparkdl_hetero.ml.params import KNOBS_NOT_PARAMS, SPARK_DEFAULT_PARAMS
+from sparkdl_hetero.nn.config import KNOBS
 from sparkdl_hetero.nn.topology import FeedForwardTopology
 
 LAYERS = [4, 5, 4, 3]
@@ -73,6 +75,32 @@ def test_params_and_defaults_equal_spark_mlp(spark):
     cfg = DeepClassifier(layers=[2, 2], solver="adam", epochs=3, beta1=0.8, nesterov=True, seed=7)._train_config()
     assert (cfg.solver, cfg.epochs, cfg.beta1, cfg.nesterov, cfg.seed, cfg.maxIter, cfg.batchSize) == \
         ("adam", 3, 0.8, True, 7, 100, 64)
+
+
+def test_every_knob_is_a_param_with_its_default_and_every_param_is_known():
+    """TrainConfig's knobs and the estimator's params cannot drift: same names, same defaults, the knob's doc."""
+    est = DeepClassifier()
+    names = {p.name for p in est.params}
+    for k in KNOBS:
+        if k.name in KNOBS_NOT_PARAMS:
+            assert k.name not in names
+            continue
+        assert k.name in names, f"knob {k.name} has no param"
+        if k.name not in SPARK_DEFAULT_PARAMS:
+            assert est.getOrDefault(k.name) == k.default, k.name
+        spark_shared = {"seed", "maxIter", "tol", "stepSize", "regParam"}  # pyspark's HasX params keep their docs
+        assert k.name in spark_shared or est.getParam(k.name).doc.startswith(k.doc), k.name
+    # every other param is Spark's (columns, thresholds, layers, initialWeights), the network's or the mentor's
+    others = {"featuresCol", "labelCol", "predictionCol", "probabilityCol", "rawPredictionCol", "thresholds",
+              "layers", "initialWeights", "topology", "inputShape", "mentor", "distillAlpha", "temperature",
+              "hintLayers", "hintWeights"}
+    assert names - {k.name for k in KNOBS} == others
+    # a param set by name reaches the TrainConfig of the fit, converted to the knob's type
+    cfg = DeepClassifier(maxIter=7.0, commTimeout=5, balance=False, allReduce="ring")._train_config()
+    assert (cfg.maxIter, cfg.commTimeout, cfg.balance, cfg.allReduce) == (7, 5.0, False, "ring")
+    assert type(cfg.maxIter) is int and type(cfg.commTimeout) is float
+    assert DeepClassifier().blockSize.doc.startswith("Accepted for compatibility with Spark's "
+                                                     "MultilayerPerceptronClassifier only")
 
 
 def test_constructor_setters_and_copy_semantics():
@@ -132,6 +160,10 @@ def test_transform_float32_array_features_thresholds_and_output_cols(spark):
         model.copy({model.featuresCol: "id"}).transform(df)
     with pytest.raises(ValueError, match=r"thresholds must have one value per class \(3\), got 2"):
         model.copy({model.thresholds: [0.5, 0.5]}).transform(df)
+    with pytest.raises(ValueError, match="^dtype must be one of float32, float64, got 'float16'$"):
+        model.copy().setDtype("float16").transform(df)
+    with pytest.raises(ValueError, match="^backend must be one of numpy, opencl, cupy, auto, got 'tpu'$"):
+        model.copy().setBackend("tpu").transform(df)
 
 
 def test_cnn_model_transform_and_save_load(spark, tmp_path):
@@ -166,7 +198,7 @@ def test_transform_on_the_opencl_backend(spark):
     on_opencl = _outputs(model.copy().setBackend("opencl").transform(df))
     np.testing.assert_allclose(on_opencl[0], on_numpy[0], atol=1e-4)
     np.testing.assert_allclose(on_opencl[1], on_numpy[1], atol=1e-5)
-    with pytest.raises(ValueError, match="unknown backend 'tpu'; expected one of: numpy, opencl, cupy, auto"):
+    with pytest.raises(ValueError, match="backend must be one of numpy, opencl, cupy, auto, got 'tpu'"):
         model.copy().setBackend("tpu").transform(df)
 
 
@@ -340,6 +372,10 @@ def test_bad_input_errors_before_training(spark, iris):
         DeepClassifier(layers=LAYERS, backend="tpu").fit(df)
     with pytest.raises(ValueError, match="dtype must be one of float32, float64, got 'float16'"):
         DeepClassifier(layers=LAYERS, dtype="float16").fit(df)
+    with pytest.raises(ValueError, match="^batchSize must be >= 1, got 0$"):
+        DeepClassifier(layers=LAYERS, batchSize=0).fit(df)
+    with pytest.raises(ValueError, match=r"^validationFraction must be in \[0, 1\), got 1.0$"):
+        DeepClassifier(layers=LAYERS, mode="barrier", validationFraction=1.0).fit(df)
     with pytest.raises(ValueError, match=r"label column 'label' has 50 values that are not integer class indices "
                                          r"in \[0, 3\) \(first found: -1.0\)"):
         DeepClassifier(layers=LAYERS).fit(df.selectExpr("label - 1 AS label", "features"))

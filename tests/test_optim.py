@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -199,17 +198,20 @@ def test_step_shape_mismatch():
 def test_make_updater_errors():
     with pytest.raises(ValueError, match="solver 'l-bfgs' has no step updater; expected one of gd, sgd, momentum"):
         make_updater(TrainConfig(solver="l-bfgs"))
+    # out-of-range hyper-parameters never reach an updater: the config refuses them when it is built
     with pytest.raises(ValueError, match=r"momentum must be in \[0, 1\), got 1.0"):
-        make_updater(TrainConfig(solver="momentum", momentum=1.0))
+        TrainConfig(solver="momentum", momentum=1.0)
     with pytest.raises(ValueError, match=r"beta2 must be in \[0, 1\), got 1.5"):
-        make_updater(TrainConfig(solver="adam", beta2=1.5))
+        TrainConfig(solver="adam", beta2=1.5)
     with pytest.raises(ValueError, match="epsilon must be > 0, got 0.0"):
-        make_updater(TrainConfig(solver="adam", epsilon=0.0))
+        TrainConfig(solver="adam", epsilon=0.0)
 
 
-def test_plain_attribute_objects_are_accepted():
-    up = make_updater(SimpleNamespace(solver="momentum", momentum=0.5, nesterov=True))
+def test_the_config_s_settings_reach_the_updater():
+    up = make_updater(TrainConfig(solver="momentum", momentum=0.5, nesterov=True))
     assert isinstance(up, Momentum) and up.momentum == 0.5 and up.nesterov
+    up = make_updater(TrainConfig(solver="adam", beta1=0.8, beta2=0.99, epsilon=1e-6))
+    assert isinstance(up, Adam) and (up.beta1, up.beta2, up.epsilon) == (0.8, 0.99, 1e-6)
 
 
 def test_schedules():
@@ -225,11 +227,12 @@ def test_schedules():
 
 
 def test_schedule_errors():
-    with pytest.raises(ValueError, match="lrSchedule='step' needs lrDecaySteps >= 1, got 0"):
-        learning_rate(TrainConfig(lrSchedule="step"), 1, 10)
+    # a schedule's settings are checked when the config is built, before any step
+    with pytest.raises(ValueError, match="lrDecaySteps must be >= 1 with lrSchedule='step', got 0"):
+        TrainConfig(lrSchedule="step")
     with pytest.raises(ValueError, match="lrSchedule must be one of constant, step, cosine, got 'linear'"):
-        learning_rate(TrainConfig(lrSchedule="linear"), 1, 10)
+        TrainConfig(lrSchedule="linear")
     with pytest.raises(ValueError, match="stepSize must be > 0, got -0.1"):
-        learning_rate(TrainConfig(stepSize=-0.1), 1, 10)
+        TrainConfig(stepSize=-0.1)
     with pytest.raises(ValueError, match="total_steps >= 1, got 0"):
         learning_rate(TrainConfig(lrSchedule="cosine"), 0, 0)

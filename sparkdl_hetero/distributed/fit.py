@@ -22,22 +22,11 @@ def _initial_weights(objective: Objective, config: TrainConfig, initial_weights:
     return w
 
 
-def _check_config(config: TrainConfig) -> None:
-    checks = [("maxIter", config.maxIter >= 0, ">= 0"), ("tol", config.tol >= 0, ">= 0"),
-              ("stepSize", config.stepSize > 0, "> 0"), ("regParam", config.regParam >= 0, ">= 0"),
-              ("batchSize", config.batchSize >= 1, ">= 1"), ("epochs", config.epochs >= 0, ">= 0"),
-              ("miniBatchFraction", 0 < getattr(config, "miniBatchFraction", 1.0) <= 1, "in (0, 1]"),
-              ("checkpointInterval", config.checkpointInterval >= 1 or not config.checkpointDir, ">= 1")]
-    for name, ok, expected in checks:
-        if not ok:
-            raise ValueError(f"{name} must be {expected}, got {getattr(config, name)!r}")
-
-
 def fit(df, features_col: str, label_col: str, objective: Objective, config: TrainConfig,  # noqa: ANN001
         initial_weights: np.ndarray | None = None) -> TrainResult:
     """Train ``objective`` on the rows of ``df`` (features: a Vector or numeric array of the model's input size;
-    label: integer class indices). Every input check raises ValueError before any training starts."""
-    _check_config(config)
+    label: integer class indices). Every input check raises ValueError before any training starts (``config``
+    checked its knobs when it was built)."""
     w0 = _initial_weights(objective, config, initial_weights)
     topology = objective.topology
     if config.backend in ("opencl", "cupy"):  # asked for by name: an executor that cannot run it fails the fit now

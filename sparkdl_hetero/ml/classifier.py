@@ -18,7 +18,7 @@ from pyspark.sql import functions as F
 from pyspark.sql.functions import arrow_udf
 from pyspark.sql.types import ArrayType, NumericType
 
-from ..backends import BACKENDS
+from ..nn.config import check_knob
 from ..nn.model import FeedForwardModel
 from ..nn.topology import FeedForwardTopology
 from .mentor import _MentorParams
@@ -189,7 +189,7 @@ class DeepClassifier(ProbabilisticClassifier, _DeepClassifierParams, _MentorPara
         from ..distributed.data import check_columns
         from ..distributed.fit import fit
 
-        config = self._train_config()  # invalid solver/mode fail here, before any Spark job
+        config = self._train_config()  # every invalid knob fails here, before any Spark job
         features, label = self.getFeaturesCol(), self.getLabelCol()
         size = None
         if self.getTopology() and not self.getInputShape() and not self.isDefined(self.layers):
@@ -341,10 +341,8 @@ class DeepClassificationModel(ProbabilisticClassificationModel, _DeepClassifierP
         if not outputs:
             return dataset
         dtype, backend = self.getDtype(), self.getBackend()
-        if dtype not in ("float32", "float64"):
-            raise ValueError(f"dtype must be float32 or float64, got {dtype!r}")
-        if backend not in BACKENDS:
-            raise ValueError(f"unknown backend {backend!r}; expected one of: {', '.join(BACKENDS)}")
+        check_knob("dtype", dtype)
+        check_knob("backend", backend)
         col = dataset[feats]
         x = vector_to_array(col, dtype) if isinstance(dataset.schema[feats].dataType, VectorUDT) \
             else col.cast(f"array<{'float' if dtype == 'float32' else 'double'}>")

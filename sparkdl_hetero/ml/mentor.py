@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 from pyspark.ml.param import Param, Params, TypeConverters
 
+from ..nn.config import ConfigError
 from ..nn.distill import DistillationObjective
 from ..nn.objective import Objective
 from ..nn.topology import FeedForwardTopology
@@ -20,6 +21,9 @@ from ..nn.topology import FeedForwardTopology
 # the settings jobs/mentor.py uses (the best of a small search on Fashion-MNIST, LeNet-5 mentor, MLP mentees)
 DEFAULT_DISTILL_ALPHA = 0.5
 DEFAULT_TEMPERATURE = 2.0
+
+# DistillationObjective's argument -> the param that sets it (the engine's errors name the argument)
+_PARAM_OF_ARGUMENT = {"alpha": "distillAlpha", "temperature": "temperature", "hint_weights": "hintWeights"}
 
 
 def _to_hint_layers(value: Any) -> list[list[int]]:
@@ -116,9 +120,14 @@ class _MentorParams(Params):
             return Objective(topology)
         mentor_topology, mentor_weights = _mentor_network(self.getMentor())
         weights = self.getHintWeights()
-        return DistillationObjective(topology, mentor_topology, mentor_weights, alpha=self.getDistillAlpha(),
-                                     temperature=self.getTemperature(), hint_layers=self.getHintLayers(),
-                                     hint_weights=weights if weights else None)
+        try:
+            return DistillationObjective(topology, mentor_topology, mentor_weights, alpha=self.getDistillAlpha(),
+                                         temperature=self.getTemperature(), hint_layers=self.getHintLayers(),
+                                         hint_weights=weights if weights else None)
+        except ConfigError as e:
+            if e.name not in _PARAM_OF_ARGUMENT:
+                raise
+            raise e.renamed(_PARAM_OF_ARGUMENT[e.name]) from None
 
     # ---- persistence (PersistentParams hooks) ----
     def _state_metadata(self) -> dict[str, Any]:

@@ -1,12 +1,13 @@
 """The Params shared by DeepClassifier and DeepClassificationModel (Spark ML conventions).
 
 Spark's ``MultilayerPerceptronClassifier`` params keep their names, meanings and defaults; the extra params are the
-knobs of :class:`~sparkdl_hetero.distributed.config.TrainConfig` under the same names, with its defaults.
+knobs of :class:`~sparkdl_hetero.nn.config.TrainConfig` under the same names, with the knob's default, doc and type
+(see :func:`_knob_param`). A fit builds a TrainConfig from the params, which checks every value: the checks live
+there only. Every knob is a param except those in :data:`KNOBS_NOT_PARAMS`.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 from pyspark.ml.param import Param, Params, TypeConverters
@@ -20,16 +21,28 @@ from pyspark.ml.param.shared import (
     HasTol,
 )
 
-from ..distributed.config import MODES, SOLVERS, TrainConfig
+from ..nn.config import KNOBS, KNOBS_BY_NAME, TrainConfig
 from ..nn.topology import FeedForwardTopology
 
-# Spark's MultilayerPerceptronClassifier defaults (its _MultilayerPerceptronParams.__init__).
-SPARK_MLP_DEFAULTS: dict[str, Any] = {"maxIter": 100, "tol": 1e-6, "blockSize": 128, "stepSize": 0.03,
-                                      "solver": "l-bfgs"}
+#: knobs that are not params: straggler is a benchmarking aid of the barrier mode (jobs/speedup.py), not a setting
+#: of a model
+KNOBS_NOT_PARAMS = ("straggler",)
+#: knob params whose default is Spark's, not the knob's: Spark's seed defaults to a hash of the class name
+SPARK_DEFAULT_PARAMS = ("seed",)
+
+_CONVERTERS = {int: TypeConverters.toInt, float: TypeConverters.toFloat, bool: TypeConverters.toBoolean,
+               str: TypeConverters.toString}
 
 
 def _param(name: str, doc: str, converter: Any) -> Param:
     return Param(Params._dummy(), name, doc, typeConverter=converter)
+
+
+def _knob_param(name: str) -> Param:
+    """The param of the TrainConfig knob ``name``: the knob's doc and allowed values, a converter to its type."""
+    k = KNOBS_BY_NAME[name]
+    doc = k.doc if k.check is None else f"{k.doc} Must be {k.expected}."
+    return _param(name, doc, _CONVERTERS[k.type])
 
 
 class _DeepClassifierParams(HasSeed, HasMaxIter, HasTol, HasStepSize, HasSolver,
@@ -42,10 +55,10 @@ class _DeepClassifierParams(HasSeed, HasMaxIter, HasTol, HasStepSize, HasSolver,
         "layers", "Sizes of layers from input layer to output layer, e.g. [780, 100, 10]: a Spark MLP "
         "(sigmoid hidden layers, softmax output). Ignored when topology is set, except that layers[0] then gives "
         "the input size if inputShape is unset.", TypeConverters.toListInt)
-    solver: Param[str] = _param(
-        "solver", f"The optimization algorithm. Supported options: {', '.join(SOLVERS)}.", TypeConverters.toString)
+    solver: Param[str] = _knob_param("solver")
     initialWeights: Param[Any] = _param("initialWeights", "The initial weights of the model (a flat vector in "
                                         "Spark's layout).", TypeConverters.toVector)
+    blockSize: Param[int] = _knob_param("blockSize")  # overrides HasBlockSize's doc: training does not read it
     # ---- architecture ----
     topology: Param[str] = _param(
         "topology", "A layer spec, e.g. 'conv(6,5,pad=2)-relu-maxpool(2)-conv(16,5)-relu-maxpool(2)-flatten-"
@@ -54,57 +67,38 @@ class _DeepClassifierParams(HasSeed, HasMaxIter, HasTol, HasStepSize, HasSolver,
         "inputShape", "Input shape: [features] or [channels, height, width] (features in C,H,W order); empty: "
         "layers[0] or the size of the first feature vector.", TypeConverters.toListInt)
     # ---- mini-batch training and updaters ----
-    batchSize: Param[int] = _param("batchSize", "Global mini-batch size for sgd, momentum and adam.",
-                                   TypeConverters.toInt)
-    miniBatchFraction: Param[float] = _param("miniBatchFraction", "gd: fraction of the rows sampled per "
-                                             "iteration (Spark's GradientDescent), in (0, 1].",
-                                             TypeConverters.toFloat)
-    epochs: Param[int] = _param("epochs", "Passes over the data for mini-batch solvers (0: maxIter).",
-                                TypeConverters.toInt)
-    momentum: Param[float] = _param("momentum", "Momentum coefficient (solver momentum).", TypeConverters.toFloat)
-    nesterov: Param[bool] = _param("nesterov", "Nesterov momentum (solver momentum).", TypeConverters.toBoolean)
-    beta1: Param[float] = _param("beta1", "Adam's first-moment decay.", TypeConverters.toFloat)
-    beta2: Param[float] = _param("beta2", "Adam's second-moment decay.", TypeConverters.toFloat)
-    epsilon: Param[float] = _param("epsilon", "Adam's denominator epsilon.", TypeConverters.toFloat)
-    lrSchedule: Param[str] = _param("lrSchedule", "Learning-rate schedule: constant, step or cosine.",
-                                    TypeConverters.toString)
-    lrDecay: Param[float] = _param("lrDecay", "Step schedule: factor applied every lrDecaySteps steps.",
-                                   TypeConverters.toFloat)
-    lrDecaySteps: Param[int] = _param("lrDecaySteps", "Step schedule: steps between decays.", TypeConverters.toInt)
+    batchSize: Param[int] = _knob_param("batchSize")
+    miniBatchFraction: Param[float] = _knob_param("miniBatchFraction")
+    epochs: Param[int] = _knob_param("epochs")
+    momentum: Param[float] = _knob_param("momentum")
+    nesterov: Param[bool] = _knob_param("nesterov")
+    beta1: Param[float] = _knob_param("beta1")
+    beta2: Param[float] = _knob_param("beta2")
+    epsilon: Param[float] = _knob_param("epsilon")
+    lrSchedule: Param[str] = _knob_param("lrSchedule")
+    lrDecay: Param[float] = _knob_param("lrDecay")
+    lrDecaySteps: Param[int] = _knob_param("lrDecaySteps")
     # ---- execution ----
-    backend: Param[str] = _param("backend", "Array backend on executors: numpy, opencl, cupy or auto.",
-                                 TypeConverters.toString)
-    mode: Param[str] = _param("mode", f"Distributed training mode: {', '.join(MODES)}.", TypeConverters.toString)
-    dtype: Param[str] = _param("dtype", "Floating-point type of training and prediction: float32 or float64.",
-                               TypeConverters.toString)
-    numWorkers: Param[int] = _param("numWorkers", "Barrier mode: number of workers (0: one per partition).",
-                                    TypeConverters.toInt)
-    checkpointDir: Param[str] = _param(
-        "checkpointDir", "Directory for training checkpoints; a fit with the same directory resumes from the last "
-        "checkpoint. Empty: no checkpoints.", TypeConverters.toString)
-    checkpointInterval: Param[int] = _param("checkpointInterval", "Iterations between checkpoints.",
-                                            TypeConverters.toInt)
-    verbose: Param[bool] = _param("verbose", "Show a progress bar on the driver.", TypeConverters.toBoolean)
+    backend: Param[str] = _knob_param("backend")
+    mode: Param[str] = _knob_param("mode")
+    dtype: Param[str] = _knob_param("dtype")
+    numWorkers: Param[int] = _knob_param("numWorkers")
+    checkpointDir: Param[str] = _knob_param("checkpointDir")
+    checkpointInterval: Param[int] = _knob_param("checkpointInterval")
+    verbose: Param[bool] = _knob_param("verbose")
     # ---- barrier mode ----
-    syncEvery: Param[int] = _param("syncEvery", "Barrier mode: local steps between all-reduces.",
-                                   TypeConverters.toInt)
-    allReduce: Param[str] = _param("allReduce", "Barrier mode: all-reduce transport: auto, hub or ring.",
-                                   TypeConverters.toString)
-    balance: Param[bool] = _param("balance", "Barrier mode: per-worker batch shares matched to each worker's "
-                                  "speed.", TypeConverters.toBoolean)
-    validationFraction: Param[float] = _param("validationFraction", "Fraction held out for early stopping "
-                                              "(0: off).", TypeConverters.toFloat)
-    patience: Param[int] = _param("patience", "Early stopping: evaluations without improvement before stopping.",
-                                  TypeConverters.toInt)
-    commTimeout: Param[float] = _param("commTimeout", "Barrier mode: seconds before a silent peer is an error.",
-                                       TypeConverters.toFloat)
+    syncEvery: Param[int] = _knob_param("syncEvery")
+    allReduce: Param[str] = _knob_param("allReduce")
+    balance: Param[bool] = _knob_param("balance")
+    validationFraction: Param[float] = _knob_param("validationFraction")
+    patience: Param[int] = _knob_param("patience")
+    commTimeout: Param[float] = _knob_param("commTimeout")
 
     def __init__(self, *args: Any) -> None:
         super().__init__(*args)
-        defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)
-                    if f.default is not dataclasses.MISSING and self.hasParam(f.name) and f.name != "seed"}
-        self._setDefault(**defaults)
-        self._setDefault(**SPARK_MLP_DEFAULTS, topology="", inputShape=[])
+        # the knobs' defaults are Spark MLP's for its params (maxIter, tol, blockSize, stepSize, solver)
+        self._setDefault(**{k.name: k.default for k in KNOBS
+                            if k.name not in KNOBS_NOT_PARAMS + SPARK_DEFAULT_PARAMS}, topology="", inputShape=[])
 
     def getLayers(self) -> list[int]:
         return self.getOrDefault(self.layers)
@@ -191,9 +185,10 @@ class _DeepClassifierParams(HasSeed, HasMaxIter, HasTol, HasStepSize, HasSolver,
         return self.getOrDefault(self.commTimeout)
 
     def _train_config(self) -> TrainConfig:
-        """The TrainConfig these params describe (every TrainConfig field that has a param of the same name)."""
-        values = {f.name: self.getOrDefault(f.name) for f in dataclasses.fields(TrainConfig)
-                  if self.hasParam(f.name) and self.isDefined(self.getParam(f.name))}
+        """The TrainConfig these params describe (every knob that has a param of the same name); building it checks
+        every value."""
+        values = {k.name: self.getOrDefault(k.name) for k in KNOBS
+                  if self.hasParam(k.name) and self.isDefined(self.getParam(k.name))}
         values["seed"] = int(values.get("seed", 0)) % (2 ** 63)  # Spark's default seed is a hash: may be negative
         return TrainConfig(**values)
 

@@ -23,6 +23,7 @@ import numpy as np
 
 from ..backends import Backend, get_backend
 from ..backends.base import Array
+from .config import ConfigError
 from .layers import Affine, Conv2D, Layer, LayerModel, Shape
 from .model import FeedForwardModel
 from .objective import Objective
@@ -72,16 +73,15 @@ class DistillationObjective(Objective):
             raise ValueError(f"mentor weights must be a vector of {mentor_topology.num_weights} values for "
                              f"{mentor_topology.spec!r}, got shape {mentor_weights.shape}")
         if not 0.0 <= float(alpha) <= 1.0:
-            raise ValueError(f"distillAlpha must be in [0, 1], got {alpha}")
+            raise ConfigError("alpha", "in [0, 1]", alpha)
         if not (math.isfinite(float(temperature)) and float(temperature) > 0):
-            raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
+            raise ConfigError("temperature", "a finite number > 0", temperature)
         pairs = [tuple(p) if isinstance(p, (Sequence, np.ndarray)) else (p,) for p in hint_layers]
         weights = [1.0] * len(pairs) if hint_weights is None else [float(w) for w in hint_weights]
         if len(weights) != len(pairs):
-            raise ValueError(f"hintWeights must hold one weight per hint pair: {len(pairs)} pairs "
-                             f"{pairs} but {len(weights)} weights {weights}")
+            raise ConfigError("hint_weights", f"one weight per hint pair ({len(pairs)} pairs {pairs})", weights)
         if not all(math.isfinite(w) and w >= 0 for w in weights):
-            raise ValueError(f"hintWeights must be finite and >= 0, got {weights}")
+            raise ConfigError("hint_weights", "finite and >= 0", weights)
         n_mentee, n_mentor = len(topology.layers) - 1, len(mentor_topology.layers) - 1
         self.adapters: list[tuple[int, Layer, Shape, int]] = []  # (hint index, layer, input shape, offset)
         offset = topology.num_weights

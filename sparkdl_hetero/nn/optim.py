@@ -13,9 +13,8 @@ with float32 moments (as PyTorch keeps the state of a float32 model), half the m
 every pass writes into buffers allocated once. ``step(..., scale=s)`` takes ``s * grad`` as the gradient (e.g. a
 gradient *sum* with ``s = 1 / count``): the factor rides in the constants of the first pass over the gradient
 instead of costing passes of its own. L2 regularization (``regParam``) is not applied here: the trainer adds
-``regParam * w`` to the gradient, as Spark does. The configuration is any object with Spark-style attributes
-(``solver``, ``stepSize``, ``momentum``, ``nesterov``, ``beta1``, ``beta2``, ``epsilon``, ``lrSchedule``,
-``lrDecay``, ``lrDecaySteps``); missing ones take :class:`~sparkdl_hetero.distributed.config.TrainConfig`'s defaults.
+``regParam * w`` to the gradient, as Spark does. The hyper-parameters come from a :class:`~.config.TrainConfig`,
+which checked them when it was built.
 """
 
 from __future__ import annotations
@@ -26,8 +25,9 @@ from typing import Any
 
 import numpy as np
 
+from .config import TrainConfig
+
 UPDATER_SOLVERS = ("gd", "sgd", "momentum", "adam")
-SCHEDULES = ("constant", "step", "cosine")
 
 
 class Updater(ABC):
@@ -161,52 +161,30 @@ def _reuse(buf: np.ndarray | None, shape: tuple[int, ...], dtype: np.dtype) -> n
     return buf if buf is not None and buf.shape == shape and buf.dtype == dtype else np.empty(shape, dtype)
 
 
-def _get(cfg: Any, name: str, default: Any) -> Any:
-    return getattr(cfg, name, default)
-
-
-def make_updater(cfg: Any, state_dtype: Any = None) -> Updater:
-    """The updater for ``cfg.solver`` (gd, sgd, momentum, adam), hyper-parameters checked; its state and arithmetic
-    in ``state_dtype`` (default: each step's gradient dtype)."""
-    solver = _get(cfg, "solver", "sgd")
-    if solver in ("gd", "sgd"):
+def make_updater(cfg: TrainConfig, state_dtype: Any = None) -> Updater:
+    """The updater for ``cfg.solver`` (gd, sgd, momentum, adam); its state and arithmetic in ``state_dtype``
+    (default: each step's gradient dtype)."""
+    if cfg.solver in ("gd", "sgd"):
         return SGD(state_dtype)
-    if solver == "momentum":
-        mu = float(_get(cfg, "momentum", 0.9))
-        if not 0.0 <= mu < 1.0:
-            raise ValueError(f"momentum must be in [0, 1), got {mu}")
-        return Momentum(mu, bool(_get(cfg, "nesterov", False)), state_dtype)
-    if solver == "adam":
-        b1, b2, eps = (float(_get(cfg, k, d)) for k, d in (("beta1", 0.9), ("beta2", 0.999), ("epsilon", 1e-8)))
-        for name, b in (("beta1", b1), ("beta2", b2)):
-            if not 0.0 <= b < 1.0:
-                raise ValueError(f"{name} must be in [0, 1), got {b}")
-        if not eps > 0.0:
-            raise ValueError(f"epsilon must be > 0, got {eps}")
-        return Adam(b1, b2, eps, state_dtype)
-    raise ValueError(f"solver {solver!r} has no step updater; expected one of {', '.join(UPDATER_SOLVERS)} "
+    if cfg.solver == "momentum":
+        return Momentum(float(cfg.momentum), bool(cfg.nesterov), state_dtype)
+    if cfg.solver == "adam":
+        return Adam(float(cfg.beta1), float(cfg.beta2), float(cfg.epsilon), state_dtype)
+    raise ValueError(f"solver {cfg.solver!r} has no step updater; expected one of {', '.join(UPDATER_SOLVERS)} "
                      f"(l-bfgs is a full-batch solver handled by the trainer)")
 
 
-def learning_rate(cfg: Any, step: int, total_steps: int) -> float:
+def learning_rate(cfg: TrainConfig, step: int, total_steps: int) -> float:
     """The learning rate at 0-based ``step`` of ``total_steps`` under ``cfg.lrSchedule``.
 
     ``constant``: ``stepSize``; ``step``: ``stepSize * lrDecay ** (step // lrDecaySteps)``;
     ``cosine``: ``stepSize * (1 + cos(pi * step / total_steps)) / 2`` (reaches 0 at ``total_steps``).
     """
-    base = float(_get(cfg, "stepSize", 0.03))
-    if not base > 0.0:
-        raise ValueError(f"stepSize must be > 0, got {base}")
-    schedule = _get(cfg, "lrSchedule", "constant")
-    if schedule == "constant":
-        return base
-    if schedule == "step":
-        every = int(_get(cfg, "lrDecaySteps", 0))
-        if every < 1:
-            raise ValueError(f"lrSchedule='step' needs lrDecaySteps >= 1, got {every}")
-        return base * float(_get(cfg, "lrDecay", 0.1)) ** (step // every)
-    if schedule == "cosine":
+    base = float(cfg.stepSize)
+    if cfg.lrSchedule == "step":
+        return base * float(cfg.lrDecay) ** (step // cfg.lrDecaySteps)
+    if cfg.lrSchedule == "cosine":
         if total_steps < 1:
             raise ValueError(f"lrSchedule='cosine' needs total_steps >= 1, got {total_steps}")
         return base * 0.5 * (1.0 + math.cos(math.pi * min(max(step, 0), total_steps) / total_steps))
-    raise ValueError(f"lrSchedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
+    return base

@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 import numpy as np
 
+from .config import TrainConfig
 from .model import FeedForwardModel, one_hot
 from .optim import Updater, learning_rate, make_updater
 
 
-def train(model: FeedForwardModel, x: np.ndarray, y: np.ndarray, config: Any, *, epochs: int | None = None,
+def train(model: FeedForwardModel, x: np.ndarray, y: np.ndarray, config: TrainConfig, *, epochs: int | None = None,
           updater: Updater | None = None, on_epoch: Callable[[int, float], None] | None = None) -> list[float]:
     """Train ``model`` in place on rows ``x`` and labels ``y`` (integers, or a (rows, classes) target matrix)
     with mini-batches; return the loss history.
@@ -26,16 +26,12 @@ def train(model: FeedForwardModel, x: np.ndarray, y: np.ndarray, config: Any, *,
     if len(y) != n:
         raise ValueError(f"x has {n} rows but y has {len(y)} labels")
     batch = int(config.batchSize)
-    if batch < 1:
-        raise ValueError(f"batchSize must be >= 1, got {batch}")
     epochs = int(epochs if epochs is not None else (config.epochs or config.maxIter))
-    reg = float(getattr(config, "regParam", 0.0))
-    if reg < 0:
-        raise ValueError(f"regParam must be >= 0, got {reg}")
+    reg = float(config.regParam)
     if y.ndim == 1:  # one-hot once (labels checked before any step), then rows are gathered per batch
         y = one_hot(y, model.topology.num_outputs, model.dtype)
     updater = updater or make_updater(config)
-    rng = np.random.default_rng(getattr(config, "seed", None))
+    rng = np.random.default_rng(config.seed)
     host = model.backend.host_memory  # host arrays (NumPy backend): update the model's own vectors in place
     w = model.weights if host else model.get_weights()
     per_epoch = -(-n // batch)
