@@ -196,3 +196,244 @@ def test_weighted_losses_on_opencl() -> None:
         loss, delta = getattr(be, op)(be.asarray(z), be.asarray(t), 0.5, *extra, be.asarray(w))
         assert loss == pytest.approx(want_loss, rel=eps)
         np.testing.assert_allclose(be.to_host(delta), want_delta, rtol=eps, atol=eps)
+
+
+# ---- Spark: the input conversion ----------------------------------------------------------------------------
+def _resident(data) -> dict[str, np.ndarray]:
+    """Every partition's resident training and validation rows (what the trainer's tasks see), concatenated."""
+    from sparkdl_hetero.distributed.data import resident_blocks, resident_validation, resident_weights
+
+    fit_id = data.fit_id
+
+    def fetch(handles):
+        for h in handles:
+            x, y = resident_blocks(fit_id, h)
+            w = resident_weights(fit_id, h)
+            vx, vy, vw = resident_validation(fit_id, h)
+            yield {"x": np.array(x), "y": np.array(y), "w": None if w is None else np.array(w),
+                   "vx": np.array(vx), "vy": np.array(vy), "vw": None if vw is None else np.array(vw)}
+
+    parts = data.handles_rdd.mapPartitions(fetch).collect()
+    return {k: None if parts[0][k] is None else np.concatenate([p[k] for p in parts if len(p[k])] or [parts[0][k]])
+            for k in parts[0]}
+
+
+def _order(x: np.ndarray) -> np.ndarray:
+    return np.lexsort(x.T[::-1])
+
+
+def test_prepare_regression_labels_weights_and_validation_rows(spark) -> None:
+    from sparkdl_hetero.distributed.data import prepare
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(20, 3)).round(3)
+    y = rng.normal(size=(20, 2))
+    w = rng.uniform(0, 2, size=20)
+    w[3] = 0.0
+    v = np.arange(20) % 4 == 0
+    rows = [(x[i].tolist(), y[i].tolist(), float(w[i]), bool(v[i])) for i in range(20)]
+    df = spark.createDataFrame(rows, "features array<double>, label array<double>, w double, val boolean") \
+        .repartition(3)
+    data = prepare(df, "features", "label", 3, 2, regression=True, weight_col="w", validation_col="val")
+    try:
+        got = _resident(data)
+        assert data.count == 15 and data.validation_count == 5
+        assert got["y"].dtype == np.float64 and got["y"].shape == (15, 2) and got["w"].dtype == np.float64
+        xt = x[~v].astype(np.float32)
+        o, want = _order(got["x"]), _order(xt)
+        np.testing.assert_array_equal(got["x"][o], xt[want])
+        np.testing.assert_array_equal(got["y"][o], y[~v][want])  # float64 targets kept exactly
+        np.testing.assert_array_equal(got["w"][o], w[~v][want])
+        xv = x[v].astype(np.float32)
+        o, want = _order(got["vx"]), _order(xv)
+        np.testing.assert_array_equal(got["vy"][o], y[v][want])
+        np.testing.assert_array_equal(got["vw"][o], w[v][want])
+    finally:
+        data.release()
+
+
+def test_prepare_scalar_and_vector_regression_labels(spark) -> None:
+    from pyspark.ml.linalg import Vectors
+
+    from sparkdl_hetero.distributed.data import prepare
+
+    df = spark.createDataFrame([([1.0, 2.0], 0.5), ([3.0, 4.0], -1.5)], "features array<double>, label double")
+    data = prepare(df, "features", "label", 2, 1, regression=True)
+    try:
+        got = _resident(data)
+        assert got["w"] is None and len(got["vx"]) == 0
+        np.testing.assert_array_equal(np.sort(got["y"].ravel()), [-1.5, 0.5])
+    finally:
+        data.release()
+    df = spark.createDataFrame([(Vectors.dense([1.0, 2.0]), Vectors.dense([0.5, 7.0]))], ["features", "label"])
+    data = prepare(df, "features", "label", 2, 2, regression=True)
+    try:
+        np.testing.assert_array_equal(_resident(data)["y"], [[0.5, 7.0]])
+    finally:
+        data.release()
+
+
+@pytest.mark.parametrize(("rows", "schema", "kw", "match"), [
+    ([([1.0], float("nan"))], "features array<double>, label double", {},
+     r"label column 'label' has 1 non-finite values \(first found: nan\); expected finite numbers"),
+    ([([1.0], [1.0, float("inf")])], "features array<double>, label array<double>", {"k": 2},
+     r"label column 'label' has 1 non-finite values \(first found: inf\)"),
+    ([([1.0], [1.0, 2.0, 3.0])], "features array<double>, label array<double>", {"k": 2},
+     r"label column 'label' has 1 labels of size 3 \(first found\); the model has 2 outputs"),
+    ([([1.0], 1.0, -0.5)], "features array<double>, label double, w double", {"weight_col": "w"},
+     r"weight column 'w' has 1 values that are negative or not finite \(first found: -0.5\); expected finite "
+     r"weights >= 0"),
+    ([([1.0], 1.0, float("inf"))], "features array<double>, label double, w double", {"weight_col": "w"},
+     r"weight column 'w' has 1 values that are negative or not finite \(first found: inf\)"),
+    ([([1.0], 1.0, None)], "features array<double>, label double, w double", {"weight_col": "w"},
+     r"weight column 'w' has 1 null rows; expected none"),
+    ([([1.0], 1.0, "a")], "features array<double>, label double, w string", {"weight_col": "w"},
+     r"weight column 'w' must be numeric \(weights >= 0\), got string"),
+    ([([1.0], 1.0, 1)], "features array<double>, label double, v int", {"validation_col": "v"},
+     r"validation indicator column 'v' must be boolean, got int"),
+    ([([1.0], 1.0, True)], "features array<double>, label double, v boolean", {"validation_col": "v"},
+     r"no training rows: validation indicator column 'v' is true on all 1 rows; expected at least one row"),
+    ([([1.0], "a")], "features array<double>, label string", {},
+     r"label column 'label' must be a number, a Vector or an array of numbers, got string"),
+])
+def test_prepare_regression_errors(spark, rows, schema, kw, match) -> None:
+    from sparkdl_hetero.distributed.data import prepare
+
+    kw = dict(kw)
+    k = kw.pop("k", 1)
+    with pytest.raises(ValueError, match=match):
+        prepare(spark.createDataFrame(rows, schema), "features", "label", 1, k, regression=True, **kw)
+
+
+# ---- Spark: DeepRegressor -----------------------------------------------------------------------------------
+def _friedman(n: int, seed: int, noise: float = 0.1) -> tuple[np.ndarray, np.ndarray]:
+    """A smooth nonlinear target of 3 features with Gaussian noise of known scale."""
+    rng = np.random.default_rng(seed)
+    x = rng.uniform(-1, 1, size=(n, 3))
+    y = np.sin(np.pi * x[:, 0]) + x[:, 1] ** 2 - 0.5 * x[:, 2] + noise * rng.normal(size=n)
+    return x, y
+
+
+def _df(spark, x: np.ndarray, y: np.ndarray, partitions: int = 2, extra: dict | None = None):
+    from pyspark.ml.linalg import Vectors
+
+    cols = {"features": [Vectors.dense(r) for r in x],
+            "label": [float(v) if np.ndim(v) == 0 else Vectors.dense(v) for v in y], **(extra or {})}
+    names = list(cols)
+    rows = [tuple(cols[c][i] for c in names) for i in range(len(x))]
+    return spark.createDataFrame(rows, names).repartition(partitions)
+
+
+def _regressor(**kw):
+    from sparkdl_hetero.ml import DeepRegressor
+
+    base = dict(topology="affine(16)-tanh-affine(1)", solver="l-bfgs", maxIter=60, seed=3, verbose=False,
+                dtype="float64")
+    return DeepRegressor(**{**base, **kw})
+
+
+def test_regressor_fits_a_nonlinear_function_and_reports_spark_metrics(spark) -> None:
+    x, y = _friedman(300, 0)
+    df = _df(spark, x, y)
+    model = _regressor().fit(df)
+    s = model.summary
+    assert s.objectiveHistory[-1] < 0.25 * s.objectiveHistory[0]
+    pred = np.array([model.predict(v) for v in df.select("features").toPandas()["features"]])
+    out = model.transform(df).select("label", "prediction").toPandas()
+    assert out["prediction"].dtype == np.float64
+    err = out["prediction"].to_numpy() - out["label"].to_numpy()
+    assert s.rootMeanSquaredError == pytest.approx(float(np.sqrt(np.mean(err ** 2))), rel=1e-9)
+    assert s.meanAbsoluteError == pytest.approx(float(np.mean(np.abs(err))), rel=1e-9)
+    lab = out["label"].to_numpy()
+    assert s.r2 == pytest.approx(1 - np.sum(err ** 2) / np.sum((lab - lab.mean()) ** 2), rel=1e-9)
+    assert s.rootMeanSquaredError < 0.5 * np.std(y)  # far better than predicting the mean
+    # the driver's single-row prediction agrees with transform
+    assert sorted(pred) == pytest.approx(sorted(out["prediction"]), rel=1e-9)
+
+
+def test_regressor_multi_output_vector_labels_and_huber(spark) -> None:
+    from pyspark.ml.linalg import DenseVector
+
+    x, y1 = _friedman(200, 1)
+    y = np.column_stack([y1, 2 * x[:, 0]])
+    df = _df(spark, x, y)
+    model = _regressor(topology="affine(16)-tanh-affine(2)", loss="huber", delta=0.5).fit(df)
+    assert model.numOutputs == 2 and model.network.spec.endswith("huber(0.5)")
+    row = model.transform(df).select("prediction").first()[0]
+    assert isinstance(row, DenseVector) and row.size == 2
+    assert model.summary.rootMeanSquaredError < 0.5 * np.std(y)
+
+
+@pytest.mark.parametrize(("kw", "match"), [
+    ({"topology": "affine(16)-tanh-affine(1)-softmax"},
+     r"topology 'affine\(16\)-tanh-affine\(1\)-softmax' ends with 'softmax', a classification output; "
+     r"DeepRegressor needs a linear output"),
+    ({"topology": "affine(16)-tanh-affine(2)"},
+     r"label column 'label' holds 1 value per row but topology '.*' has 2 outputs; make its last affine layer "
+     r"affine\(1\)"),
+    ({"topology": "affine(1)-huber(0.5)"},
+     r"ends with the loss 'huber\(0.5\)' but the loss param asks for 'squared_error'"),
+    ({"loss": "absolute"}, r"loss must be one of squaredError, huber, got 'absolute'"),
+    ({"loss": "huber", "delta": 0.0}, r"delta must be a finite number > 0, got 0.0"),
+])
+def test_regressor_refuses_mismatched_outputs_before_training(spark, kw, match) -> None:
+    x, y = _friedman(10, 2)
+    with pytest.raises(ValueError, match=match):
+        _regressor(**kw).fit(_df(spark, x, y))
+
+
+def test_regressor_refuses_non_finite_labels(spark) -> None:
+    x, y = _friedman(10, 2)
+    y[4] = np.nan
+    with pytest.raises(ValueError, match=r"label column 'label' has 1 non-finite values \(first found: nan\)"):
+        _regressor().fit(_df(spark, x, y))
+
+
+def test_regressor_pipeline_cross_validator_and_persistence(spark, tmp_path) -> None:
+    from pyspark.ml import Pipeline, PipelineModel
+    from pyspark.ml.evaluation import RegressionEvaluator
+    from pyspark.ml.feature import StandardScaler
+    from pyspark.ml.tuning import CrossValidator, ParamGridBuilder
+
+    from sparkdl_hetero.ml import DeepRegressionModel, DeepRegressor
+
+    x, y = _friedman(120, 3)
+    df = _df(spark, x * 10, y)  # features on a larger scale: the pipeline standardizes them
+    reg = _regressor(featuresCol="scaled", maxIter=30)
+    pipe = Pipeline(stages=[StandardScaler(inputCol="features", outputCol="scaled"), reg])
+    grid = ParamGridBuilder().addGrid(reg.regParam, [0.0, 1e-3]).build()
+    cv = CrossValidator(estimator=pipe, estimatorParamMaps=grid, evaluator=RegressionEvaluator(), numFolds=2,
+                        seed=1)
+    best = cv.fit(df).bestModel
+    rmse = RegressionEvaluator().evaluate(best.transform(df))
+    assert rmse < 0.6 * np.std(y)
+    best.write().overwrite().save(str(tmp_path / "pipe"))
+    loaded = PipelineModel.load(str(tmp_path / "pipe"))
+    a = best.transform(df).select("prediction").toPandas()["prediction"].to_numpy()
+    b = loaded.transform(df).select("prediction").toPandas()["prediction"].to_numpy()
+    np.testing.assert_array_equal(a, b)
+    m = loaded.stages[-1]
+    assert isinstance(m, DeepRegressionModel) and m.getLoss() == "squaredError"
+    np.testing.assert_array_equal(m.weights.toArray(), best.stages[-1].weights.toArray())
+    reg.write().overwrite().save(str(tmp_path / "est"))
+    est = DeepRegressor.load(str(tmp_path / "est"))
+    assert est.getTopology() == reg.getTopology() and est.getFeaturesCol() == "scaled"
+
+
+def test_regression_model_onnx_round_trip(tmp_path) -> None:
+    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    from sparkdl_hetero.ml import DeepRegressionModel
+
+    top = FeedForwardTopology.from_spec("affine(5)-relu-affine(2)-huber(0.7)", 3)
+    w = FeedForwardModel.initial_weights(top, np.random.default_rng(0))
+    model = DeepRegressionModel(top, w)
+    path = tmp_path / "reg.onnx"
+    model.exportOnnx(str(path))
+    x = np.random.default_rng(1).normal(size=(6, 3)).astype(np.float32)
+    sess = ort.InferenceSession(str(path))
+    (got,) = sess.run(["prediction"], {"features": x})
+    want = FeedForwardModel(top, w, dtype=np.float64).predict(x.astype(np.float64))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match=r"ends with 'softmax', a classification output"):
+        DeepRegressionModel(FeedForwardTopology.from_spec("affine(2)", 3))
