@@ -437,3 +437,78 @@ def test_regression_model_onnx_round_trip(tmp_path) -> None:
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match=r"ends with 'softmax', a classification output"):
         DeepRegressionModel(FeedForwardTopology.from_spec("affine(2)", 3))
+
+
+# ---- weights in the training modes (no Spark) ---------------------------------------------------------------
+@pytest.mark.parametrize("spec", ["affine(10)-sigmoid-affine(3)", "affine(10)-tanh-affine(2)-squared_error"])
+def test_barrier_combined_weighted_gradient_equals_the_single_process_one(spec: str) -> None:
+    """Unequal shares of two workers, rows with weights (zeros included): the all-reduced weighted sums divided by
+    the all-reduced weight sum are the single-process weighted mean gradient and loss, to float64 rounding."""
+    from _helpers import run_ranks
+
+    from sparkdl_hetero.distributed.barrier import BarrierWorker
+    from sparkdl_hetero.distributed.config import TrainConfig
+    from sparkdl_hetero.nn.objective import Objective
+
+    rng = np.random.default_rng(4)
+    top = FeedForwardTopology.from_spec(spec, 6)
+    obj = Objective(top)
+    n = 100
+    x = rng.normal(size=(n, 6)).astype(np.float32)
+    y = rng.normal(size=(n, 2)) if not top.loss_layer.class_labels else rng.integers(0, 3, n).astype(np.int32)
+    w = rng.uniform(0, 3, size=n)
+    w[::7] = 0.0
+    parts = [slice(0, 30), slice(30, n)]
+    picks = [np.arange(0, 30, 3), np.arange(0, 70)[::-1][:54][::-1]]  # 10 and 54 rows
+    w0 = obj.initial_weights(3)
+    cfg = TrainConfig(mode="barrier", solver="sgd", dtype="float64")
+
+    def fn(c):
+        s = parts[c.rank]
+        worker = BarrierWorker(c, obj, cfg, x[s], y[s], w0, w=w[s])
+        g, loss, count, _ = worker.reduced_sums(picks[c.rank])
+        return g.astype(np.float64) / count, loss / count, count
+
+    out = run_ranks(2, fn, timeout=20.0, join_timeout=120.0)
+    for r in out:
+        assert not isinstance(r, Exception), r
+    (g0, f0, c0), (g1, f1, c1) = out
+    rows = np.concatenate([np.arange(30)[picks[0]], 30 + picks[1]])
+    assert c0 == c1 == pytest.approx(float(w[rows].sum()), rel=1e-15)
+    assert g0.tobytes() == g1.tobytes() and f0 == f1
+    ref = FeedForwardModel(top, w0, dtype=np.float64)
+    grad = np.zeros(obj.num_weights)
+    loss = ref.compute_gradient(x[rows], y[rows], grad_out=grad, scale=len(rows), sample_weight=w[rows])
+    grad /= w[rows].sum()
+    loss *= len(rows) / w[rows].sum()
+    np.testing.assert_allclose(g0, grad, rtol=1e-12, atol=1e-14)
+    assert f0 == pytest.approx(loss, rel=1e-12)
+
+
+def test_weighted_gradient_by_hand_through_accumulate_gradient() -> None:
+    """A one-weight-layer linear model: the weighted gradient sum is X^T (w * (Xb - y)) -- by hand."""
+    from sparkdl_hetero.distributed.executor import accumulate_gradient
+
+    x = np.array([[1.0, 2.0], [0.0, 1.0], [3.0, -1.0]])
+    y = np.array([1.0, -1.0, 0.5])
+    w = np.array([2.0, 0.0, 0.5])
+    top = FeedForwardTopology.from_spec("affine(1)-squared_error", 2)
+    model = FeedForwardModel(top, np.array([0.5, -0.25, 0.1]), dtype=np.float64)  # W = [0.5, -0.25], b = 0.1
+    model.zero_grad()
+    loss, count = accumulate_gradient(model, x, y, None, w)
+    e = x @ np.array([0.5, -0.25]) + 0.1 - y  # errors: -0.4, 0.85, 1.35
+    np.testing.assert_allclose(model.get_gradient(), np.concatenate([x.T @ (w * e), [np.sum(w * e)]]), rtol=1e-15)
+    assert loss == pytest.approx(float(np.sum(w * 0.5 * e * e)), rel=1e-15) and count == 2.5
+    model.zero_grad()
+    loss, count = accumulate_gradient(model, x, y, np.array([0, 2]), w)  # a selection of the rows
+    assert count == 2.5 and loss == pytest.approx(float(w[0] * 0.5 * e[0] ** 2 + w[2] * 0.5 * e[2] ** 2))
+
+
+def test_solvers_divide_by_a_weight_sum_below_one() -> None:
+    """A count that is a sum of weights (0.25 here) divides the sums as it is; a count of 0 updates nothing."""
+    from sparkdl_hetero.nn.solvers import mean_objective
+
+    f, g = mean_objective(0.5, np.array([1.0, -2.0]), 0.25, np.zeros(2), 0.0)
+    assert f == 2.0 and g.tolist() == [4.0, -8.0]
+    f, g = mean_objective(0.0, np.zeros(2), 0.0, np.zeros(2), 0.0)
+    assert f == 0.0 and g.tolist() == [0.0, 0.0]

@@ -3,7 +3,8 @@
 The objective (with a mentor's weights, for distillation) is broadcast once per fit and destroyed at its end.
 Each evaluation ships the flat weights (float32) in the task closure (no broadcast to create and destroy),
 runs one ``treeAggregate`` over the cached handles RDD of :mod:`.data` -- every task sums gradient (float32),
-loss and count over its partition's resident blocks with a replica built once per Python worker -- and the driver
+loss and count (with ``weightCol``: weighted sums, and the weights' sum as the count) over its partition's
+resident blocks with a replica built once per Python worker -- and the driver
 sums in float64 and runs the solver of :mod:`sparkdl_hetero.nn.solvers` (one BLAS thread: two made its vector
 operations slower on 2 busy cores). Solvers:
 
@@ -42,7 +43,7 @@ from ..nn.objective import Objective
 from ..nn.solvers import Hooks, SolverState
 from .checkpoint import Checkpoint, load_compatible, save_checkpoint
 from .config import TrainConfig, TrainResult
-from .data import PartitionedData, resident_blocks
+from .data import PartitionedData, resident_blocks, resident_weights
 from .executor import accumulate_gradient, blas_limit, peak_rss_bytes
 
 
@@ -104,24 +105,25 @@ def _rows(job: _Job, part: int, n: int) -> np.ndarray | None:
 
 
 def partition_gradient(job: _Job, x: np.ndarray, y: np.ndarray, part: int, weights: np.ndarray,
-                       cpus: int = 1) -> tuple[np.ndarray | None, float, int, str]:
-    """(gradient sum, loss sum, count, backend account) of one partition's selected rows at ``weights``; the
-    gradient in the replica's dtype (float32: half the bytes to ship; the driver sums in float64)."""
+                       cpus: int = 1, w: np.ndarray | None = None) -> tuple[np.ndarray | None, float, int, float, str]:
+    """(gradient sum, loss sum, rows, count, backend account) of one partition's selected rows at ``weights``; the
+    gradient in the replica's dtype (float32: half the bytes to ship; the driver sums in float64). With sample
+    weights ``w`` the sums are weighted and the count is the weights' sum (else the rows)."""
     idx = _rows(job, part, len(y))
     m = len(y) if idx is None else len(idx)
     if m == 0:
-        return None, 0.0, 0, ""
+        return None, 0.0, 0, 0.0, ""
     rep, account = _replica(job)
     rep.set_weights(weights)
     rep.zero_grad()
     with blas_limit(cpus):
-        loss = accumulate_gradient(rep, x, y, idx)
-    return rep.get_gradient(), loss, m, account
+        loss, count = accumulate_gradient(rep, x, y, idx, w)
+    return rep.get_gradient(), loss, m, count, account
 
 
 def _task(handles: Any, job: _Job, weights: np.ndarray) -> Any:
-    """mapPartitions body: one (gradient sum, loss sum, count, missing partitions, {backend account: the
-    worker's peak RSS in bytes}, seconds computing) per partition."""
+    """mapPartitions body: one (gradient sum, loss sum, rows, missing partitions, {backend account: the
+    worker's peak RSS in bytes}, seconds computing, count: the rows' weights summed) per partition."""
     from pyspark import TaskContext
 
     ctx = TaskContext.get()
@@ -129,11 +131,12 @@ def _task(handles: Any, job: _Job, weights: np.ndarray) -> Any:
     for h in handles:
         blocks = resident_blocks(job.fit_id, h)
         if blocks is None:
-            yield None, 0.0, 0, (h.part,), {}, 0.0
+            yield None, 0.0, 0, (h.part,), {}, 0.0, 0.0
             continue
         t0 = time.perf_counter()
-        g, loss, n, account = partition_gradient(job, blocks[0], blocks[1], h.part, weights, cpus)
-        yield g, loss, n, (), {account: peak_rss_bytes()} if account else {}, time.perf_counter() - t0
+        g, loss, n, count, account = partition_gradient(job, blocks[0], blocks[1], h.part, weights, cpus,
+                                                        resident_weights(job.fit_id, h))
+        yield g, loss, n, (), {account: peak_rss_bytes()} if account else {}, time.perf_counter() - t0, count
 
 
 def _combine(a: tuple, b: tuple) -> tuple:
@@ -148,7 +151,7 @@ def _combine(a: tuple, b: tuple) -> tuple:
     workers = dict(a[4])
     for k, v in b[4].items():
         workers[k] = max(v, workers.get(k, 0))
-    return g, a[1] + b[1], a[2] + b[2], a[3] + b[3], workers, max(a[5], b[5])
+    return g, a[1] + b[1], a[2] + b[2], a[3] + b[3], workers, max(a[5], b[5]), a[6] + b[6]
 
 
 # ---- driver side ------------------------------------------------------------------------------------------
@@ -169,16 +172,17 @@ class TreeAggregateTrainer:
         self.objective_bc: Any = None  # the objective, broadcast once for the whole fit
 
     # -- one distributed evaluation --
-    def evaluate(self, w: np.ndarray, job: _Job, label: str) -> tuple[np.ndarray, float, int]:
-        """Gradient sum, loss sum and count over the rows ``job`` selects, at weights ``w``."""
+    def evaluate(self, w: np.ndarray, job: _Job, label: str) -> tuple[np.ndarray, float, float]:
+        """Gradient sum, loss sum and count over the rows ``job`` selects, at weights ``w`` (weighted sums and the
+        weights' sum with a weight column)."""
         sc = self.sc
         with np.errstate(over="ignore"):  # weights beyond float32 become inf: the loss check reports it
             weights = np.ascontiguousarray(w, dtype=self.dtype)
         task = partial(_task, job=job, weights=weights)
         sc.setJobDescription(f"sparkdl-hetero fit {self.data.fit_id[:8]}: {label}")
         try:
-            zero: tuple = (None, 0.0, 0, (), {}, 0.0)
-            g, loss, n, missing, accounts, busy = self.data.handles_rdd.mapPartitions(task) \
+            zero: tuple = (None, 0.0, 0, (), {}, 0.0, 0.0)
+            g, loss, n, missing, accounts, busy, count = self.data.handles_rdd.mapPartitions(task) \
                 .treeAggregate(zero, _combine, _combine, depth=2)
             if missing:  # partitions whose task ran on a host without their files: recompute them there
                 self.fallbacks += len(missing)
@@ -187,7 +191,7 @@ class TreeAggregateTrainer:
                     if part[3]:
                         raise RuntimeError(f"partitions {list(part[3])} have no blocks even after recomputing "
                                            f"them on the executor that ran them")
-                    g, loss, n, _, accounts, busy = _combine((g, loss, n, (), accounts, busy), part)
+                    g, loss, n, _, accounts, busy, count = _combine((g, loss, n, (), accounts, busy, count), part)
         finally:
             sc.setJobDescription(None)
         self.evaluations += 1
@@ -196,7 +200,7 @@ class TreeAggregateTrainer:
             self.backends[k] = max(v, self.backends.get(k, 0))
         self.compute_seconds += busy
         g = np.zeros(self.objective.num_weights) if g is None else g.astype(np.float64, copy=g.dtype != np.float64)
-        return g, loss, n
+        return g, loss, count
 
     def job(self, **kw: Any) -> _Job:
         c = self.config
@@ -261,7 +265,7 @@ class TreeAggregateTrainer:
             hooks.iteration_end = lambda _state, loss, _n: self.tick(loss)
             full = self.job()
 
-            def evaluate(w: np.ndarray, iteration: int | None) -> tuple[float, np.ndarray, int]:
+            def evaluate(w: np.ndarray, iteration: int | None) -> tuple[float, np.ndarray, float]:
                 if iteration is None:
                     label = f"l-bfgs iteration {state.iteration + 1}, evaluation {self.evaluations + 1}"
                     g, loss, n = self.evaluate(w, full, label)
@@ -275,13 +279,13 @@ class TreeAggregateTrainer:
         steps_per_epoch = max(1, math.ceil(self.data.count / c.batchSize))
         self.progress(solvers.epochs_of(c) * steps_per_epoch, state.iteration, "step")
 
-        def step(w: np.ndarray, t: int) -> tuple[float, np.ndarray, int]:
+        def step(w: np.ndarray, t: int) -> tuple[float, np.ndarray, float]:
             epoch, k = divmod(t, steps_per_epoch)
             job = self.job(kind="batch", epoch=epoch, step=k, steps_per_epoch=steps_per_epoch)
             g, loss, n = self.evaluate(w, job, f"{c.solver} epoch {epoch + 1} step {k + 1}")
             return loss, g, n
 
-        def step_end(_state: SolverState, loss: float, n: int) -> None:
+        def step_end(_state: SolverState, loss: float, n: float) -> None:
             if n:
                 self.tick(loss)
             elif self.bar is not None:
@@ -292,7 +296,7 @@ class TreeAggregateTrainer:
 
 
 def _combine_all(it: Any) -> tuple:
-    acc: tuple = (None, 0.0, 0, (), {}, 0.0)
+    acc: tuple = (None, 0.0, 0, (), {}, 0.0, 0.0)
     for v in it:
         acc = _combine(acc, v)
     return acc
