@@ -512,3 +512,64 @@ def test_solvers_divide_by_a_weight_sum_below_one() -> None:
     assert f == 2.0 and g.tolist() == [4.0, -8.0]
     f, g = mean_objective(0.0, np.zeros(2), 0.0, np.zeros(2), 0.0)
     assert f == 0.0 and g.tolist() == [0.0, 0.0]
+
+
+# ---- Spark: weightCol and validationIndicatorCol in both modes --------------------------------------------------
+@pytest.mark.parametrize("mode", ["treeAggregate", "barrier"])
+def test_weight_two_trains_like_the_duplicated_rows(spark, mode) -> None:
+    """Full-batch l-bfgs on rows with weights 1/2/0 reaches the weights it reaches on the data with the weight-2
+    rows duplicated and the weight-0 rows dropped (the same objective, summed in another order)."""
+    x, y = _friedman(60, 5)
+    w = np.where(np.arange(60) % 5 == 0, 2.0, 1.0)
+    w[np.arange(60) % 7 == 3] = 0.0
+    weighted = _df(spark, x, y, extra={"w": [float(v) for v in w]})
+    idx = np.concatenate([np.flatnonzero(w > 0), np.flatnonzero(w == 2.0)])
+    duplicated = _df(spark, x[idx], y[idx])
+    kw = dict(mode=mode, numWorkers=2, maxIter=15, tol=0.0)
+    a = _regressor(weightCol="w", **kw).fit(weighted)
+    b = _regressor(**kw).fit(duplicated)
+    np.testing.assert_allclose(a.summary.objectiveHistory, b.summary.objectiveHistory, rtol=1e-9)
+    np.testing.assert_allclose(a.weights.toArray(), b.weights.toArray(), rtol=1e-7, atol=1e-9)
+
+
+@pytest.mark.parametrize("mode", ["treeAggregate", "barrier"])
+def test_validation_indicator_history_and_best_weights(spark, mode) -> None:
+    """One (loss, RMSE) per epoch over the indicator's rows, which never train; the returned model is the one with
+    the lowest validation loss, whose loss and RMSE a direct computation on those rows gives again."""
+    from pyspark.ml.linalg import Vectors
+
+    x, y = _friedman(200, 6)
+    val = np.arange(200) % 4 == 0
+    df = _df(spark, x, y, extra={"isVal": [bool(v) for v in val]})
+    model = _regressor(mode=mode, numWorkers=2, solver="adam", stepSize=0.05, batchSize=32, epochs=4, tol=0.0,
+                       patience=10, validationIndicatorCol="isVal").fit(df)
+    hist = model.summary.validationHistory
+    assert len(hist) == 4
+    pred = np.array([model.predict(Vectors.dense(r)) for r in x[val]])
+    err = pred - y[val]
+    best = min(hist)
+    assert best[0] == pytest.approx(0.5 * np.mean(err ** 2), rel=1e-9)  # squared error: half the MSE
+    assert best[1] == pytest.approx(np.sqrt(np.mean(err ** 2)), rel=1e-9)
+    assert model.summary.trainingStats["samples"] % 150 == 0  # 150 training rows per epoch: validation rows apart
+
+
+def test_minibatch_step_history_is_the_mean_loss_of_every_few_steps() -> None:
+    """A point every STEP_HISTORY_STEPS steps: the count-weighted mean of those steps' losses (the weights' sums
+    as counts), beside the per-epoch history."""
+    from sparkdl_hetero.nn.config import TrainConfig
+    from sparkdl_hetero.nn.solvers import STEP_HISTORY_STEPS, SolverState, minibatch
+
+    losses = np.arange(1.0, 1.0 + 3 * STEP_HISTORY_STEPS)
+    counts = np.where(np.arange(losses.size) % 2 == 0, 2.0, 0.5)
+
+    def step(w: np.ndarray, t: int) -> tuple[float, np.ndarray, float]:
+        return float(losses[t] * counts[t]), np.zeros_like(w), float(counts[t])
+
+    state = SolverState(np.zeros(2))
+    minibatch(state, TrainConfig(solver="sgd", epochs=3), STEP_HISTORY_STEPS, step)
+    k = STEP_HISTORY_STEPS
+    want = [[k * (i + 1), float(np.average(losses[i * k:(i + 1) * k], weights=counts[i * k:(i + 1) * k]))]
+            for i in range(3)]
+    assert [p[0] for p in state.step_history] == [p[0] for p in want]
+    assert [p[1] for p in state.step_history] == pytest.approx([p[1] for p in want], rel=1e-15)
+    assert state.history == pytest.approx([p[1] for p in want])  # one epoch per point here

@@ -17,6 +17,11 @@ operations slower on 2 busy cores). Solvers:
   (each partition contributes its share of a per-epoch permutation), one ``treeAggregate`` per step, the updater
   of :mod:`sparkdl_hetero.nn.optim`. The history holds each epoch's mean mini-batch loss; ``tol`` is not used.
 
+Validation (the rows of a validation indicator column, which never train): after each epoch of a mini-batch solver
+one more job sums the validation loss and metric (accuracy, or RMSE) over every partition's validation rows; the
+figures go to the progress bar and the stats' ``validation`` list, and with them early stopping: training stops
+after ``patience`` epochs without an improvement of ``tol`` and returns the best validated weights.
+
 ``regParam`` adds ``regParam / 2 * ||w||^2`` to the loss; the learning rate follows ``lrSchedule``. Checkpoints
 every ``checkpointInterval`` iterations (mini-batch solvers: steps) when ``checkpointDir`` is set, and a fit
 resumes from the latest one. A non-finite loss raises :class:`TrainingDivergedError` carrying the last good
@@ -43,8 +48,8 @@ from ..nn.objective import Objective
 from ..nn.solvers import Hooks, SolverState
 from .checkpoint import Checkpoint, load_compatible, save_checkpoint
 from .config import TrainConfig, TrainResult
-from .data import PartitionedData, resident_blocks, resident_weights
-from .executor import accumulate_gradient, blas_limit, peak_rss_bytes
+from .data import PartitionedData, resident_blocks, resident_validation, resident_weights
+from .executor import accumulate_gradient, blas_limit, peak_rss_bytes, validation_metrics, validation_sums
 
 
 # ---- executor side ---------------------------------------------------------------------------------------
@@ -139,6 +144,26 @@ def _task(handles: Any, job: _Job, weights: np.ndarray) -> Any:
         yield g, loss, n, (), {account: peak_rss_bytes()} if account else {}, time.perf_counter() - t0, count
 
 
+def _validation_task(handles: Any, job: _Job, weights: np.ndarray) -> Any:
+    """mapPartitions body: the (loss, metric, count) sums of :func:`.executor.validation_sums` over each
+    partition's validation rows, or the partition's number when its files are not on this host."""
+    from pyspark import TaskContext
+
+    ctx = TaskContext.get()
+    cpus = max(1, int(ctx.cpus())) if ctx is not None else 1
+    for h in handles:
+        if h.nv == 0:
+            continue
+        rows = resident_validation(job.fit_id, h)
+        if rows is None:
+            yield h.part
+            continue
+        rep, _ = _replica(job)
+        rep.set_weights(weights)
+        with blas_limit(cpus):
+            yield validation_sums(rep, *rows)
+
+
 def _combine(a: tuple, b: tuple) -> tuple:
     ga, gb = a[0], b[0]
     if ga is None:
@@ -170,6 +195,8 @@ class TreeAggregateTrainer:
         self.started = time.perf_counter()
         self.bar: Any = None
         self.objective_bc: Any = None  # the objective, broadcast once for the whole fit
+        self.validation: list[list[float]] = []  # [loss, metric] after each epoch (validation rows only)
+        self.steps_per_epoch = 0  # mini-batch solvers
 
     # -- one distributed evaluation --
     def evaluate(self, w: np.ndarray, job: _Job, label: str) -> tuple[np.ndarray, float, float]:
@@ -202,6 +229,27 @@ class TreeAggregateTrainer:
         g = np.zeros(self.objective.num_weights) if g is None else g.astype(np.float64, copy=g.dtype != np.float64)
         return g, loss, count
 
+    def validate(self, w: np.ndarray, epoch: int) -> tuple[float, float]:
+        """The global (mean loss, accuracy or RMSE) over every partition's validation rows at weights ``w``."""
+        job = self.job()
+        weights = np.ascontiguousarray(w, dtype=self.dtype)
+        task = partial(_validation_task, job=job, weights=weights)
+        self.sc.setJobDescription(f"sparkdl-hetero fit {self.data.fit_id[:8]}: validation after epoch {epoch + 1}")
+        try:
+            parts = self.data.handles_rdd.mapPartitions(task).collect()
+            missing = sorted(p for p in parts if isinstance(p, int))
+            if missing:  # recompute the partitions whose files are gone, where their task runs
+                self.fallbacks += len(missing)
+                rdd = self.data.rebuild_rdd().mapPartitions(task)
+                parts = [p for p in parts if not isinstance(p, int)] + [
+                    q for q in self.sc.runJob(rdd, lambda it: list(it), partitions=missing)]
+                if any(isinstance(p, int) for p in parts):
+                    raise RuntimeError("validation partitions have no blocks even after recomputing them")
+        finally:
+            self.sc.setJobDescription(None)
+        sums = np.sum(parts, axis=0) if parts else np.zeros(3)
+        return validation_metrics(sums, not self.objective.topology.loss_layer.class_labels)
+
     def job(self, **kw: Any) -> _Job:
         c = self.config
         if self.objective_bc is None:
@@ -230,7 +278,10 @@ class TreeAggregateTrainer:
 
     def result(self, state: SolverState, converged: str) -> TrainResult:
         seconds = time.perf_counter() - self.started
-        return TrainResult(state.weights, list(state.history), state.iteration, {
+        extra = {"validation": self.validation} if self.validation else {}
+        if state.step_history:
+            extra.update(stepLoss=state.step_history, stepsPerEpoch=self.steps_per_epoch)
+        return TrainResult(state.weights, list(state.history), state.iteration, {**extra,
             "mode": "treeAggregate", "solver": self.config.solver, "converged": converged,
             "evaluations": self.evaluations, "seconds": seconds, "samples": self.samples,
             "samplesPerSecond": self.samples / max(seconds, 1e-9), "numPartitions": self.data.num_partitions,
@@ -276,7 +327,7 @@ class TreeAggregateTrainer:
 
             solve = solvers.lbfgs if c.solver == "l-bfgs" else solvers.gd
             return solve(state, c, evaluate, hooks)
-        steps_per_epoch = max(1, math.ceil(self.data.count / c.batchSize))
+        steps_per_epoch = self.steps_per_epoch = max(1, math.ceil(self.data.count / c.batchSize))
         self.progress(solvers.epochs_of(c) * steps_per_epoch, state.iteration, "step")
 
         def step(w: np.ndarray, t: int) -> tuple[float, np.ndarray, float]:
@@ -292,7 +343,29 @@ class TreeAggregateTrainer:
                 self.bar.update(1)
 
         hooks.iteration_end = step_end
-        return solvers.minibatch(state, c, steps_per_epoch, step, hooks, keep_last_good=True)
+        best = [math.inf, 0, None]  # best validation loss, epochs since it improved, its weights
+        if self.data.validation_count:
+            regression = not self.objective.topology.loss_layer.class_labels
+
+            def epoch_end(epoch: int, _loss: float) -> str:
+                vloss, metric = self.validate(state.weights, epoch)
+                self.validation.append([vloss, metric])
+                if self.bar is not None:
+                    self.bar.set_postfix(val_loss=f"{vloss:.5g}", **{"val_rmse" if regression else "val_acc":
+                                                                    f"{metric:.4g}"}, refresh=False)
+                if vloss < best[0] - c.tol:
+                    best[:] = [vloss, 0, state.weights.copy()]
+                else:
+                    best[1] += 1
+                if best[1] >= c.patience:
+                    return f"early stopping: validation loss did not improve for {c.patience} epochs"
+                return ""
+
+            hooks.epoch_end = epoch_end
+        stop = solvers.minibatch(state, c, steps_per_epoch, step, hooks, keep_last_good=True)
+        if best[2] is not None and best[1] > 0:  # the best validated weights, not the last ones
+            state.weights = best[2]
+        return stop
 
 
 def _combine_all(it: Any) -> tuple:

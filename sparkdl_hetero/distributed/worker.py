@@ -359,6 +359,8 @@ class BarrierWorker:
             self.weights = best_weights
         self.extra["throughput"] = snapshot.throughput
         self.extra["finalShares"] = snapshot.shares
+        self.extra["stepLoss"] = self.state.step_history
+        self.extra["stepsPerEpoch"] = steps_per_epoch
         return stop
 
     def _average(self, local_samples: float) -> None:

@@ -167,24 +167,29 @@ class NetworkSetters:
     def setWeightCol(self, value: str) -> Any:
         return self._set(weightCol=value)
 
+    def setValidationIndicatorCol(self, value: str) -> Any:
+        return self._set(validationIndicatorCol=value)
+
 
 def fit_network(estimator: Any, dataset: DataFrame, objective_of: Any = None, *, regression: bool = False,
                 check: Any = None) -> tuple[FeedForwardTopology, Any, TrainResult]:
     """An estimator's fit up to the trained weights: its TrainConfig (every invalid knob fails first), the
     topology (the input size from the data when nothing else says), the initial weights, the objective
     (``objective_of(topology)``, default the plain one) and :func:`~sparkdl_hetero.distributed.fit.fit` with the
-    estimator's weight column. ``check(topology)`` runs before any Spark job over the data. Returns (topology,
-    objective, result)."""
+    estimator's weight and validation indicator columns. ``check(topology)`` runs before any Spark job over the
+    data. Returns (topology, objective, result)."""
     from ..distributed.data import check_columns
     from ..distributed.fit import fit
     from ..nn.objective import Objective
 
     config = estimator._train_config()
     features, label = estimator.getFeaturesCol(), estimator.getLabelCol()
-    weight_col = estimator.getOrDefault("weightCol") if estimator.isDefined("weightCol") else ""
+    weight_col, validation_col = (estimator.getOrDefault(p) if estimator.isDefined(p) else ""
+                                  for p in ("weightCol", "validationIndicatorCol"))
     size = None
     if estimator.getTopology() and not estimator.getInputShape() and not estimator.isDefined(estimator.layers):
-        check_columns(dataset, features, label, regression=regression, weight_col=weight_col)
+        check_columns(dataset, features, label, regression=regression, weight_col=weight_col,
+                      validation_col=validation_col)
         size = features_size(dataset, features)
         if size is None:
             raise ValueError(f"the DataFrame is empty: no rows in features column {features!r} to train on")
@@ -199,7 +204,7 @@ def fit_network(estimator: Any, dataset: DataFrame, objective_of: Any = None, *,
                              f"input shape {list(topology.input_shape)} needs {topology.num_weights}")
     objective = Objective(topology) if objective_of is None else objective_of(topology)
     result = fit(dataset, features, label, objective, config, initial, regression=regression,
-                 weight_col=weight_col)
+                 weight_col=weight_col, validation_col=validation_col)
     return topology, objective, result
 
 

@@ -19,6 +19,7 @@ from pyspark.ml.param.shared import (
     HasSolver,
     HasStepSize,
     HasTol,
+    HasValidationIndicatorCol,
     HasWeightCol,
 )
 
@@ -48,10 +49,12 @@ def _knob_param(name: str) -> Param:
 
 
 class _DeepNetworkParams(HasSeed, HasMaxIter, HasTol, HasStepSize, HasSolver, HasBlockSize, HasRegParam,
-                         HasWeightCol):
+                         HasWeightCol, HasValidationIndicatorCol):
     """Params of every network estimator and model (the feature, label and prediction column params come from
     pyspark's Predictor / PredictionModel bases). ``weightCol``: per-row weights in the loss, as Spark's
-    classifiers define it (finite, >= 0; the loss is the weighted mean)."""
+    classifiers define it (finite, >= 0; the loss is the weighted mean). ``validationIndicatorCol``: a boolean
+    column whose true rows never train; the validation loss and metric after each epoch (mini-batch solvers) go to
+    the summary's ``validationHistory`` and drive early stopping (``patience``)."""
 
     # ---- Spark's MLP params (same names, same meaning) ----
     layers: Param[list[int]] = _param(

@@ -165,6 +165,19 @@ class TrainingInfo:
         timings); empty for a loaded model."""
         return dict(self._stats)
 
+    @property
+    def stepLossHistory(self) -> list[tuple[int, float]]:
+        """Mini-batch solvers: (global step, mean training loss of the steps since the previous point), a point
+        every few steps (:data:`~sparkdl_hetero.nn.solvers.STEP_HISTORY_STEPS`): a finer curve than the per-epoch
+        objectiveHistory; empty otherwise."""
+        return [(int(p[0]), float(p[1])) for p in self._stats.get("stepLoss", [])]
+
+    @property
+    def validationHistory(self) -> list[tuple[float, float]]:
+        """(validation loss, accuracy -- or RMSE for a regressor) after each epoch, computed over every worker's
+        validation rows (validationIndicatorCol, or validationFraction in barrier mode); empty without them."""
+        return [(float(v[0]), float(v[1])) for v in self._stats.get("validation", [])]
+
 
 class DeepClassificationTrainingSummary(TrainingInfo, DeepClassificationSummary):
     """The evaluation summary on the training set, plus the objective history (see :class:`TrainingInfo`)."""

@@ -19,9 +19,10 @@ The solvers own the bookkeeping every mode shares, in a :class:`SolverState` the
 and epoch counts, L2 (``regParam / 2 * ||w||^2`` on the loss, ``regParam * w`` on the gradient), the divergence
 check (:class:`TrainingDivergedError`), stopping rules (gd: ``||w_i - w_(i-1)|| < tol * max(||w_i||, 1)``; l-bfgs:
 :mod:`.lbfgs`; mini-batch: the epoch count), the learning-rate schedule, the history (gd: the loss before each
-update; l-bfgs: the initial loss and the loss after each iteration; mini-batch: each epoch's mean loss) and the
-updater's state. :class:`Hooks` let a mode add progress, checkpoints, fault injection, weight averaging and early
-stopping without a copy of the loop.
+update; l-bfgs: the initial loss and the loss after each iteration; mini-batch: each epoch's mean loss, and a finer
+``step_history``: the mean loss of every :data:`STEP_HISTORY_STEPS` steps) and the updater's state.
+:class:`Hooks` let a mode add progress, checkpoints, fault injection, weight averaging and early stopping without
+a copy of the loop.
 """
 
 from __future__ import annotations
@@ -35,6 +36,10 @@ import numpy as np
 
 from .lbfgs import minimize_lbfgs
 from .optim import Updater, learning_rate, make_updater
+
+#: mini-batch solvers: steps per point of the finer training-loss history (loss curves with more than one point per
+#: epoch; with syncEvery > 1 a step's loss is the worker's own)
+STEP_HISTORY_STEPS = 10
 
 Evaluate = Callable[[np.ndarray, "int | None"], tuple[float, np.ndarray, float]]
 Step = Callable[[np.ndarray, int], tuple[float, np.ndarray, float]]
@@ -61,15 +66,23 @@ class SolverState:
     updater_state: dict[str, np.ndarray] = field(default_factory=dict)  # refreshed before each checkpoint
     epoch_loss_sum: float = 0.0  # mini-batch solvers: the current epoch's sum of loss x samples so far
     epoch_count: float = 0.0  # ... and its samples (their weights' sum)
+    step_history: list[list[float]] = field(default_factory=list)  # [global step, mean loss of the steps before]
+    window_loss_sum: float = 0.0  # mini-batch solvers: the steps since the last step_history point
+    window_count: float = 0.0
 
     def extra(self) -> dict[str, Any]:
-        """The JSON-able scalars of this state (a checkpoint stores them next to the arrays)."""
-        return {"epochLossSum": float(self.epoch_loss_sum), "epochCount": float(self.epoch_count)}
+        """The JSON-able values of this state (a checkpoint stores them next to the arrays)."""
+        return {"epochLossSum": float(self.epoch_loss_sum), "epochCount": float(self.epoch_count),
+                "stepHistory": self.step_history, "windowLossSum": float(self.window_loss_sum),
+                "windowCount": float(self.window_count)}
 
     def load_extra(self, extra: dict[str, Any]) -> None:
         """Restore what :meth:`extra` saved."""
         self.epoch_loss_sum = float(extra.get("epochLossSum", 0.0))
         self.epoch_count = float(extra.get("epochCount", 0.0))
+        self.step_history = [list(p) for p in extra.get("stepHistory", [])]
+        self.window_loss_sum = float(extra.get("windowLossSum", 0.0))
+        self.window_count = float(extra.get("windowCount", 0.0))
 
 
 @dataclass
@@ -249,7 +262,12 @@ def minibatch(state: SolverState, config: Any, steps_per_epoch: int, step: Step,
             updater.step(w, g, learning_rate(config, t, total), scale)
             state.epoch_loss_sum += f * n
             state.epoch_count += n
+            state.window_loss_sum += f * n
+            state.window_count += n
         state.iteration += 1
+        if state.iteration % STEP_HISTORY_STEPS == 0 and state.window_count > 0:
+            state.step_history.append([state.iteration, state.window_loss_sum / state.window_count])
+            state.window_loss_sum, state.window_count = 0.0, 0.0
         if hooks.iteration_end is not None:
             hooks.iteration_end(state, f, n)
         if state.iteration % steps_per_epoch == 0:
@@ -270,5 +288,5 @@ def minibatch(state: SolverState, config: Any, steps_per_epoch: int, step: Step,
     return stop
 
 
-__all__ = ["Evaluate", "Hooks", "SolverState", "Step", "TrainingDivergedError", "epochs_of", "gd", "lbfgs",
-           "mean_objective", "minibatch"]
+__all__ = ["STEP_HISTORY_STEPS", "Evaluate", "Hooks", "SolverState", "Step", "TrainingDivergedError", "epochs_of",
+           "gd", "lbfgs", "mean_objective", "minibatch"]
