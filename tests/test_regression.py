@@ -573,3 +573,21 @@ def test_minibatch_step_history_is_the_mean_loss_of_every_few_steps() -> None:
     assert [p[0] for p in state.step_history] == [p[0] for p in want]
     assert [p[1] for p in state.step_history] == pytest.approx([p[1] for p in want], rel=1e-15)
     assert state.history == pytest.approx([p[1] for p in want])  # one epoch per point here
+
+
+@pytest.mark.parametrize("mode", ["treeAggregate", "barrier"])
+def test_full_batch_validation_every_interval(spark, mode) -> None:
+    """gd validates every validationInterval iterations; the last entry is the returned model's, as a direct
+    computation on the validation rows gives it."""
+    from pyspark.ml.linalg import Vectors
+
+    x, y = _friedman(120, 7)
+    val = np.arange(120) % 3 == 0
+    df = _df(spark, x, y, extra={"isVal": [bool(v) for v in val]})
+    model = _regressor(mode=mode, numWorkers=2, solver="gd", stepSize=0.2, maxIter=6, tol=0.0, validationInterval=2,
+                       validationIndicatorCol="isVal").fit(df)
+    hist = model.summary.validationHistory
+    assert len(hist) == 3
+    err = np.array([model.predict(Vectors.dense(r)) for r in x[val]]) - y[val]
+    assert hist[-1][0] == pytest.approx(0.5 * np.mean(err ** 2), rel=1e-9)
+    assert hist[-1][1] == pytest.approx(np.sqrt(np.mean(err ** 2)), rel=1e-9)

@@ -18,9 +18,10 @@ operations slower on 2 busy cores). Solvers:
   of :mod:`sparkdl_hetero.nn.optim`. The history holds each epoch's mean mini-batch loss; ``tol`` is not used.
 
 Validation (the rows of a validation indicator column, which never train): after each epoch of a mini-batch solver
-one more job sums the validation loss and metric (accuracy, or RMSE) over every partition's validation rows; the
-figures go to the progress bar and the stats' ``validation`` list, and with them early stopping: training stops
-after ``patience`` epochs without an improvement of ``tol`` and returns the best validated weights.
+(every ``validationInterval`` iterations of gd / l-bfgs) one more job sums the validation loss and metric
+(accuracy, or RMSE) over every partition's validation rows; the figures go to the stats' ``validation`` list and,
+for mini-batch solvers, to the progress bar and early stopping: training stops after ``patience`` epochs without an
+improvement of ``tol`` and returns the best validated weights.
 
 ``regParam`` adds ``regParam / 2 * ||w||^2`` to the loss; the learning rate follows ``lrSchedule``. Checkpoints
 every ``checkpointInterval`` iterations (mini-batch solvers: steps) when ``checkpointDir`` is set, and a fit
@@ -229,12 +230,13 @@ class TreeAggregateTrainer:
         g = np.zeros(self.objective.num_weights) if g is None else g.astype(np.float64, copy=g.dtype != np.float64)
         return g, loss, count
 
-    def validate(self, w: np.ndarray, epoch: int) -> tuple[float, float]:
-        """The global (mean loss, accuracy or RMSE) over every partition's validation rows at weights ``w``."""
+    def validate(self, w: np.ndarray, epoch: int, unit: str = "epoch") -> tuple[float, float]:
+        """The global (mean loss, accuracy or RMSE) over every partition's validation rows at weights ``w``, after
+        ``epoch`` (a 0-based epoch, or iteration of a full-batch solver: ``unit``)."""
         job = self.job()
         weights = np.ascontiguousarray(w, dtype=self.dtype)
         task = partial(_validation_task, job=job, weights=weights)
-        self.sc.setJobDescription(f"sparkdl-hetero fit {self.data.fit_id[:8]}: validation after epoch {epoch + 1}")
+        self.sc.setJobDescription(f"sparkdl-hetero fit {self.data.fit_id[:8]}: validation after {unit} {epoch + 1}")
         try:
             parts = self.data.handles_rdd.mapPartitions(task).collect()
             missing = sorted(p for p in parts if isinstance(p, int))
@@ -313,7 +315,13 @@ class TreeAggregateTrainer:
         hooks = Hooks(checkpoint_due=self.checkpoint_due, checkpoint=self.checkpoint)
         if c.solver in ("gd", "l-bfgs"):
             self.progress(c.maxIter, state.iteration, "iteration")
-            hooks.iteration_end = lambda _state, loss, _n: self.tick(loss)
+
+            def iteration_end(_state: SolverState, loss: float, _n: float) -> None:
+                if self.data.validation_count and state.iteration % c.validationInterval == 0:
+                    self.validation.append(list(self.validate(state.weights, state.iteration - 1, "iteration")))
+                self.tick(loss)
+
+            hooks.iteration_end = iteration_end
             full = self.job()
 
             def evaluate(w: np.ndarray, iteration: int | None) -> tuple[float, np.ndarray, float]:

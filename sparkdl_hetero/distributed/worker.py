@@ -286,6 +286,8 @@ class BarrierWorker:
 
         def timed(_state: SolverState, _loss: float, _count: float) -> None:
             self.step_seconds.append(time.perf_counter() - started[0])
+            if self.val_rows and self.iteration % self.config.validationInterval == 0:
+                self.extra.setdefault("validation", []).append(list(self._validation()))
 
         hooks = Hooks(iteration_start=start, iteration_end=timed, checkpoint_due=self._checkpoint_due,
                       checkpoint=lambda _state: self.checkpoint(force=True))

@@ -158,6 +158,9 @@ class NetworkSetters:
     def setPatience(self, value: int) -> Any:
         return self._set(patience=value)
 
+    def setValidationInterval(self, value: int) -> Any:
+        return self._set(validationInterval=value)
+
     def setCommTimeout(self, value: float) -> Any:
         return self._set(commTimeout=value)
 

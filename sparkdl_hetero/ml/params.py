@@ -98,6 +98,7 @@ class _DeepNetworkParams(HasSeed, HasMaxIter, HasTol, HasStepSize, HasSolver, Ha
     balance: Param[bool] = _knob_param("balance")
     validationFraction: Param[float] = _knob_param("validationFraction")
     patience: Param[int] = _knob_param("patience")
+    validationInterval: Param[int] = _knob_param("validationInterval")
     commTimeout: Param[float] = _knob_param("commTimeout")
 
     def __init__(self, *args: Any) -> None:
@@ -186,6 +187,9 @@ class _DeepNetworkParams(HasSeed, HasMaxIter, HasTol, HasStepSize, HasSolver, Ha
 
     def getPatience(self) -> int:
         return self.getOrDefault(self.patience)
+
+    def getValidationInterval(self) -> int:
+        return self.getOrDefault(self.validationInterval)
 
     def getCommTimeout(self) -> float:
         return self.getOrDefault(self.commTimeout)
