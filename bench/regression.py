@@ -81,7 +81,8 @@ def main() -> None:
 
     x, y = friedman(args.rows, args.noise, args.seed) if args.dataset == "friedman" else spark_linear()
     spark = (SparkSession.builder.master(f"local[{args.partitions}]").appName("bench-regression")
-             .config("spark.ui.enabled", "false").config("spark.sql.execution.arrow.pyspark.enabled", "true")
+             .config("spark.ui.enabled", "false").config("spark.ui.showConsoleProgress", "false")
+             .config("spark.sql.execution.arrow.pyspark.enabled", "true")
              .getOrCreate())
     spark.sparkContext.setLogLevel("ERROR")
     rows = [(Vectors.dense(r), float(v)) for r, v in zip(x, y, strict=True)]
