@@ -178,8 +178,11 @@ def build_classifier(args: argparse.Namespace, shape: tuple[int, ...], num_class
     return est.setTopology(spec).setInputShape(list(shape))
 
 
-def save_loss_curve(history: list[float], path: str, title: str, xlabel: str) -> str:
-    """Write the loss curve PNG; a message instead when matplotlib is missing."""
+def save_loss_curve(history: list[float], path: str, title: str, xlabel: str,
+                    stats: dict | None = None) -> str:
+    """Write the loss curve PNG; a message instead when matplotlib is missing. With a mini-batch solver's stats the
+    training loss is drawn every few steps (``stepLoss``, x in epochs) and the validation loss after each epoch
+    on top (``validation``)."""
     try:
         import matplotlib
 
@@ -187,10 +190,20 @@ def save_loss_curve(history: list[float], path: str, title: str, xlabel: str) ->
         import matplotlib.pyplot as plt
     except ImportError:
         return "matplotlib is not installed: no loss curve PNG (pip install 'sparkdl-hetero[plot]')"
+    stats = stats or {}
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(np.arange(1, len(history) + 1), history, marker="o" if len(history) < 30 else None)
+    steps, per_epoch = stats.get("stepLoss", []), stats.get("stepsPerEpoch", 0)
+    if steps and per_epoch:
+        ax.plot([p[0] / per_epoch for p in steps], [p[1] for p in steps], label="training loss", linewidth=1)
+    else:
+        ax.plot(np.arange(1, len(history) + 1), history, marker="o" if len(history) < 30 else None,
+                label="training loss")
+    validation = stats.get("validation", [])
+    if validation:
+        ax.plot(np.arange(1, len(validation) + 1), [v[0] for v in validation], marker="o", label="validation loss")
+        ax.legend()
     ax.set_xlabel(xlabel)
-    ax.set_ylabel("training loss")
+    ax.set_ylabel("loss")
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -244,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     print(save_loss_curve(history, os.path.join(args.output, "loss.png"),
                           f"{args.model if args.model in ('mlp', 'lenet') else 'spec'} / {args.solver}: "
                           f"test accuracy {accuracy:.4f}",
-                          "epoch" if args.solver in MINI_BATCH_SOLVERS else "iteration"))
+                          "epoch" if args.solver in MINI_BATCH_SOLVERS else "iteration", stats))
     with open(os.path.join(args.output, "result.json"), "w") as f:
         json.dump({"testAccuracy": accuracy, "trainSeconds": seconds, "objectiveHistory": history,
                    "topology": model.getTopology(), "inputShape": list(shape), "args": vars(args)}, f, indent=1)

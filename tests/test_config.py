@@ -25,8 +25,8 @@ from sparkdl_hetero.nn.config import (
 # every knob of the TrainConfig that the distributed layer and the estimator always knew
 KNOWN = ("solver maxIter tol stepSize regParam blockSize batchSize epochs miniBatchFraction momentum nesterov beta1 "
          "beta2 epsilon lrSchedule lrDecay lrDecaySteps seed dtype backend mode numWorkers checkpointDir "
-         "checkpointInterval verbose syncEvery allReduce balance validationFraction patience commTimeout "
-         "straggler").split()
+         "checkpointInterval verbose syncEvery allReduce balance validationFraction patience validationInterval "
+         "commTimeout straggler").split()
 
 
 def test_the_table_is_the_dataclass() -> None:
@@ -85,6 +85,7 @@ CASES = [
     ("balance", None, "balance must be true or false, got None"),
     ("validationFraction", 1.0, "validationFraction must be in [0, 1), got 1.0"),
     ("patience", 0, "patience must be >= 1, got 0"),
+    ("validationInterval", 0, "validationInterval must be >= 1, got 0"),
     ("commTimeout", 0.0, "commTimeout must be > 0, got 0.0"),
     ("straggler", {1: 0.5}, "straggler must be a map of worker rank (an integer >= 0) to slow-down factor (>= 1), "
                             "got {1: 0.5}"),

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from .activations import activation as _activation
-from .base import Array, Backend, _row_rmse, pool_out
+from .base import Array, Backend, _huber, _row_rmse, pool_out
 
 
 def accumulate(out: Array, r: Array, beta: float) -> Array:
@@ -129,19 +129,40 @@ class ArrayModuleBackend(Backend):
     def softmax(self, z: Array) -> Array:
         return self.xp.exp(self._log_softmax(z))
 
-    def softmax_xent(self, z: Array, target: Array, scale: float) -> tuple[float, Array]:
+    @staticmethod
+    def _column(w: Array, dtype: Any) -> Array:
+        """Row weights as an (n, 1) column of ``dtype`` (broadcast over a row's columns)."""
+        return w.astype(dtype, copy=False).reshape(-1, 1)
+
+    def softmax_xent(self, z: Array, target: Array, scale: float,
+                     weight: Array | None = None) -> tuple[float, Array]:
         logp = self._log_softmax(z)
-        loss = -float((target * logp).sum(dtype=self.xp.float64))
+        t = target if weight is None else target * self._column(weight, z.dtype)
+        loss = -float((t * logp).sum(dtype=self.xp.float64))
         delta = self.xp.exp(logp)
         delta -= target
+        if weight is not None:
+            delta *= self._column(weight, z.dtype)
         delta *= delta.dtype.type(scale)
         return loss, delta
 
-    def sigmoid_sq(self, z: Array, target: Array, scale: float) -> tuple[float, Array]:
+    def sigmoid_sq(self, z: Array, target: Array, scale: float,
+                   weight: Array | None = None) -> tuple[float, Array]:
         o = self.activation("sigmoid", z)
         err = o - target
-        loss = 0.5 * float((err * err).sum(dtype=self.xp.float64))
-        return loss, err * o * (1 - o) * z.dtype.type(scale)
+        sq = err * err
+        delta = err * o * (1 - o) * z.dtype.type(scale)
+        if weight is not None:
+            sq *= self._column(weight, z.dtype)
+            delta *= self._column(weight, z.dtype)
+        return 0.5 * float(sq.sum(dtype=self.xp.float64)), delta
+
+    def huber(self, z: Array, target: Array, scale: float, threshold: float,
+              weight: Array | None = None) -> tuple[float, Array]:
+        return _huber(self.xp, z, target, scale, threshold, weight)
+
+    def scale_rows(self, a: Array, w: Array) -> Array:
+        return a * self._column(w, a.dtype)
 
     def row_rmse(self, a: Array, b: Array, scale: float) -> tuple[float, Array]:
         return _row_rmse(self.xp, a, b, scale)

@@ -14,6 +14,7 @@ Backends know nothing of layers: these are plain tensor operations.
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from typing import Any
 
@@ -101,17 +102,40 @@ class Backend(ABC):
         """Row-wise softmax, numerically stable."""
 
     @abstractmethod
-    def softmax_xent(self, z: Array, target: Array, scale: float) -> tuple[float, Array]:
+    def softmax_xent(self, z: Array, target: Array, scale: float,
+                     weight: Array | None = None) -> tuple[float, Array]:
         """Softmax + cross-entropy on logits ``z`` against row targets (one-hot or soft).
 
         Returns ``(sum over rows of -sum(t * log softmax(z)), (softmax(z) - t) * scale)``; finite even
-        when a probability underflows (computed through log-softmax).
+        when a probability underflows (computed through log-softmax). ``weight``: a vector of one weight per row
+        that multiplies each row's loss and delta (see :meth:`scale_rows`).
         """
 
     @abstractmethod
-    def sigmoid_sq(self, z: Array, target: Array, scale: float) -> tuple[float, Array]:
+    def sigmoid_sq(self, z: Array, target: Array, scale: float,
+                   weight: Array | None = None) -> tuple[float, Array]:
         """Sigmoid + squared error: ``o = sigmoid(z)``; returns ``(sum((o - t)^2) / 2,
-        (o - t) * o * (1 - o) * scale)``."""
+        (o - t) * o * (1 - o) * scale)``, each row's share multiplied by its ``weight`` when given."""
+
+    def huber(self, z: Array, target: Array, scale: float, threshold: float,
+              weight: Array | None = None) -> tuple[float, Array]:
+        """Identity output, Huber loss of each element's error ``e = z - t``: ``e^2 / 2`` where
+        ``|e| <= threshold``, ``threshold * (|e| - threshold / 2)`` beyond (``threshold = inf``: the squared error
+        ``e^2 / 2`` everywhere). Returns ``(sum of the losses, clip(e, -threshold, threshold) * scale)``, each row's
+        share multiplied by its ``weight`` when given. This default goes through the host (the loss layer's
+        outputs are few per row); array-module backends override it with device code."""
+        hz = self.to_host(z)
+        hw = None if weight is None else self.to_host(weight)
+        loss, delta = _huber(np, hz, self.to_host(target), scale, threshold, hw)
+        return loss, self.asarray(delta, dtype=hz.dtype)
+
+    def scale_rows(self, a: Array, w: Array) -> Array:
+        """``a[i, :] * w[i]`` for an (n, k) matrix ``a`` and a vector ``w`` of n values, a new array. This default
+        forms the (n, k) matrix of each row's value as an outer product with a row of ones (one GEMM) and
+        multiplies element-wise, through ops every backend has; array-module backends override it by
+        broadcasting."""
+        ones = self.asarray(np.ones((1, a.shape[1])), dtype=a.dtype)
+        return self.mul(a, self.gemm(w.reshape(w.shape[0], 1), ones))
 
     # ---- convolution and pooling (NHWC) --------------------------------------------------------------
     @abstractmethod
@@ -217,6 +241,27 @@ class Backend(ABC):
 def pool_out(size: int, k: int, stride: int, pad: int = 0) -> int:
     """Output length of a window of ``k`` sliding by ``stride`` over ``size`` (+ ``pad`` on each side)."""
     return (size + 2 * pad - k) // stride + 1
+
+
+def _huber(xp: Any, z: Array, t: Array, scale: float, threshold: float,
+           w: Array | None) -> tuple[float, Array]:
+    """:meth:`Backend.huber` written for a NumPy-like array module ``xp``."""
+    e = z - t
+    if math.isinf(threshold):
+        per = e * e
+        per *= per.dtype.type(0.5)
+        g = e
+    else:
+        a = xp.abs(e)
+        h = z.dtype.type(threshold)
+        per = xp.where(a <= h, z.dtype.type(0.5) * e * e, h * (a - z.dtype.type(0.5) * h))
+        g = xp.clip(e, -h, h)
+    if w is not None:
+        col = w.astype(z.dtype, copy=False).reshape(-1, 1)
+        per *= col
+        g *= col
+    g *= z.dtype.type(scale)
+    return float(per.sum(dtype=xp.float64)), g
 
 
 def _row_rmse(xp: Any, a: Array, b: Array, scale: float) -> tuple[float, Array]:

@@ -222,12 +222,16 @@ class NumpyBackend(ArrayModuleBackend):
     def softmax(self, z: Array) -> Array:
         return np.ascontiguousarray(np.exp(self._log_softmax_t(z)).T)
 
-    def softmax_xent(self, z: Array, target: Array, scale: float) -> tuple[float, Array]:
+    def softmax_xent(self, z: Array, target: Array, scale: float,
+                     weight: Array | None = None) -> tuple[float, Array]:
         logp = self._log_softmax_t(z)
         t = np.ascontiguousarray(target.T)
-        loss = -float((t * logp).sum(dtype=np.float64))
+        w = None if weight is None else weight.astype(z.dtype, copy=False)  # a row in the transposed layout
+        loss = -float(((t if w is None else t * w) * logp).sum(dtype=np.float64))
         delta = np.exp(logp, out=logp)
         delta -= t
+        if w is not None:
+            delta *= w
         delta *= delta.dtype.type(scale)
         return loss, np.ascontiguousarray(delta.T)
 

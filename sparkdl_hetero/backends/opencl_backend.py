@@ -338,12 +338,17 @@ class OpenCLBackend(ConvPoolKernels):
         self.launch("softmax", z.dtype, rows, out, z, np.int32(cols))
         return out
 
-    def sigmoid_sq(self, z: Array, target: Array, scale: float) -> tuple[float, Array]:
+    def sigmoid_sq(self, z: Array, target: Array, scale: float,
+                   weight: Array | None = None) -> tuple[float, Array]:
         self._same_size(z, target, "sigmoid_sq targets")
         sq, delta = self._empty(z.shape, z.dtype), self._empty(z.shape, z.dtype)
         self.launch("sigmoid_sq", z.dtype, self._check(z, "sigmoid_sq z").size, sq, delta, z,
                   self._check(target, "sigmoid_sq targets"), z.dtype.type(scale))
-        return 0.5 * self.sum(sq), delta
+        if weight is None:
+            return 0.5 * self.sum(sq), delta
+        if weight.size != z.shape[0]:
+            raise ValueError(f"sigmoid_sq weights: one per row expected ({z.shape[0]}), got {weight.shape}")
+        return 0.5 * self.sum(self.scale_rows(sq, weight)), self.scale_rows(delta, weight)
 
     def row_rmse(self, a: Array, b: Array, scale: float) -> tuple[float, Array]:
         rows, cols = self._check(a, "row_rmse a").shape

@@ -43,14 +43,18 @@ class ConvPoolKernels(Backend):
         if a.size != b.size:
             raise ValueError(f"{what}: sizes differ ({a.shape} vs {b.shape})")
 
-    def softmax_xent(self, z: Array, target: Array, scale: float) -> tuple[float, Array]:
+    def softmax_xent(self, z: Array, target: Array, scale: float,
+                     weight: Array | None = None) -> tuple[float, Array]:
         z = self._kernel_input(z, "softmax_xent z")
         rows, cols = z.shape
         self._same_size(z, target, "softmax_xent targets")
         loss, delta = self._empty((rows,), z.dtype), self._empty(z.shape, z.dtype)
         self.launch("softmax_xent", z.dtype, rows, loss, delta, z, self._kernel_input(target, "softmax_xent targets"),
                     np.int32(cols), z.dtype.type(scale))
-        return self.sum(loss), delta
+        if weight is None:
+            return self.sum(loss), delta
+        self._same_size(loss, weight, "softmax_xent weights")
+        return self.sum(self.mul(loss, weight)), self.scale_rows(delta, weight)
 
     def im2col(self, x: Array, kh: int, kw: int, stride: int, pad: int) -> Array:
         x = self._kernel_input(x, "im2col x")

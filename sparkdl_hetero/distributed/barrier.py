@@ -31,7 +31,7 @@ from .balancing import split_batch
 from .cluster import check_barrier_slots
 from .comm import CommError, Communicator, new_secret
 from .config import TrainConfig, TrainingDivergedError, TrainResult
-from .data import prepare
+from .data import Layout, arrow_blocks, prepare
 from .errors import NOT_RETRIABLE, NotRetriableError, failure_summary, from_peer, is_not_retriable
 from .executor import blas_limit
 from .worker import BarrierWorker, train_worker
@@ -68,7 +68,7 @@ def _fault_step(ctx: Any, rank: int) -> int:
 
 
 def _barrier_task(batches: Iterator, objective: Objective, config: TrainConfig, initial_weights: np.ndarray,
-                  num_features: int) -> Iterator:
+                  layout: Layout) -> Iterator:
     """mapInArrow(barrier=True) body: gather this partition's rows, meet the others, train, rank 0 answers."""
     import pyarrow as pa
     from pyspark import BarrierTaskContext
@@ -76,14 +76,14 @@ def _barrier_task(batches: Iterator, objective: Objective, config: TrainConfig, 
     ctx = BarrierTaskContext.get()
     rank = ctx.partitionId()
     world = len(ctx.getTaskInfos())
-    xs, ys = [], []
-    for batch in batches:
-        if batch.num_rows:
-            xs.append(batch.column(0).flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False))
-            ys.append(batch.column(1).to_numpy(zero_copy_only=False).astype(np.int32))
-    x = np.concatenate(xs).reshape(-1, num_features) if xs else np.zeros((0, num_features), np.float32)
-    y = np.concatenate(ys) if ys else np.zeros(0, np.int32)
-    del xs, ys
+    rows = arrow_blocks(batches, layout)
+    x, y, w = rows["x"], rows["y"], rows.get("w")
+    validation = None
+    if "v" in rows:  # the validation indicator's rows never train
+        v = rows["v"]
+        validation = (x[v], y[v], None if w is None else w[v])
+        x, y, w = x[~v], y[~v], None if w is None else w[~v]
+    del rows
     comm = Communicator(rank, world, _task_host(ctx), timeout=config.commTimeout,
                         max_elements=objective.num_weights + world + 8)
     try:
@@ -95,7 +95,7 @@ def _barrier_task(batches: Iterator, objective: Objective, config: TrainConfig, 
         with blas_limit(max(1, int(ctx.cpus()))):
             try:
                 worker, stop, summaries = train_worker(comm, objective, config, x, y, initial_weights,
-                                                       _fault_step(ctx, rank))
+                                                       _fault_step(ctx, rank), w=w, validation=validation)
             except TrainingDivergedError as e:  # the loss is all-reduced: every rank stops at the same step
                 diverged = e
     except BaseException as e:  # the driver sees only the traceback text: a deterministic failure says so by type
@@ -132,15 +132,17 @@ def _stats(meta: dict, config: TrainConfig, world: int, seconds: float) -> dict:
 
 
 def fit_barrier(df: Any, features_col: str, label_col: str, objective: Objective, config: TrainConfig,
-                initial_weights: np.ndarray) -> TrainResult:
-    """Train ``objective`` on ``df`` in barrier mode (see the module docstring)."""
+                initial_weights: np.ndarray, **inputs: Any) -> TrainResult:
+    """Train ``objective`` on ``df`` in barrier mode (see the module docstring); ``inputs``: the regression,
+    weight and validation column options of :func:`.data.prepare`."""
     world = check_barrier_slots(df.sparkSession, config.numWorkers)  # fails within seconds, never waits for slots
     for r in dict(config.straggler):
         if not 0 <= int(r) < world:
             raise ValueError(f"straggler rank {r} is not a worker rank (0..{world - 1})")
     topology = objective.topology
     d = topology.num_inputs
-    data = prepare(df, features_col, label_col, d, topology.num_outputs)
+    data = prepare(df, features_col, label_col, d, topology.num_outputs, **inputs)
+    layout = data.layout
     sc = data.handles_rdd.context
     try:
         w0 = np.asarray(initial_weights, dtype=np.float64)
@@ -151,7 +153,7 @@ def fit_barrier(df: Any, features_col: str, label_col: str, objective: Objective
         try:
             while True:
                 try:
-                    rows = parts.mapInArrow(lambda it: _barrier_task(it, objective, config, w0, d), _OUT_SCHEMA,
+                    rows = parts.mapInArrow(lambda it: _barrier_task(it, objective, config, w0, layout), _OUT_SCHEMA,
                                             barrier=True).collect()
                     break
                 except Exception as e:  # Spark gave up on the stage: resume from the checkpoint, a few times

@@ -2,8 +2,10 @@
 
 One Spark job converts and validates: the features column (a Spark ML ``Vector``, dense or sparse, or an
 ``array`` of numbers) becomes ``array<float>`` in the JVM (``vector_to_array``), ``mapInArrow`` hands each
-partition to Python as Arrow record batches, and each batch is checked and appended -- as raw float32 rows and
-int32 labels, no per-row Python -- to two files in the executor's Spark work directory. The job returns one small
+partition to Python as Arrow record batches, and each batch is checked and appended -- as raw float32 rows,
+int32 class labels or float64 regression targets, and float64 weights when a weight column is given, no per-row
+Python -- to files in the executor's Spark work directory (the rows of a validation indicator column to files of
+their own: they never train). The job returns one small
 *handle* row per partition (its row count, file paths and validation counters); the driver turns the counters into
 a :class:`ValueError` naming column, expected and actual values before any training starts.
 
@@ -27,27 +29,56 @@ from dataclasses import dataclass, field
 import numpy as np
 
 _SUBDIR = "sparkdl-hetero-blocks"
-# module-level cache of the executor's Python worker: (fit id, partition) -> (features, labels, features file)
-# as views of memory-mapped files
-_RESIDENT: dict[tuple[str, int], tuple[np.ndarray, np.ndarray, str]] = {}
+# module-level cache of the executor's Python worker: (fit id, partition) -> the partition's arrays (views of
+# memory-mapped files, see :func:`_map_blocks`) and its features file (whose absence means "released")
+_RESIDENT: dict[tuple[str, int], tuple[dict[str, np.ndarray | None], str]] = {}
 
 _NUMERIC = ("byte", "short", "int", "long", "float", "double", "decimal")
 _HANDLE_SCHEMA = (
-    "part int, n long, host string, xpath string, ypath string, "
-    "null_x long, null_y long, null_elem long, bad_len long, bad_len_value long, "
-    "nonfinite long, nonfinite_value double, bad_label long, bad_label_value double"
+    "part int, n long, nv long, regression boolean, weighted boolean, host string, xpath string, ypath string, "
+    "wpath string, vxpath string, "
+    "vypath string, vwpath string, null_x long, null_y long, null_elem long, bad_len long, bad_len_value long, "
+    "nonfinite long, nonfinite_value double, bad_label long, bad_label_value double, bad_label_len long, "
+    "bad_label_len_value long, null_w long, bad_weight long, bad_weight_value double, null_v long"
 )
+
+
+@dataclass(frozen=True)
+class Layout:
+    """What the converted columns are: ``num_features`` features, labels that are class indices in
+    ``[0, num_outputs)`` or (``regression``) ``num_outputs`` target values, and whether a weight column and a
+    validation indicator column come along (columns ``w`` and ``v`` of the Arrow DataFrame)."""
+
+    num_features: int
+    num_outputs: int
+    regression: bool = False
+    weighted: bool = False
+    indicated: bool = False
+
+    @property
+    def label_dtype(self) -> np.dtype:
+        """Class indices as int32; regression targets as float64 (targets keep their precision: they are few per
+        row, where the features are many and float32)."""
+        return np.dtype(np.float64 if self.regression else np.int32)
 
 
 @dataclass
 class Handle:
-    """Where one partition's blocks live, and what the validation pass counted in it."""
+    """Where one partition's blocks live (training rows, then the rows of the validation indicator), and what the
+    validation pass counted in it."""
 
     part: int
     n: int
+    nv: int
+    regression: bool  # labels are float64 targets (else int32 class indices)
+    weighted: bool  # weights come along
     host: str
     xpath: str
     ypath: str
+    wpath: str = ""
+    vxpath: str = ""
+    vypath: str = ""
+    vwpath: str = ""
     null_x: int = 0
     null_y: int = 0
     null_elem: int = 0
@@ -57,6 +88,18 @@ class Handle:
     nonfinite_value: float = 0.0
     bad_label: int = 0
     bad_label_value: float = 0.0
+    bad_label_len: int = 0
+    bad_label_len_value: int = 0
+    null_w: int = 0
+    bad_weight: int = 0
+    bad_weight_value: float = 0.0
+    null_v: int = 0
+
+    @property
+    def failed(self) -> bool:
+        """Whether the validation pass found a value that fails the fit (then nothing more is written)."""
+        return bool(self.bad_len or self.null_elem or self.nonfinite or self.bad_label or self.bad_label_len
+                    or self.bad_weight)
 
 
 def _blocks_dir(fit_id: str) -> str:
@@ -71,88 +114,210 @@ def _blocks_dir(fit_id: str) -> str:
     return os.path.join(root, _SUBDIR, fit_id)
 
 
-def _convert_partition(batches: Iterator, fit_id: str, num_features: int, num_classes: int) -> Iterator:
-    """mapInArrow body: validate and append every batch to this partition's files; yield one handle row."""
-    import pyarrow as pa
+def _check_batch(batch, layout: Layout, h: Handle) -> dict[str, np.ndarray] | None:  # noqa: ANN001 -- Arrow
+    """One Arrow batch (columns x, y[, w][, v]) as arrays -- ``x`` (n, d) float32, ``y`` class indices or (n, k)
+    targets, ``w`` weights or None, ``v`` the validation indicator or None -- counting into ``h`` what is wrong;
+    None when the batch holds nothing to keep (or the fit will fail anyway)."""
     import pyarrow.compute as pc
+
+    cols = {name: batch.column(i) for i, name in enumerate(batch.schema.names)}
+    h.null_x += cols["x"].null_count
+    h.null_y += cols["y"].null_count
+    h.null_w += cols["w"].null_count if "w" in cols else 0
+    h.null_v += cols["v"].null_count if "v" in cols else 0
+    if any(c.null_count for c in cols.values()):
+        keep = cols["x"].is_valid()
+        for c in cols.values():
+            keep = pc.and_(keep, c.is_valid())
+        cols = {name: c.filter(keep) for name, c in cols.items()}
+    d = layout.num_features
+    lengths = pc.list_value_length(cols["x"]).to_numpy(zero_copy_only=False)
+    bad = lengths != d
+    if bad.any():
+        h.bad_len += int(bad.sum())
+        h.bad_len_value = int(lengths[bad][0])
+        return None
+    values = cols["x"].flatten()
+    if values.null_count:
+        h.null_elem += values.null_count
+        return None
+    x = values.to_numpy(zero_copy_only=False)
+    if x.dtype != np.float32:
+        x = x.astype(np.float32)
+    finite = np.isfinite(x)
+    if not finite.all():
+        h.nonfinite += int(x.size - np.count_nonzero(finite))
+        h.nonfinite_value = float(x[~finite][0])
+    n = len(lengths)
+    out: dict[str, np.ndarray] = {"x": x.reshape(n, d)}
+    k = layout.num_outputs
+    if layout.regression:
+        lengths = pc.list_value_length(cols["y"]).to_numpy(zero_copy_only=False)
+        bad = lengths != k
+        if bad.any():
+            h.bad_label_len += int(bad.sum())
+            h.bad_label_len_value = int(lengths[bad][0])
+            return None
+        flat = cols["y"].flatten()
+        y = flat.to_numpy(zero_copy_only=False).astype(np.float64) if not flat.null_count \
+            else np.full(n * k, np.nan)  # a null inside a label vector: counted as non-finite
+        wrong = ~np.isfinite(y)
+        if wrong.any():
+            h.bad_label += int(wrong.sum())
+            h.bad_label_value = float(y[wrong][0])
+        out["y"] = y.reshape(n, k)
+    else:
+        y = cols["y"].to_numpy(zero_copy_only=False)
+        yi = np.floor(y)
+        wrong = (yi != y) | (y < 0) | (y >= k) | ~np.isfinite(y)
+        if wrong.any():
+            h.bad_label += int(wrong.sum())
+            h.bad_label_value = float(y[wrong][0])
+        out["y"] = yi.astype(np.int32)
+    if "w" in cols:
+        w = cols["w"].to_numpy(zero_copy_only=False).astype(np.float64)
+        wrong = ~(np.isfinite(w) & (w >= 0))
+        if wrong.any():
+            h.bad_weight += int(wrong.sum())
+            h.bad_weight_value = float(w[wrong][0])
+        out["w"] = w
+    if "v" in cols:
+        out["v"] = cols["v"].to_numpy(zero_copy_only=False).astype(bool)
+    return None if h.failed else out
+
+
+def _convert_partition(batches: Iterator, fit_id: str, layout: Layout) -> Iterator:
+    """mapInArrow body: validate and append every batch to this partition's files (training rows and validation
+    rows apart); yield one handle row."""
+    import pyarrow as pa
     from pyspark import TaskContext
 
     part = TaskContext.get().partitionId()
-    d = num_features
-    h = Handle(part, 0, socket.gethostname(), "", "")
+    h = Handle(part, 0, 0, layout.regression, layout.weighted, socket.gethostname(), "", "")
     directory = _blocks_dir(fit_id)
     os.makedirs(directory, exist_ok=True)
-    h.xpath = os.path.join(directory, f"x-{part}.f32")
-    h.ypath = os.path.join(directory, f"y-{part}.i32")
-    with open(h.xpath, "wb") as fx, open(h.ypath, "wb") as fy:
+    ext = "f64" if layout.regression else "i32"
+    paths = {"x": f"x-{part}.f32", "y": f"y-{part}.{ext}", "vx": f"vx-{part}.f32", "vy": f"vy-{part}.{ext}"}
+    if layout.weighted:
+        paths.update(w=f"w-{part}.f64", vw=f"vw-{part}.f64")
+    if not layout.indicated:
+        paths = {k: v for k, v in paths.items() if not k.startswith("v")}
+    paths = {k: os.path.join(directory, v) for k, v in paths.items()}
+    files = {k: open(p, "wb") for k, p in paths.items()}  # noqa: SIM115 -- closed in the finally below
+    try:
         for batch in batches:
             if batch.num_rows == 0:
                 continue
-            xcol, ycol = batch.column(0), batch.column(1)
-            h.null_x += xcol.null_count
-            h.null_y += ycol.null_count
-            if xcol.null_count or ycol.null_count:
-                keep = pc.and_(pc.is_valid(xcol), pc.is_valid(ycol))
-                xcol, ycol = xcol.filter(keep), ycol.filter(keep)
-            lengths = pc.list_value_length(xcol).to_numpy(zero_copy_only=False)
-            bad = lengths != d
-            if bad.any():
-                h.bad_len += int(bad.sum())
-                h.bad_len_value = int(lengths[bad][0])
-                continue
-            values = xcol.flatten()
-            if values.null_count:
-                h.null_elem += values.null_count
-                continue
-            x = values.to_numpy(zero_copy_only=False)
-            if x.dtype != np.float32:
-                x = x.astype(np.float32)
-            finite = np.isfinite(x)
-            if not finite.all():
-                h.nonfinite += int(x.size - np.count_nonzero(finite))
-                h.nonfinite_value = float(x[~finite][0])
-            y = ycol.to_numpy(zero_copy_only=False)
-            yi = np.floor(y)
-            wrong = (yi != y) | (y < 0) | (y >= num_classes) | ~np.isfinite(y)
-            if wrong.any():
-                h.bad_label += int(wrong.sum())
-                h.bad_label_value = float(y[wrong][0])
-            if h.bad_len or h.null_elem or h.nonfinite or h.bad_label:
+            arrays = _check_batch(batch, layout, h)
+            if arrays is None:
                 continue  # the fit will fail: keep counting, stop writing
-            fx.write(x.data)
-            fy.write(yi.astype(np.int32).data)
-            h.n += len(y)
-    if h.n == 0:
-        for p in (h.xpath, h.ypath):
+            val = arrays.pop("v", None)
+            for name, a in arrays.items():
+                if val is None:
+                    files[name].write(np.ascontiguousarray(a).data)
+                else:
+                    files[name].write(np.ascontiguousarray(a[~val]).data)
+                    files["v" + name].write(np.ascontiguousarray(a[val]).data)
+            nv = 0 if val is None else int(np.count_nonzero(val))
+            h.n += len(arrays["y"]) - nv
+            h.nv += nv
+    finally:
+        for f in files.values():
+            f.close()
+    for key, p in paths.items():
+        rows = h.nv if key.startswith("v") else h.n
+        if rows == 0:
             os.remove(p)
-        h.xpath = h.ypath = ""
+        else:
+            setattr(h, {"x": "xpath", "y": "ypath", "w": "wpath"}.get(key, key + "path"), p)
     yield pa.RecordBatch.from_pylist([vars(h)], schema=_arrow_handle_schema())
+
+
+def arrow_blocks(batches: Iterator, layout: Layout) -> dict[str, np.ndarray]:
+    """Rows already validated by :func:`prepare` (the Arrow DataFrame's batches) as arrays: ``x`` (n, d) float32,
+    ``y`` (labels as :attr:`Layout.label_dtype`), and ``w`` / ``v`` when the layout has them -- for a task that
+    keeps its rows in memory (barrier mode)."""
+    parts: dict[str, list[np.ndarray]] = {}
+    for batch in batches:
+        if batch.num_rows:
+            arrays = _check_batch(batch, layout, Handle(0, 0, 0, layout.regression, layout.weighted, "", "", ""))
+            for name, a in (arrays or {}).items():
+                parts.setdefault(name, []).append(a)
+    d, k = layout.num_features, layout.num_outputs
+    empty = {"x": np.zeros((0, d), np.float32),
+             "y": np.zeros((0, k) if layout.regression else 0, layout.label_dtype)}
+    if layout.weighted:
+        empty["w"] = np.zeros(0)
+    if layout.indicated:
+        empty["v"] = np.zeros(0, bool)
+    return {name: np.concatenate(parts[name]) if name in parts else a for name, a in empty.items()}
 
 
 def _arrow_handle_schema():  # noqa: ANN202 -- pyarrow is imported lazily
     import pyarrow as pa
 
-    types = {"int": pa.int32(), "long": pa.int64(), "string": pa.string(), "double": pa.float64()}
+    types = {"int": pa.int32(), "long": pa.int64(), "string": pa.string(), "double": pa.float64(),
+             "boolean": pa.bool_()}
     return pa.schema([(name, types[t]) for name, t in (f.split() for f in _HANDLE_SCHEMA.split(", "))])
 
 
-def resident_blocks(fit_id: str, handle: Handle) -> tuple[np.ndarray, np.ndarray] | None:
-    """The partition's ``(x (n, d) float32, y (n,) int32)``, memory-mapped once per Python worker; ``None`` when
-    its files are not on this host."""
+def _map_blocks(handle: Handle) -> dict[str, np.ndarray | None]:
+    """The partition's files as arrays (memory-mapped): x, y, w (None without weights) and the same for the
+    validation rows (vx, vy, vw)."""
+    out: dict[str, np.ndarray | None] = {}
+    ydtype = np.float64 if handle.regression else np.int32
+    for prefix, rows in (("", handle.n), ("v", handle.nv)):
+        paths = {"x": handle.vxpath if prefix else handle.xpath, "y": handle.vypath if prefix else handle.ypath,
+                 "w": handle.vwpath if prefix else handle.wpath}
+        for name, dtype, matrix in (("x", np.float32, True), ("y", ydtype, handle.regression),
+                                    ("w", np.float64, False)):
+            if name == "w" and not handle.weighted:
+                out[prefix + name] = None
+            elif rows == 0:
+                out[prefix + name] = np.zeros((0, 0) if matrix else 0, dtype)
+            else:  # the row width from the file's size
+                a = np.asarray(np.memmap(paths[name], dtype=dtype, mode="r"))
+                out[prefix + name] = a.reshape((rows, -1) if matrix else (rows,))
+    return out
+
+
+def _resident(fit_id: str, handle: Handle) -> dict[str, np.ndarray | None] | None:
     key = (fit_id, handle.part)
-    blocks = _RESIDENT.get(key)
-    if blocks is None:
-        if handle.n == 0:
-            return np.zeros((0, 0), np.float32), np.zeros(0, np.int32)
-        if handle.host != socket.gethostname() or not os.path.exists(handle.xpath) \
-                or not os.path.exists(handle.ypath):
+    entry = _RESIDENT.get(key)
+    if entry is None:
+        paths = [p for p in (handle.xpath, handle.ypath, handle.wpath, handle.vxpath, handle.vypath, handle.vwpath)
+                 if p]
+        if paths and (handle.host != socket.gethostname() or not all(os.path.exists(p) for p in paths)):
             return None
-        for k in [k for k, v in _RESIDENT.items() if k[0] != fit_id and not os.path.exists(v[2])]:
+        for k in [k for k, v in _RESIDENT.items() if k[0] != fit_id and not os.path.exists(v[1])]:
             del _RESIDENT[k]  # another fit's blocks whose files were released: unmap them
-        y = np.memmap(handle.ypath, dtype=np.int32, mode="r", shape=(handle.n,))
-        x = np.memmap(handle.xpath, dtype=np.float32, mode="r")
-        blocks = _RESIDENT[key] = (np.asarray(x).reshape(handle.n, -1), np.asarray(y), handle.xpath)
-    return blocks[0], blocks[1]
+        arrays = _map_blocks(handle)
+        if not paths:  # nothing written: nothing to keep either
+            return arrays
+        entry = _RESIDENT[key] = (arrays, paths[0])
+    return entry[0]
+
+
+def resident_blocks(fit_id: str, handle: Handle) -> tuple[np.ndarray, np.ndarray] | None:
+    """The partition's training rows ``(x (n, d) float32, y)`` -- ``y`` class indices (n,) int32, or (n, k)
+    float64 regression targets -- memory-mapped once per Python worker; ``None`` when its files are not on this
+    host."""
+    arrays = _resident(fit_id, handle)
+    return None if arrays is None else (arrays["x"], arrays["y"])
+
+
+def resident_weights(fit_id: str, handle: Handle) -> np.ndarray | None:
+    """The training rows' weights (float64), or None when the data has no weight column (or its files are not on
+    this host: :func:`resident_blocks` says which)."""
+    arrays = _resident(fit_id, handle)
+    return None if arrays is None else arrays["w"]
+
+
+def resident_validation(fit_id: str, handle: Handle) -> tuple[np.ndarray, np.ndarray, np.ndarray | None] | None:
+    """The partition's validation rows (those of the validation indicator column): ``(x, y, w or None)``;
+    ``None`` when its files are not on this host."""
+    arrays = _resident(fit_id, handle)
+    return None if arrays is None else (arrays["vx"], arrays["vy"], arrays["vw"])
 
 
 def release_resident(fit_id: str) -> int:
@@ -171,14 +336,27 @@ class PartitionedData:
     fit_id: str
     handles_rdd: object  # RDD of Handle, cached: one per partition
     handles: list[Handle]
-    num_features: int
-    num_classes: int
-    arrow_df: object  # the (features array<float>, label double) DataFrame (cached unless the input is), to rebuild
+    layout: Layout
+    arrow_df: object  # the (x array<float>, y[, w][, v]) DataFrame (cached unless the input is), to rebuild
     extra: dict = field(default_factory=dict)
 
     @property
+    def num_features(self) -> int:
+        return self.layout.num_features
+
+    @property
+    def num_classes(self) -> int:
+        """The model's outputs: classes, or regression targets per row."""
+        return self.layout.num_outputs
+
+    @property
     def count(self) -> int:
+        """Training rows (the validation indicator's rows apart)."""
         return sum(h.n for h in self.handles)
+
+    @property
+    def validation_count(self) -> int:
+        return sum(h.nv for h in self.handles)
 
     @property
     def num_partitions(self) -> int:
@@ -190,8 +368,8 @@ class PartitionedData:
     def rebuild_rdd(self):  # noqa: ANN201 -- an RDD of Handle
         """A fresh (uncached) conversion: running a partition of it writes that partition's files on the host
         that runs it and yields its handle -- the fallback when a task finds no files."""
-        fit_id, d, k = self.fit_id, self.num_features, self.num_classes
-        df = self.arrow_df.mapInArrow(lambda it: _convert_partition(it, fit_id, d, k), _HANDLE_SCHEMA)
+        fit_id, layout = self.fit_id, self.layout
+        df = self.arrow_df.mapInArrow(lambda it: _convert_partition(it, fit_id, layout), _HANDLE_SCHEMA)
         return df.rdd.map(lambda row: Handle(**row.asDict()))
 
     def release(self) -> None:
@@ -211,49 +389,85 @@ class PartitionedData:
                 self.arrow_df.unpersist()
 
 
-def _features_expr(df, features_col: str):  # noqa: ANN001, ANN202 -- pyspark objects
-    """The features column as ``array<float>``; ValueError when it is neither a Vector nor a numeric array."""
+def _numeric_array_expr(df, col: str, element: str, role: str, expected: str):  # noqa: ANN001, ANN202
+    """A Vector or numeric-array column as ``array<element>`` (nulls kept, to be counted); ValueError naming the
+    ``role`` column otherwise."""
     from pyspark.ml.functions import vector_to_array
     from pyspark.ml.linalg import VectorUDT
     from pyspark.sql import functions as F
     from pyspark.sql.types import ArrayType, NumericType
 
-    dtype = df.schema[features_col].dataType
+    dtype = df.schema[col].dataType
     if isinstance(dtype, VectorUDT):
-        col = F.col(features_col)  # vector_to_array fails on null: nulls pass through to be counted
-        return F.when(col.isNull(), F.lit(None).cast("array<float>")).otherwise(vector_to_array(col, "float32"))
+        c = F.col(col)  # vector_to_array fails on null: nulls pass through to be counted
+        width = "float32" if element == "float" else "float64"
+        return F.when(c.isNull(), F.lit(None).cast(f"array<{element}>")).otherwise(vector_to_array(c, width))
     if isinstance(dtype, ArrayType) and isinstance(dtype.elementType, NumericType):
-        return F.col(features_col).cast("array<float>")
-    raise ValueError(f"features column {features_col!r} must be a Vector (VectorUDT) or an array of numbers, "
-                     f"got {dtype.simpleString()}")
+        return F.col(col).cast(f"array<{element}>")
+    raise ValueError(f"{role} column {col!r} must be {expected}, got {dtype.simpleString()}")
 
 
-def check_columns(df, features_col: str, label_col: str) -> None:  # noqa: ANN001 -- a pyspark DataFrame
-    """Schema checks (no Spark job): both columns exist, features a vector/array, label numeric."""
+def _features_expr(df, features_col: str):  # noqa: ANN001, ANN202 -- pyspark objects
+    """The features column as ``array<float>``; ValueError when it is neither a Vector nor a numeric array."""
+    return _numeric_array_expr(df, features_col, "float", "features", "a Vector (VectorUDT) or an array of numbers")
+
+
+def _label_expr(df, label_col: str, regression: bool):  # noqa: ANN001, ANN202 -- pyspark objects
+    """Class labels as ``double``; regression labels (a number, a Vector or an array of numbers) as
+    ``array<double>``."""
+    from pyspark.sql import functions as F
     from pyspark.sql.types import NumericType
 
-    names = df.columns
-    for role, col in (("features", features_col), ("label", label_col)):
-        if col not in names:
-            raise ValueError(f"{role} column {col!r} not found in the DataFrame; it has columns {names}")
-    _features_expr(df, features_col)
     ltype = df.schema[label_col].dataType
-    if not isinstance(ltype, NumericType):
+    if isinstance(ltype, NumericType):
+        c = F.col(label_col).cast("double")
+        return F.when(c.isNull(), F.lit(None).cast("array<double>")).otherwise(F.array(c)) if regression else c
+    if not regression:
         raise ValueError(f"label column {label_col!r} must be numeric (integer class indices), "
                          f"got {ltype.simpleString()}")
+    return _numeric_array_expr(df, label_col, "double", "label", "a number, a Vector or an array of numbers")
 
 
-def _raise_for(handles: list[Handle], features_col: str, label_col: str, d: int, k: int) -> None:
+def check_columns(df, features_col: str, label_col: str, *, regression: bool = False,  # noqa: ANN001
+                  weight_col: str = "", validation_col: str = "") -> None:
+    """Schema checks (no Spark job): the columns exist, features a vector/array, the label numeric (class
+    indices), or for ``regression`` a number, vector or array; the weight column numeric, the validation indicator
+    boolean."""
+    from pyspark.sql.types import BooleanType, NumericType
+
+    names = df.columns
+    for role, col in (("features", features_col), ("label", label_col), ("weight", weight_col),
+                      ("validation indicator", validation_col)):
+        if col and col not in names:
+            raise ValueError(f"{role} column {col!r} not found in the DataFrame; it has columns {names}")
+    _features_expr(df, features_col)
+    _label_expr(df, label_col, regression)
+    if weight_col and not isinstance(df.schema[weight_col].dataType, NumericType):
+        raise ValueError(f"weight column {weight_col!r} must be numeric (weights >= 0), "
+                         f"got {df.schema[weight_col].dataType.simpleString()}")
+    if validation_col and not isinstance(df.schema[validation_col].dataType, BooleanType):
+        raise ValueError(f"validation indicator column {validation_col!r} must be boolean, "
+                         f"got {df.schema[validation_col].dataType.simpleString()}")
+
+
+def _raise_for(handles: list[Handle], features_col: str, label_col: str, layout: Layout, weight_col: str,
+               validation_col: str) -> None:
     def total(name: str) -> int:
         return sum(getattr(h, name) for h in handles)
 
     def first(name: str, value: str):  # noqa: ANN202
         return next(getattr(h, value) for h in handles if getattr(h, name))
 
+    d, k = layout.num_features, layout.num_outputs
     if total("null_x"):
         raise ValueError(f"features column {features_col!r} has {total('null_x')} null rows; expected none")
     if total("null_y"):
         raise ValueError(f"label column {label_col!r} has {total('null_y')} null rows; expected none")
+    if total("null_w"):
+        raise ValueError(f"weight column {weight_col!r} has {total('null_w')} null rows; expected none")
+    if total("null_v"):
+        raise ValueError(f"validation indicator column {validation_col!r} has {total('null_v')} null rows; "
+                         f"expected true or false")
     if total("bad_len"):
         raise ValueError(f"features column {features_col!r} has {total('bad_len')} rows of size "
                          f"{first('bad_len', 'bad_len_value')} (first found); the model takes {d} inputs")
@@ -264,31 +478,54 @@ def _raise_for(handles: list[Handle], features_col: str, label_col: str, d: int,
         raise ValueError(f"features column {features_col!r} has {total('nonfinite')} non-finite values "
                          f"(first found: {first('nonfinite', 'nonfinite_value')}); expected finite numbers "
                          f"(after conversion to float32)")
+    if total("bad_label_len"):
+        raise ValueError(f"label column {label_col!r} has {total('bad_label_len')} labels of size "
+                         f"{first('bad_label_len', 'bad_label_len_value')} (first found); the model has {k} "
+                         f"output{'s' if k != 1 else ''}")
     if total("bad_label"):
+        if layout.regression:
+            raise ValueError(f"label column {label_col!r} has {total('bad_label')} non-finite values (first "
+                             f"found: {first('bad_label', 'bad_label_value')}); expected finite numbers")
         raise ValueError(f"label column {label_col!r} has {total('bad_label')} values that are not integer class "
                          f"indices in [0, {k}) (first found: {first('bad_label', 'bad_label_value')})")
+    if total("bad_weight"):
+        raise ValueError(f"weight column {weight_col!r} has {total('bad_weight')} values that are negative or "
+                         f"not finite (first found: {first('bad_weight', 'bad_weight_value')}); expected finite "
+                         f"weights >= 0")
     if not sum(h.n for h in handles):
+        if total("nv"):
+            raise ValueError(f"no training rows: validation indicator column {validation_col!r} is true on all "
+                             f"{total('nv')} rows; expected at least one row to train on")
         raise ValueError(f"the DataFrame is empty: no rows in columns {features_col!r}, {label_col!r}; "
                          f"expected at least one")
 
 
 def prepare(df, features_col: str, label_col: str, num_features: int, num_classes: int,  # noqa: ANN001
-            fit_id: str | None = None) -> PartitionedData:
+            fit_id: str | None = None, *, regression: bool = False, weight_col: str = "",
+            validation_col: str = "") -> PartitionedData:
     """Validate ``df`` and convert it to resident blocks in one Spark job; ValueError (naming column, expected
-    and actual values) on any bad input, before training."""
+    and actual values) on any bad input, before training. ``regression``: the labels are ``num_classes`` target
+    values per row (a number when 1, else a Vector or array) instead of class indices. ``weight_col``: per-row
+    weights (finite, >= 0); ``validation_col``: a boolean column whose true rows are kept apart for validation
+    (:func:`resident_validation`) and never train."""
     from pyspark import StorageLevel
     from pyspark.sql import functions as F
 
-    check_columns(df, features_col, label_col)
+    check_columns(df, features_col, label_col, regression=regression, weight_col=weight_col,
+                  validation_col=validation_col)
     fit_id = fit_id or uuid.uuid4().hex
-    arrow_df = df.select(_features_expr(df, features_col).alias("x"),
-                         F.col(label_col).cast("double").alias("y"))
+    cols = [_features_expr(df, features_col).alias("x"), _label_expr(df, label_col, regression).alias("y")]
+    if weight_col:
+        cols.append(F.col(weight_col).cast("double").alias("w"))
+    if validation_col:
+        cols.append(F.col(validation_col).alias("v"))
+    arrow_df = df.select(*cols)
     level = df.storageLevel
     persisted = not (level.useMemory or level.useDisk)
     if persisted:  # as Spark ML does: cache an uncached input so a recomputed partition gets the same rows
         arrow_df.persist(StorageLevel.MEMORY_AND_DISK)
-    d, k = num_features, num_classes
-    converted = arrow_df.mapInArrow(lambda it: _convert_partition(it, fit_id, d, k), _HANDLE_SCHEMA)
+    layout = Layout(num_features, num_classes, regression, bool(weight_col), bool(validation_col))
+    converted = arrow_df.mapInArrow(lambda it: _convert_partition(it, fit_id, layout), _HANDLE_SCHEMA)
     handles_rdd = converted.rdd.map(lambda row: Handle(**row.asDict()))
     handles_rdd.persist(StorageLevel.MEMORY_AND_DISK)
     sc = handles_rdd.context
@@ -297,9 +534,9 @@ def prepare(df, features_col: str, label_col: str, num_features: int, num_classe
         handles = sorted(handles_rdd.collect(), key=lambda h: h.part)
     finally:
         sc.setJobDescription(None)
-    data = PartitionedData(fit_id, handles_rdd, handles, d, k, arrow_df, {"persistedInput": persisted})
+    data = PartitionedData(fit_id, handles_rdd, handles, layout, arrow_df, {"persistedInput": persisted})
     try:
-        _raise_for(handles, features_col, label_col, d, k)
+        _raise_for(handles, features_col, label_col, layout, weight_col, validation_col)
     except ValueError:
         data.release()
         raise

@@ -24,10 +24,14 @@ def _initial_weights(objective: Objective, config: TrainConfig, initial_weights:
 
 
 def fit(df, features_col: str, label_col: str, objective: Objective, config: TrainConfig,  # noqa: ANN001
-        initial_weights: np.ndarray | None = None) -> TrainResult:
+        initial_weights: np.ndarray | None = None, *, regression: bool = False, weight_col: str = "",
+        validation_col: str = "") -> TrainResult:
     """Train ``objective`` on the rows of ``df`` (features: a Vector or numeric array of the model's input size;
-    label: integer class indices). Every input check raises ValueError before any training starts (``config``
-    checked its knobs when it was built)."""
+    label: integer class indices, or with ``regression`` the model's outputs: a number, Vector or array).
+    ``weight_col``: per-row weights (the loss is the weighted mean); ``validation_col``: a boolean column whose true
+    rows never train (see :func:`.data.prepare`). Every input check raises ValueError before any training starts
+    (``config`` checked its knobs when it was built)."""
+    inputs = {"regression": regression, "weight_col": weight_col, "validation_col": validation_col}
     w0 = _initial_weights(objective, config, initial_weights)
     topology = objective.topology
     if config.backend in ("opencl", "cupy"):  # asked for by name: an executor that cannot run it fails the fit now
@@ -38,8 +42,8 @@ def fit(df, features_col: str, label_col: str, objective: Objective, config: Tra
         except ImportError as e:
             raise ValueError(f"mode='barrier' is not available in this installation ({e}); "
                              f"use mode='treeAggregate'") from e
-        return fit_barrier(df, features_col, label_col, objective, config, w0)
-    data = prepare(df, features_col, label_col, topology.num_inputs, topology.num_outputs)
+        return fit_barrier(df, features_col, label_col, objective, config, w0, **inputs)
+    data = prepare(df, features_col, label_col, topology.num_inputs, topology.num_outputs, **inputs)
     try:
         from .tree_aggregate import train
 

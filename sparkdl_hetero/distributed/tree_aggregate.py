@@ -3,7 +3,8 @@
 The objective (with a mentor's weights, for distillation) is broadcast once per fit and destroyed at its end.
 Each evaluation ships the flat weights (float32) in the task closure (no broadcast to create and destroy),
 runs one ``treeAggregate`` over the cached handles RDD of :mod:`.data` -- every task sums gradient (float32),
-loss and count over its partition's resident blocks with a replica built once per Python worker -- and the driver
+loss and count (with ``weightCol``: weighted sums, and the weights' sum as the count) over its partition's
+resident blocks with a replica built once per Python worker -- and the driver
 sums in float64 and runs the solver of :mod:`sparkdl_hetero.nn.solvers` (one BLAS thread: two made its vector
 operations slower on 2 busy cores). Solvers:
 
@@ -15,6 +16,12 @@ operations slower on 2 busy cores). Solvers:
 - ``sgd`` / ``momentum`` (``nesterov``) / ``adam``: epochs of global mini-batches of ``batchSize`` rows
   (each partition contributes its share of a per-epoch permutation), one ``treeAggregate`` per step, the updater
   of :mod:`sparkdl_hetero.nn.optim`. The history holds each epoch's mean mini-batch loss; ``tol`` is not used.
+
+Validation (the rows of a validation indicator column, which never train): after each epoch of a mini-batch solver
+(every ``validationInterval`` iterations of gd / l-bfgs) one more job sums the validation loss and metric
+(accuracy, or RMSE) over every partition's validation rows; the figures go to the stats' ``validation`` list and,
+for mini-batch solvers, to the progress bar and early stopping: training stops after ``patience`` epochs without an
+improvement of ``tol`` and returns the best validated weights.
 
 ``regParam`` adds ``regParam / 2 * ||w||^2`` to the loss; the learning rate follows ``lrSchedule``. Checkpoints
 every ``checkpointInterval`` iterations (mini-batch solvers: steps) when ``checkpointDir`` is set, and a fit
@@ -42,8 +49,8 @@ from ..nn.objective import Objective
 from ..nn.solvers import Hooks, SolverState
 from .checkpoint import Checkpoint, load_compatible, save_checkpoint
 from .config import TrainConfig, TrainResult
-from .data import PartitionedData, resident_blocks
-from .executor import accumulate_gradient, blas_limit, peak_rss_bytes
+from .data import PartitionedData, resident_blocks, resident_validation, resident_weights
+from .executor import accumulate_gradient, blas_limit, peak_rss_bytes, validation_metrics, validation_sums
 
 
 # ---- executor side ---------------------------------------------------------------------------------------
@@ -104,24 +111,25 @@ def _rows(job: _Job, part: int, n: int) -> np.ndarray | None:
 
 
 def partition_gradient(job: _Job, x: np.ndarray, y: np.ndarray, part: int, weights: np.ndarray,
-                       cpus: int = 1) -> tuple[np.ndarray | None, float, int, str]:
-    """(gradient sum, loss sum, count, backend account) of one partition's selected rows at ``weights``; the
-    gradient in the replica's dtype (float32: half the bytes to ship; the driver sums in float64)."""
+                       cpus: int = 1, w: np.ndarray | None = None) -> tuple[np.ndarray | None, float, int, float, str]:
+    """(gradient sum, loss sum, rows, count, backend account) of one partition's selected rows at ``weights``; the
+    gradient in the replica's dtype (float32: half the bytes to ship; the driver sums in float64). With sample
+    weights ``w`` the sums are weighted and the count is the weights' sum (else the rows)."""
     idx = _rows(job, part, len(y))
     m = len(y) if idx is None else len(idx)
     if m == 0:
-        return None, 0.0, 0, ""
+        return None, 0.0, 0, 0.0, ""
     rep, account = _replica(job)
     rep.set_weights(weights)
     rep.zero_grad()
     with blas_limit(cpus):
-        loss = accumulate_gradient(rep, x, y, idx)
-    return rep.get_gradient(), loss, m, account
+        loss, count = accumulate_gradient(rep, x, y, idx, w)
+    return rep.get_gradient(), loss, m, count, account
 
 
 def _task(handles: Any, job: _Job, weights: np.ndarray) -> Any:
-    """mapPartitions body: one (gradient sum, loss sum, count, missing partitions, {backend account: the
-    worker's peak RSS in bytes}, seconds computing) per partition."""
+    """mapPartitions body: one (gradient sum, loss sum, rows, missing partitions, {backend account: the
+    worker's peak RSS in bytes}, seconds computing, count: the rows' weights summed) per partition."""
     from pyspark import TaskContext
 
     ctx = TaskContext.get()
@@ -129,11 +137,32 @@ def _task(handles: Any, job: _Job, weights: np.ndarray) -> Any:
     for h in handles:
         blocks = resident_blocks(job.fit_id, h)
         if blocks is None:
-            yield None, 0.0, 0, (h.part,), {}, 0.0
+            yield None, 0.0, 0, (h.part,), {}, 0.0, 0.0
             continue
         t0 = time.perf_counter()
-        g, loss, n, account = partition_gradient(job, blocks[0], blocks[1], h.part, weights, cpus)
-        yield g, loss, n, (), {account: peak_rss_bytes()} if account else {}, time.perf_counter() - t0
+        g, loss, n, count, account = partition_gradient(job, blocks[0], blocks[1], h.part, weights, cpus,
+                                                        resident_weights(job.fit_id, h))
+        yield g, loss, n, (), {account: peak_rss_bytes()} if account else {}, time.perf_counter() - t0, count
+
+
+def _validation_task(handles: Any, job: _Job, weights: np.ndarray) -> Any:
+    """mapPartitions body: the (loss, metric, count) sums of :func:`.executor.validation_sums` over each
+    partition's validation rows, or the partition's number when its files are not on this host."""
+    from pyspark import TaskContext
+
+    ctx = TaskContext.get()
+    cpus = max(1, int(ctx.cpus())) if ctx is not None else 1
+    for h in handles:
+        if h.nv == 0:
+            continue
+        rows = resident_validation(job.fit_id, h)
+        if rows is None:
+            yield h.part
+            continue
+        rep, _ = _replica(job)
+        rep.set_weights(weights)
+        with blas_limit(cpus):
+            yield validation_sums(rep, *rows)
 
 
 def _combine(a: tuple, b: tuple) -> tuple:
@@ -148,7 +177,7 @@ def _combine(a: tuple, b: tuple) -> tuple:
     workers = dict(a[4])
     for k, v in b[4].items():
         workers[k] = max(v, workers.get(k, 0))
-    return g, a[1] + b[1], a[2] + b[2], a[3] + b[3], workers, max(a[5], b[5])
+    return g, a[1] + b[1], a[2] + b[2], a[3] + b[3], workers, max(a[5], b[5]), a[6] + b[6]
 
 
 # ---- driver side ------------------------------------------------------------------------------------------
@@ -167,18 +196,21 @@ class TreeAggregateTrainer:
         self.started = time.perf_counter()
         self.bar: Any = None
         self.objective_bc: Any = None  # the objective, broadcast once for the whole fit
+        self.validation: list[list[float]] = []  # [loss, metric] after each epoch (validation rows only)
+        self.steps_per_epoch = 0  # mini-batch solvers
 
     # -- one distributed evaluation --
-    def evaluate(self, w: np.ndarray, job: _Job, label: str) -> tuple[np.ndarray, float, int]:
-        """Gradient sum, loss sum and count over the rows ``job`` selects, at weights ``w``."""
+    def evaluate(self, w: np.ndarray, job: _Job, label: str) -> tuple[np.ndarray, float, float]:
+        """Gradient sum, loss sum and count over the rows ``job`` selects, at weights ``w`` (weighted sums and the
+        weights' sum with a weight column)."""
         sc = self.sc
         with np.errstate(over="ignore"):  # weights beyond float32 become inf: the loss check reports it
             weights = np.ascontiguousarray(w, dtype=self.dtype)
         task = partial(_task, job=job, weights=weights)
         sc.setJobDescription(f"sparkdl-hetero fit {self.data.fit_id[:8]}: {label}")
         try:
-            zero: tuple = (None, 0.0, 0, (), {}, 0.0)
-            g, loss, n, missing, accounts, busy = self.data.handles_rdd.mapPartitions(task) \
+            zero: tuple = (None, 0.0, 0, (), {}, 0.0, 0.0)
+            g, loss, n, missing, accounts, busy, count = self.data.handles_rdd.mapPartitions(task) \
                 .treeAggregate(zero, _combine, _combine, depth=2)
             if missing:  # partitions whose task ran on a host without their files: recompute them there
                 self.fallbacks += len(missing)
@@ -187,7 +219,7 @@ class TreeAggregateTrainer:
                     if part[3]:
                         raise RuntimeError(f"partitions {list(part[3])} have no blocks even after recomputing "
                                            f"them on the executor that ran them")
-                    g, loss, n, _, accounts, busy = _combine((g, loss, n, (), accounts, busy), part)
+                    g, loss, n, _, accounts, busy, count = _combine((g, loss, n, (), accounts, busy, count), part)
         finally:
             sc.setJobDescription(None)
         self.evaluations += 1
@@ -196,7 +228,29 @@ class TreeAggregateTrainer:
             self.backends[k] = max(v, self.backends.get(k, 0))
         self.compute_seconds += busy
         g = np.zeros(self.objective.num_weights) if g is None else g.astype(np.float64, copy=g.dtype != np.float64)
-        return g, loss, n
+        return g, loss, count
+
+    def validate(self, w: np.ndarray, epoch: int, unit: str = "epoch") -> tuple[float, float]:
+        """The global (mean loss, accuracy or RMSE) over every partition's validation rows at weights ``w``, after
+        ``epoch`` (a 0-based epoch, or iteration of a full-batch solver: ``unit``)."""
+        job = self.job()
+        weights = np.ascontiguousarray(w, dtype=self.dtype)
+        task = partial(_validation_task, job=job, weights=weights)
+        self.sc.setJobDescription(f"sparkdl-hetero fit {self.data.fit_id[:8]}: validation after {unit} {epoch + 1}")
+        try:
+            parts = self.data.handles_rdd.mapPartitions(task).collect()
+            missing = sorted(p for p in parts if isinstance(p, int))
+            if missing:  # recompute the partitions whose files are gone, where their task runs
+                self.fallbacks += len(missing)
+                rdd = self.data.rebuild_rdd().mapPartitions(task)
+                parts = [p for p in parts if not isinstance(p, int)] + [
+                    q for q in self.sc.runJob(rdd, lambda it: list(it), partitions=missing)]
+                if any(isinstance(p, int) for p in parts):
+                    raise RuntimeError("validation partitions have no blocks even after recomputing them")
+        finally:
+            self.sc.setJobDescription(None)
+        sums = np.sum(parts, axis=0) if parts else np.zeros(3)
+        return validation_metrics(sums, not self.objective.topology.loss_layer.class_labels)
 
     def job(self, **kw: Any) -> _Job:
         c = self.config
@@ -226,7 +280,10 @@ class TreeAggregateTrainer:
 
     def result(self, state: SolverState, converged: str) -> TrainResult:
         seconds = time.perf_counter() - self.started
-        return TrainResult(state.weights, list(state.history), state.iteration, {
+        extra = {"validation": self.validation} if self.validation else {}
+        if state.step_history:
+            extra.update(stepLoss=state.step_history, stepsPerEpoch=self.steps_per_epoch)
+        return TrainResult(state.weights, list(state.history), state.iteration, {**extra,
             "mode": "treeAggregate", "solver": self.config.solver, "converged": converged,
             "evaluations": self.evaluations, "seconds": seconds, "samples": self.samples,
             "samplesPerSecond": self.samples / max(seconds, 1e-9), "numPartitions": self.data.num_partitions,
@@ -258,10 +315,16 @@ class TreeAggregateTrainer:
         hooks = Hooks(checkpoint_due=self.checkpoint_due, checkpoint=self.checkpoint)
         if c.solver in ("gd", "l-bfgs"):
             self.progress(c.maxIter, state.iteration, "iteration")
-            hooks.iteration_end = lambda _state, loss, _n: self.tick(loss)
+
+            def iteration_end(_state: SolverState, loss: float, _n: float) -> None:
+                if self.data.validation_count and state.iteration % c.validationInterval == 0:
+                    self.validation.append(list(self.validate(state.weights, state.iteration - 1, "iteration")))
+                self.tick(loss)
+
+            hooks.iteration_end = iteration_end
             full = self.job()
 
-            def evaluate(w: np.ndarray, iteration: int | None) -> tuple[float, np.ndarray, int]:
+            def evaluate(w: np.ndarray, iteration: int | None) -> tuple[float, np.ndarray, float]:
                 if iteration is None:
                     label = f"l-bfgs iteration {state.iteration + 1}, evaluation {self.evaluations + 1}"
                     g, loss, n = self.evaluate(w, full, label)
@@ -272,27 +335,49 @@ class TreeAggregateTrainer:
 
             solve = solvers.lbfgs if c.solver == "l-bfgs" else solvers.gd
             return solve(state, c, evaluate, hooks)
-        steps_per_epoch = max(1, math.ceil(self.data.count / c.batchSize))
+        steps_per_epoch = self.steps_per_epoch = max(1, math.ceil(self.data.count / c.batchSize))
         self.progress(solvers.epochs_of(c) * steps_per_epoch, state.iteration, "step")
 
-        def step(w: np.ndarray, t: int) -> tuple[float, np.ndarray, int]:
+        def step(w: np.ndarray, t: int) -> tuple[float, np.ndarray, float]:
             epoch, k = divmod(t, steps_per_epoch)
             job = self.job(kind="batch", epoch=epoch, step=k, steps_per_epoch=steps_per_epoch)
             g, loss, n = self.evaluate(w, job, f"{c.solver} epoch {epoch + 1} step {k + 1}")
             return loss, g, n
 
-        def step_end(_state: SolverState, loss: float, n: int) -> None:
+        def step_end(_state: SolverState, loss: float, n: float) -> None:
             if n:
                 self.tick(loss)
             elif self.bar is not None:
                 self.bar.update(1)
 
         hooks.iteration_end = step_end
-        return solvers.minibatch(state, c, steps_per_epoch, step, hooks, keep_last_good=True)
+        best = [math.inf, 0, None]  # best validation loss, epochs since it improved, its weights
+        if self.data.validation_count:
+            regression = not self.objective.topology.loss_layer.class_labels
+
+            def epoch_end(epoch: int, _loss: float) -> str:
+                vloss, metric = self.validate(state.weights, epoch)
+                self.validation.append([vloss, metric])
+                if self.bar is not None:
+                    self.bar.set_postfix(val_loss=f"{vloss:.5g}", **{"val_rmse" if regression else "val_acc":
+                                                                    f"{metric:.4g}"}, refresh=False)
+                if vloss < best[0] - c.tol:
+                    best[:] = [vloss, 0, state.weights.copy()]
+                else:
+                    best[1] += 1
+                if best[1] >= c.patience:
+                    return f"early stopping: validation loss did not improve for {c.patience} epochs"
+                return ""
+
+            hooks.epoch_end = epoch_end
+        stop = solvers.minibatch(state, c, steps_per_epoch, step, hooks, keep_last_good=True)
+        if best[2] is not None and best[1] > 0:  # the best validated weights, not the last ones
+            state.weights = best[2]
+        return stop
 
 
 def _combine_all(it: Any) -> tuple:
-    acc: tuple = (None, 0.0, 0, (), {}, 0.0)
+    acc: tuple = (None, 0.0, 0, (), {}, 0.0, 0.0)
     for v in it:
         acc = _combine(acc, v)
     return acc

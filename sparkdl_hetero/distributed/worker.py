@@ -6,15 +6,17 @@ Every rank keeps its rows in memory and a full replica of the parameters (throug
 :mod:`sparkdl_hetero.nn.solvers`: each step is local forward/backward, one all-reduce, and the same update on every
 replica, so the replicas stay bit-identical.
 
-Mini-batch solvers: the global batch ``batchSize`` is split by a :class:`~.balancing.Balancer` (``balance=True``:
-in proportion to the measured compute throughputs; ``balance=False``: to the rows). Each worker sends the *sum* of
-its samples' gradients with its sample count; the all-reduced sum divided by the total count is exactly the mean
-gradient of the global batch. Throughputs ride in the same vector (one slot per rank), so every rank computes the
-same split. ``syncEvery=k>1``: k local steps on each worker, then the weights are averaged, weighted by the samples
-each worker used (local SGD / FedAvg; shares then stay proportional to the rows, throughputs are not exchanged
-between averagings). An epoch is ``ceil(rows / batchSize)`` global steps. ``validationFraction``: each worker holds
-out that share of its rows; the all-reduced validation loss after each epoch drives early stopping with
-``patience`` -- every rank takes the same decision, so all stop together, and the best weights are returned.
+Mini-batch solvers: the global batch ``batchSize`` is split by a :class:`~.balancing.Balancer` (``balance=True``: in
+proportion to the measured compute throughputs; ``balance=False``: to the rows). Each worker sends the *sum* of its
+samples' gradients with its sample count; the all-reduced sum divided by the total count is exactly the mean
+gradient of the global batch. With sample weights the sums are weighted and the count is the weights' sum: the
+weighted mean over the global batch, whatever the split. Throughputs ride in the same vector (one slot per rank), so
+every rank computes the same split. ``syncEvery=k>1``: k local steps on each worker, then the weights are averaged,
+weighted by the samples each worker used (local SGD / FedAvg; shares then stay proportional to the rows, throughputs
+are not exchanged between averagings). An epoch is ``ceil(rows / batchSize)`` global steps. Validation rows (a
+validation indicator column's, or with ``validationFraction`` that share of each worker's rows, held out): the all-
+reduced validation loss after each epoch drives early stopping with ``patience`` -- every rank takes the same
+decision, so all stop together, and the best weights are returned.
 
 Full-batch solvers (``gd``, ``l-bfgs``): every rank runs the same solver on the all-reduced full-batch loss and
 gradient (no driver round trip per iteration).
@@ -43,7 +45,7 @@ from .checkpoint import Checkpoint, load_compatible, save_checkpoint
 from .comm import Communicator
 from .config import TrainConfig
 from .errors import InjectedFault, ReplicasDivergedError
-from .executor import CHUNK_ROWS, accumulate_gradient, peak_rss_bytes
+from .executor import accumulate_gradient, peak_rss_bytes, validation_metrics, validation_sums
 
 
 def pause(seconds: float) -> None:
@@ -94,11 +96,17 @@ class EarlyStopping:
     bad_epochs: int = 0
 
 
+Rows = tuple[np.ndarray, np.ndarray, "np.ndarray | None"]  # features, labels, sample weights (None: all 1)
+
+
 class BarrierWorker:
-    """One rank's training loop (see the module docstring). ``x``/``y`` are this worker's rows."""
+    """One rank's training loop (see the module docstring). ``x``/``y`` are this worker's rows, ``w`` their
+    sample weights (None: unweighted); ``validation``: this worker's validation rows (x, y, w), instead of
+    ``validationFraction`` of its rows."""
 
     def __init__(self, comm: Communicator, objective: Objective, config: TrainConfig, x: np.ndarray,
-                 y: np.ndarray, initial_weights: np.ndarray, fault_step: int = -1) -> None:
+                 y: np.ndarray, initial_weights: np.ndarray, fault_step: int = -1, *, w: np.ndarray | None = None,
+                 validation: Rows | None = None) -> None:
         self.comm, self.objective, self.config = comm, objective, config
         self.rank, self.world = comm.rank, comm.world_size
         self.dtype = np.dtype(config.dtype)
@@ -106,11 +114,16 @@ class BarrierWorker:
         self.nw = objective.num_weights
         self.fault_step = fault_step
         n = len(y)
-        nval = int(round(n * config.validationFraction)) if config.validationFraction > 0 else 0
+        nval = int(round(n * config.validationFraction)) if config.validationFraction > 0 and validation is None \
+            else 0
         order = np.random.default_rng([config.seed, 7919, self.rank]).permutation(n)
         val, train = np.sort(order[:nval]), np.sort(order[nval:])
-        self.x, self.y = (x[train], y[train]) if nval else (x, y)
-        self.xv, self.yv = (x[val], y[val]) if nval else (x[:0], y[:0])
+        self.x, self.y, self.w = (x[train], y[train], None if w is None else w[train]) if nval else (x, y, w)
+        if validation is not None:
+            self.xv, self.yv, self.wv = validation
+        else:
+            self.xv, self.yv, self.wv = (x[val], y[val], None if w is None else w[val]) if nval \
+                else (x[:0], y[:0], None)
         self.state = SolverState(np.asarray(initial_weights, dtype=np.float64).copy())
         self.balancer_state: BalancerState | None = None  # a checkpoint's, until the mini-batch loop starts
         self.balancer: Balancer | None = None
@@ -119,7 +132,7 @@ class BarrierWorker:
         self.straggle = float({int(k): v for k, v in dict(config.straggler).items()}.get(self.rank, 1.0))
         # per-step buffers, allocated once: the replica's weights, the vector all-reduced every step and its sum
         self._w_model = np.empty(self.nw, self.dtype)
-        self._reduced = np.zeros(self.nw + 2 + self.world, self.dtype)
+        self._reduced = np.zeros(self.nw + 3 + self.world, self.dtype)
         self._summed = np.empty_like(self._reduced)
         # timings of this rank
         self.step_seconds: list[float] = []
@@ -148,23 +161,24 @@ class BarrierWorker:
         return self.state.history
 
     # ---- pieces ----------------------------------------------------------------------------------------
-    def _gradient_sum(self, idx: np.ndarray | None) -> tuple[np.ndarray, float, int]:
-        """(sum of per-sample gradients, sum of losses, count) over this worker's rows ``idx`` (None: all), at
-        the current weights, straggler delay included."""
+    def _gradient_sum(self, idx: np.ndarray | None) -> tuple[np.ndarray, float, int, float]:
+        """(sum of per-sample gradients, sum of losses, rows, count) over this worker's rows ``idx`` (None: all),
+        at the current weights, straggler delay included; weighted sums and the weights' sum as the count when
+        the rows have weights (else the count is the rows)."""
         t0 = time.perf_counter()
         rep = self.replica
         np.copyto(self._w_model, self.weights, casting="same_kind")
         rep.set_weights(self._w_model)
         rep.zero_grad()
         m = len(self.y) if idx is None else len(idx)
-        loss = accumulate_gradient(rep, self.x, self.y, idx)
+        loss, count = accumulate_gradient(rep, self.x, self.y, idx, self.w)
         g = rep.get_gradient() if m else np.zeros(self.nw, self.dtype)
         elapsed = time.perf_counter() - t0
         if self.straggle > 1.0:
             pause((self.straggle - 1.0) * elapsed)
         self.compute_seconds += time.perf_counter() - t0
         self.samples += m
-        return g, loss, m
+        return g, loss, m, count
 
     def _allreduce(self, v: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         t0 = time.perf_counter()
@@ -172,36 +186,33 @@ class BarrierWorker:
         self.comm_seconds += time.perf_counter() - t0
         return out
 
-    def reduced_sums(self, idx: np.ndarray | None) -> tuple[np.ndarray, float, int, np.ndarray]:
+    def reduced_sums(self, idx: np.ndarray | None) -> tuple[np.ndarray, float, float, np.ndarray]:
         """The gradient sum (in the model's dtype) and loss sum over every worker's selected rows, the total
-        count, and every rank's compute throughput for this step (samples/s, float64) -- identical on all ranks.
-        The gradient sum is a view of the all-reduce's output buffer, which the next call overwrites."""
+        count (rows, or the weights' sum), and every rank's compute throughput for this step (samples/s,
+        float64) -- identical on all ranks. The gradient sum is a view of the all-reduce's output buffer, which
+        the next call overwrites."""
         c0 = self.compute_seconds
-        g, loss, m = self._gradient_sum(idx)
+        g, loss, m, count = self._gradient_sum(idx)
         v, nw = self._reduced, self.nw
         v[:nw] = g
         v[nw:] = 0
         v[nw] = loss
-        v[nw + 1] = m
-        v[nw + 2 + self.rank] = m / max(self.compute_seconds - c0, 1e-9)
+        v[nw + 1] = count
+        v[nw + 2] = m
+        v[nw + 3 + self.rank] = m / max(self.compute_seconds - c0, 1e-9)
         out = self._allreduce(v, self._summed)
-        total = int(round(float(out[nw + 1])))
-        if total == 0:
+        if int(round(float(out[nw + 2]))) == 0:
             raise ValueError("no worker has rows to train on")
-        return out[:nw], float(out[nw]), total, out[nw + 2:].astype(np.float64)
+        total = float(out[nw + 1]) if self.w is not None else float(round(float(out[nw + 1])))
+        return out[:nw], float(out[nw]), total, out[nw + 3:].astype(np.float64)
 
     def _validation(self) -> tuple[float, float]:
-        """All-reduced (mean loss, accuracy) on the held-out rows at the current weights."""
+        """All-reduced (mean loss, accuracy or RMSE) on the validation rows of every worker at the current
+        weights (weighted means with sample weights)."""
         rep = self.replica
         rep.set_weights(self.weights.astype(self.dtype))
-        loss = correct = 0.0
-        for lo in range(0, len(self.yv), CHUNK_ROWS):
-            xb, yb = self.xv[lo:lo + CHUNK_ROWS], self.yv[lo:lo + CHUNK_ROWS]
-            rep.zero_grad()
-            loss += rep.compute_gradient(xb, yb) * len(yb)
-            correct += float(np.sum(np.argmax(rep.predict(xb), axis=1) == yb))
-        out = self._allreduce(np.array([loss, correct, len(self.yv)], dtype=np.float64))
-        return float(out[0] / out[2]), float(out[1] / out[2])
+        out = self._allreduce(validation_sums(rep, self.xv, self.yv, self.wv))
+        return validation_metrics(out, not self.objective.topology.loss_layer.class_labels)
 
     def _maybe_fault(self, iteration: int) -> None:
         if iteration == self.fault_step:
@@ -259,7 +270,7 @@ class BarrierWorker:
             return self._full_batch()
         return self.minibatch()
 
-    def _evaluate(self, w: np.ndarray, _iteration: int | None) -> tuple[float, np.ndarray, int]:
+    def _evaluate(self, w: np.ndarray, _iteration: int | None) -> tuple[float, np.ndarray, float]:
         """The solvers' full-batch callback: sums over every worker's training rows at ``w``."""
         if w is not self.weights:  # an l-bfgs trial point
             self.weights = np.array(w, dtype=np.float64)
@@ -273,8 +284,10 @@ class BarrierWorker:
             self._maybe_fault(iteration)
             started[0] = time.perf_counter()
 
-        def timed(_state: SolverState, _loss: float, _count: int) -> None:
+        def timed(_state: SolverState, _loss: float, _count: float) -> None:
             self.step_seconds.append(time.perf_counter() - started[0])
+            if self.val_rows and self.iteration % self.config.validationInterval == 0:
+                self.extra.setdefault("validation", []).append(list(self._validation()))
 
         hooks = Hooks(iteration_start=start, iteration_end=timed, checkpoint_due=self._checkpoint_due,
                       checkpoint=lambda _state: self.checkpoint(force=True))
@@ -293,33 +306,33 @@ class BarrierWorker:
                                             self.balancer_state)
         cursor = _Cursor(len(self.y), c.seed, self.rank, self.iteration)
         best_weights = self.weights.copy()
-        local = [0, 0.0, np.zeros(0)]  # samples since the last averaging, this step's start, its throughputs
+        local = [0.0, 0.0, np.zeros(0)]  # count since the last averaging, this step's start, its throughputs
         epoch_started = [time.perf_counter()]
 
-        def step(w: np.ndarray, t: int) -> tuple[float, np.ndarray, int]:
+        def step(w: np.ndarray, t: int) -> tuple[float, np.ndarray, float]:
             local[1] = time.perf_counter()
             idx = cursor.take(int(balancer.shares[self.rank]))
             if k == 1:
                 g, loss, n, local[2] = self.reduced_sums(idx)
             else:  # a local step; the weights are averaged every k steps
-                g, loss, n = self._gradient_sum(idx)
+                g, loss, _, n = self._gradient_sum(idx)
             return loss, g, n
 
-        def step_end(state: SolverState, loss: float, n: int) -> None:
+        def step_end(state: SolverState, loss: float, n: float) -> None:
             if k > 1:
                 local[0] += n
                 if state.iteration % k == 0 or state.iteration == total:
                     self._average(local[0])
-                    local[0] = 0
+                    local[0] = 0.0
             self.step_seconds.append(time.perf_counter() - local[1])
             if k == 1:
                 balancer.record(local[2], state.iteration)
 
-        def epoch_loss(loss_sum: float, count: int) -> tuple[float, int]:
+        def epoch_loss(loss_sum: float, count: float) -> tuple[float, float]:
             if k == 1:
                 return loss_sum, count
             tot = self._allreduce(np.array([loss_sum, count], dtype=np.float64))  # over every worker's samples
-            return float(tot[0]), int(tot[1])
+            return float(tot[0]), float(tot[1])
 
         def epoch_end(epoch: int, loss: float) -> str:
             nonlocal best_weights
@@ -348,9 +361,11 @@ class BarrierWorker:
             self.weights = best_weights
         self.extra["throughput"] = snapshot.throughput
         self.extra["finalShares"] = snapshot.shares
+        self.extra["stepLoss"] = self.state.step_history
+        self.extra["stepsPerEpoch"] = steps_per_epoch
         return stop
 
-    def _average(self, local_samples: int) -> None:
+    def _average(self, local_samples: float) -> None:
         t0 = time.perf_counter()
         mean, _ = self.comm.weighted_mean(self.weights * local_samples, float(max(local_samples, 0)),
                                           self.config.allReduce)
@@ -375,9 +390,11 @@ class BarrierWorker:
 
 
 def train_worker(comm: Communicator, objective: Objective, config: TrainConfig, x: np.ndarray, y: np.ndarray,
-                 initial_weights: np.ndarray, fault_step: int = -1) -> tuple[BarrierWorker, str, list[dict]]:
-    """Run one rank to the end: restore, train, check the replicas agree, gather every rank's summary."""
-    worker = BarrierWorker(comm, objective, config, x, y, initial_weights, fault_step)
+                 initial_weights: np.ndarray, fault_step: int = -1, *, w: np.ndarray | None = None,
+                 validation: Rows | None = None) -> tuple[BarrierWorker, str, list[dict]]:
+    """Run one rank to the end: restore, train, check the replicas agree, gather every rank's summary (``w``,
+    ``validation``: see :class:`BarrierWorker`)."""
+    worker = BarrierWorker(comm, objective, config, x, y, initial_weights, fault_step, w=w, validation=validation)
     worker.restore()
     stop = worker.run()
     worker.checkpoint(force=True)

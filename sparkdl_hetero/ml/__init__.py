@@ -1,7 +1,14 @@
-"""The Spark ML API: DeepClassifier and DeepClassificationModel."""
+"""The Spark ML API: DeepClassifier / DeepClassificationModel and DeepRegressor / DeepRegressionModel."""
 
 from .classifier import DeepClassificationModel, DeepClassifier
-from .summary import DeepClassificationSummary, DeepClassificationTrainingSummary
+from .regressor import DeepRegressionModel, DeepRegressor
+from .summary import (
+    DeepClassificationSummary,
+    DeepClassificationTrainingSummary,
+    DeepRegressionSummary,
+    DeepRegressionTrainingSummary,
+)
 
 __all__ = ["DeepClassificationModel", "DeepClassificationSummary", "DeepClassificationTrainingSummary",
-           "DeepClassifier"]
+           "DeepClassifier", "DeepRegressionModel", "DeepRegressionSummary", "DeepRegressionTrainingSummary",
+           "DeepRegressor"]

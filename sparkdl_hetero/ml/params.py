@@ -1,4 +1,4 @@
-"""The Params shared by DeepClassifier and DeepClassificationModel (Spark ML conventions).
+"""The Params shared by the network estimators and their models (Spark ML conventions).
 
 Spark's ``MultilayerPerceptronClassifier`` params keep their names, meanings and defaults; the extra params are the
 knobs of :class:`~sparkdl_hetero.nn.config.TrainConfig` under the same names, with the knob's default, doc and type
@@ -19,9 +19,12 @@ from pyspark.ml.param.shared import (
     HasSolver,
     HasStepSize,
     HasTol,
+    HasValidationIndicatorCol,
+    HasWeightCol,
 )
 
 from ..nn.config import KNOBS, KNOBS_BY_NAME, TrainConfig
+from ..nn.layers import LossLayer
 from ..nn.topology import FeedForwardTopology
 
 #: knobs that are not params: straggler is a benchmarking aid of the barrier mode (jobs/speedup.py), not a setting
@@ -45,10 +48,13 @@ def _knob_param(name: str) -> Param:
     return _param(name, doc, _CONVERTERS[k.type])
 
 
-class _DeepClassifierParams(HasSeed, HasMaxIter, HasTol, HasStepSize, HasSolver,
-                            HasBlockSize, HasRegParam):
-    """Params of :class:`DeepClassifier` and :class:`DeepClassificationModel` (the column and threshold params
-    come from pyspark's ProbabilisticClassifier / ProbabilisticClassificationModel)."""
+class _DeepNetworkParams(HasSeed, HasMaxIter, HasTol, HasStepSize, HasSolver, HasBlockSize, HasRegParam,
+                         HasWeightCol, HasValidationIndicatorCol):
+    """Params of every network estimator and model (the feature, label and prediction column params come from
+    pyspark's Predictor / PredictionModel bases). ``weightCol``: per-row weights in the loss, as Spark's
+    classifiers define it (finite, >= 0; the loss is the weighted mean). ``validationIndicatorCol``: a boolean
+    column whose true rows never train; the validation loss and metric after each epoch (mini-batch solvers) go to
+    the summary's ``validationHistory`` and drive early stopping (``patience``)."""
 
     # ---- Spark's MLP params (same names, same meaning) ----
     layers: Param[list[int]] = _param(
@@ -92,6 +98,7 @@ class _DeepClassifierParams(HasSeed, HasMaxIter, HasTol, HasStepSize, HasSolver,
     balance: Param[bool] = _knob_param("balance")
     validationFraction: Param[float] = _knob_param("validationFraction")
     patience: Param[int] = _knob_param("patience")
+    validationInterval: Param[int] = _knob_param("validationInterval")
     commTimeout: Param[float] = _knob_param("commTimeout")
 
     def __init__(self, *args: Any) -> None:
@@ -181,6 +188,9 @@ class _DeepClassifierParams(HasSeed, HasMaxIter, HasTol, HasStepSize, HasSolver,
     def getPatience(self) -> int:
         return self.getOrDefault(self.patience)
 
+    def getValidationInterval(self) -> int:
+        return self.getOrDefault(self.validationInterval)
+
     def getCommTimeout(self) -> float:
         return self.getOrDefault(self.commTimeout)
 
@@ -192,16 +202,27 @@ class _DeepClassifierParams(HasSeed, HasMaxIter, HasTol, HasStepSize, HasSolver,
         values["seed"] = int(values.get("seed", 0)) % (2 ** 63)  # Spark's default seed is a hash: may be negative
         return TrainConfig(**values)
 
+    def _top_loss(self) -> LossLayer | None:
+        """The loss layer put on top of a topology that does not end with one (None: softmax)."""
+        return None
+
     def _build_topology(self, num_features: int | None) -> FeedForwardTopology:
         """The network these params describe; ``num_features`` (from the data) is used when nothing else says."""
         spec, shape = self.getTopology(), self.getInputShape()
         layers = self.getOrDefault(self.layers) if self.isDefined(self.layers) else None
+        loss = self._top_loss()
         if not spec:
             if not layers:
                 raise ValueError("set layers (Spark MLP sizes, e.g. [784, 100, 10]) or topology (a layer spec)")
-            return FeedForwardTopology.multilayer_perceptron(layers)
+            mlp = FeedForwardTopology.multilayer_perceptron(layers)
+            return mlp if loss is None else FeedForwardTopology(mlp.layers[:-1], layers[0], loss)
         if not shape:
             shape = [layers[0]] if layers else [num_features] if num_features else []
         if not shape:
             raise ValueError(f"cannot tell the input shape of topology {spec!r}: set inputShape or layers")
-        return FeedForwardTopology.from_spec(spec, shape)
+        return FeedForwardTopology.from_spec(spec, shape, loss)
+
+
+class _DeepClassifierParams(_DeepNetworkParams):
+    """Params of :class:`DeepClassifier` and :class:`DeepClassificationModel` (the column and threshold params
+    come from pyspark's ProbabilisticClassifier / ProbabilisticClassificationModel)."""

@@ -1,8 +1,11 @@
-"""Classification summaries with the same members as Spark's MultilayerPerceptronClassificationSummary.
+"""Summaries of the network models: classification (the members of Spark's
+MultilayerPerceptronClassificationSummary) and regression (those of Spark's LinearRegressionSummary).
 
-All metrics come from one confusion matrix (a single ``groupBy(label, prediction).count()`` job), with Spark's
-MulticlassMetrics definitions: labels are the distinct values of the label column; a metric whose denominator is
-zero is 0.
+Classification metrics come from one confusion matrix (a single ``groupBy(label, prediction).count()`` job), with
+Spark's MulticlassMetrics definitions: labels are the distinct values of the label column; a metric whose
+denominator is zero is 0. Regression metrics come from one aggregation job with Spark's RegressionMetrics
+definitions; with several outputs, errors are averaged over every (row, output) and r2 / explained variance over
+the outputs.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from pyspark.sql import DataFrame
 
 if TYPE_CHECKING:
     from .classifier import DeepClassificationModel
+    from .regressor import DeepRegressionModel
 
 
 class DeepClassificationSummary:
@@ -131,21 +135,19 @@ class DeepClassificationSummary:
         return self._weighted(self._f_measure(beta))
 
 
-class DeepClassificationTrainingSummary(DeepClassificationSummary):
-    """The evaluation summary on the training set, plus the objective history.
+class TrainingInfo:
+    """What a fit reports beside the metrics: the objective history, iterations and the training mode's stats.
 
     Also callable and returning itself: pyspark declares the MLP model's ``summary`` as a method, so programs
     written for it call ``model.summary()``; both spellings work here.
     """
 
-    def __init__(self, model: DeepClassificationModel, dataset: DataFrame | None, objective_history: list[float],
-                 total_iterations: int, stats: dict | None = None) -> None:
-        super().__init__(model, dataset)
+    def _init_training(self, objective_history: list[float], total_iterations: int, stats: dict | None) -> None:
         self._history = list(objective_history)
         self._iterations = total_iterations
         self._stats = dict(stats or {})
 
-    def __call__(self) -> DeepClassificationTrainingSummary:
+    def __call__(self) -> TrainingInfo:
         return self
 
     @property
@@ -162,6 +164,131 @@ class DeepClassificationTrainingSummary(DeepClassificationSummary):
         """What the training mode reported (e.g. mode, solver, stopping reason, the backend each worker used,
         timings); empty for a loaded model."""
         return dict(self._stats)
+
+    @property
+    def stepLossHistory(self) -> list[tuple[int, float]]:
+        """Mini-batch solvers: (global step, mean training loss of the steps since the previous point), a point
+        every few steps (:data:`~sparkdl_hetero.nn.solvers.STEP_HISTORY_STEPS`): a finer curve than the per-epoch
+        objectiveHistory; empty otherwise."""
+        return [(int(p[0]), float(p[1])) for p in self._stats.get("stepLoss", [])]
+
+    @property
+    def validationHistory(self) -> list[tuple[float, float]]:
+        """(validation loss, accuracy -- or RMSE for a regressor) after each epoch, computed over every worker's
+        validation rows (validationIndicatorCol, or validationFraction in barrier mode); empty without them."""
+        return [(float(v[0]), float(v[1])) for v in self._stats.get("validation", [])]
+
+
+class DeepClassificationTrainingSummary(TrainingInfo, DeepClassificationSummary):
+    """The evaluation summary on the training set, plus the objective history (see :class:`TrainingInfo`)."""
+
+    def __init__(self, model: DeepClassificationModel, dataset: DataFrame | None, objective_history: list[float],
+                 total_iterations: int, stats: dict | None = None) -> None:
+        DeepClassificationSummary.__init__(self, model, dataset)
+        self._init_training(objective_history, total_iterations, stats)
+
+
+class DeepRegressionSummary:
+    """Regression metrics of a model on a labeled DataFrame (what ``model.evaluate(df)`` returns)."""
+
+    def __init__(self, model: DeepRegressionModel, dataset: DataFrame | None) -> None:
+        self._model = model
+        self._dataset = dataset
+
+    @cached_property
+    def predictions(self) -> DataFrame:
+        """The dataset with the model's prediction column."""
+        if self._dataset is None:
+            raise RuntimeError("training predictions are not kept with a saved model; use model.evaluate(df) "
+                               "for metrics")
+        return self._model.transform(self._dataset)
+
+    @property
+    def predictionCol(self) -> str:
+        return self._model.getPredictionCol()
+
+    @property
+    def labelCol(self) -> str:
+        return self._model.getLabelCol()
+
+    @property
+    def featuresCol(self) -> str:
+        return self._model.getFeaturesCol()
+
+    @cached_property
+    def _sums(self) -> np.ndarray:
+        """Per output j: rows, sum of labels, of squared labels, of predictions, of squared predictions, of
+        squared errors, of absolute errors -- an (outputs, 7) array from one aggregation job."""
+        from pyspark.ml.functions import vector_to_array
+        from pyspark.ml.linalg import VectorUDT
+        from pyspark.sql import functions as F
+        from pyspark.sql.types import NumericType
+
+        df = self.predictions
+        if self.labelCol not in df.columns:
+            raise ValueError(f"label column {self.labelCol!r} not found; the DataFrame has columns {df.columns}")
+
+        def as_array(col: str):  # noqa: ANN202 -- a pyspark Column
+            dt = df.schema[col].dataType
+            if isinstance(dt, NumericType):
+                return F.array(F.col(col).cast("double"))
+            if isinstance(dt, VectorUDT):
+                return vector_to_array(F.col(col), "float64")
+            return F.col(col).cast("array<double>")
+
+        pairs = df.select(F.posexplode(F.arrays_zip(as_array(self.labelCol).alias("l"),
+                                                    as_array(self.predictionCol).alias("p"))).alias("j", "lp"))
+        lab, pred = F.col("lp.l"), F.col("lp.p")
+        err = pred - lab
+        rows = pairs.groupBy("j").agg(F.count(F.lit(1)), F.sum(lab), F.sum(lab * lab), F.sum(pred),
+                                      F.sum(pred * pred), F.sum(err * err), F.sum(F.abs(err))).collect()
+        if not rows:
+            raise ValueError("cannot compute metrics of an empty DataFrame")
+        out = np.zeros((max(r[0] for r in rows) + 1, 7))
+        for r in rows:
+            out[r[0]] = [float(v) for v in r[1:]]
+        return out
+
+    @property
+    def numInstances(self) -> int:
+        return int(self._sums[0, 0])
+
+    @property
+    def meanSquaredError(self) -> float:
+        s = self._sums
+        return float(s[:, 5].sum() / s[:, 0].sum())
+
+    @property
+    def rootMeanSquaredError(self) -> float:
+        return float(np.sqrt(self.meanSquaredError))
+
+    @property
+    def meanAbsoluteError(self) -> float:
+        s = self._sums
+        return float(s[:, 6].sum() / s[:, 0].sum())
+
+    @property
+    def r2(self) -> float:
+        """``1 - SSerr / SStot`` (Spark's r2, without its adjustment for an intercept-free model)."""
+        n, sl, sll = self._sums[:, 0], self._sums[:, 1], self._sums[:, 2]
+        sst = sll - sl * sl / n
+        return float(np.mean(1.0 - _div(self._sums[:, 5], sst)))
+
+    @property
+    def explainedVariance(self) -> float:
+        """``sum (prediction - mean label)^2 / n`` (Spark's RegressionMetrics.explainedVariance)."""
+        n, sl, sp, spp = self._sums[:, 0], self._sums[:, 1], self._sums[:, 3], self._sums[:, 4]
+        mean = sl / n
+        return float(np.mean((spp - 2 * mean * sp + n * mean * mean) / n))
+
+
+class DeepRegressionTrainingSummary(TrainingInfo, DeepRegressionSummary):
+    """The regression metrics on the training set, plus the objective history (see :class:`TrainingInfo`)."""
+
+    def __init__(self, model: DeepRegressionModel, dataset: DataFrame | None, objective_history: list[float],
+                 total_iterations: int, stats: dict | None = None) -> None:
+        DeepRegressionSummary.__init__(self, model, dataset)
+        self._init_training(objective_history, total_iterations, stats)
 
 
 def _div(a: np.ndarray, b: np.ndarray) -> np.ndarray:

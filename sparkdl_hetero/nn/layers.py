@@ -651,6 +651,9 @@ class _DropoutModel(LayerModel):
 class LossLayer(Layer):
     """The top layer: turns the last output into predictions and (loss, delta) against targets."""
 
+    #: targets are class labels (one-hot rows); False: the labels are the targets themselves (regression)
+    class_labels: bool = True
+
     def out_shape(self, in_shape: Shape) -> Shape:
         _flat_size(self, in_shape)
         return in_shape
@@ -661,11 +664,13 @@ class LossLayer(Layer):
 
     @abstractmethod
     def output(self, be: Backend, z: Array) -> Array:
-        """Predictions (probabilities) from the last layer's output ``z``."""
+        """Predictions (probabilities, or the regression outputs) from the last layer's output ``z``."""
 
     @abstractmethod
-    def loss(self, be: Backend, z: Array, target: Array, scale: float) -> tuple[float, Array]:
-        """(summed loss, delta w.r.t. ``z`` multiplied by ``scale``)."""
+    def loss(self, be: Backend, z: Array, target: Array, scale: float,
+             weight: Array | None = None) -> tuple[float, Array]:
+        """(summed loss, delta w.r.t. ``z`` multiplied by ``scale``); ``weight`` (one value per row) multiplies
+        each row's loss and delta."""
 
 
 @dataclass(frozen=True)
@@ -675,8 +680,9 @@ class SoftmaxCrossEntropy(LossLayer):
     def output(self, be: Backend, z: Array) -> Array:
         return be.softmax(z)
 
-    def loss(self, be: Backend, z: Array, target: Array, scale: float) -> tuple[float, Array]:
-        return be.softmax_xent(z, target, scale)
+    def loss(self, be: Backend, z: Array, target: Array, scale: float,
+             weight: Array | None = None) -> tuple[float, Array]:
+        return be.softmax_xent(z, target, scale, weight)
 
     def spec(self) -> str:
         return "softmax"
@@ -689,9 +695,59 @@ class SigmoidSquaredError(LossLayer):
     def output(self, be: Backend, z: Array) -> Array:
         return be.activation("sigmoid", z)
 
-    def loss(self, be: Backend, z: Array, target: Array, scale: float) -> tuple[float, Array]:
-        return be.sigmoid_sq(z, target, scale)
+    def loss(self, be: Backend, z: Array, target: Array, scale: float,
+             weight: Array | None = None) -> tuple[float, Array]:
+        return be.sigmoid_sq(z, target, scale, weight)
 
     def spec(self) -> str:
         return "sigmoid_mse"
 
+
+@dataclass(frozen=True)
+class SquaredError(LossLayer):
+    """Linear output, squared error ``(z - t)^2 / 2`` summed over the outputs: per row, half the squared error, as
+    Spark's ``LinearRegression`` defines its ``squaredError`` loss (so the mean loss is half the MSE)."""
+
+    class_labels = False
+
+    def output(self, be: Backend, z: Array) -> Array:
+        return z
+
+    def loss(self, be: Backend, z: Array, target: Array, scale: float,
+             weight: Array | None = None) -> tuple[float, Array]:
+        return be.huber(z, target, scale, math.inf, weight)
+
+    def spec(self) -> str:
+        return "squared_error"
+
+
+#: Huber's threshold by default: Spark's ``LinearRegression`` default ``epsilon`` (95% statistical efficiency on
+#: normally distributed residuals of unit scale)
+DEFAULT_HUBER_DELTA = 1.35
+
+
+@dataclass(frozen=True)
+class Huber(LossLayer):
+    """Linear output, Huber loss of each output's error ``e = z - t``: ``e^2 / 2`` where ``|e| <= delta``,
+    ``delta * (|e| - delta / 2)`` beyond -- quadratic near the target, linear (robust to outliers) far from it.
+
+    Spark's ``LinearRegression`` (``loss="huber"``, ``epsilon``) estimates a residual scale ``sigma`` jointly and
+    applies its threshold ``epsilon`` to ``e / sigma``; a network has no such scale, so ``delta`` applies to the
+    raw error. With ``sigma = 1`` Spark's per-row term is twice this one at ``delta = epsilon``."""
+
+    delta: float = DEFAULT_HUBER_DELTA
+    class_labels = False
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.delta) and self.delta > 0):
+            raise SpecError(f"huber({self.delta}): delta must be a finite number > 0")
+
+    def output(self, be: Backend, z: Array) -> Array:
+        return z
+
+    def loss(self, be: Backend, z: Array, target: Array, scale: float,
+             weight: Array | None = None) -> tuple[float, Array]:
+        return be.huber(z, target, scale, self.delta, weight)
+
+    def spec(self) -> str:
+        return f"huber({self.delta})"

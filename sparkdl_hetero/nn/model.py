@@ -191,39 +191,55 @@ class FeedForwardModel:
         return delta if need_input else None
 
     def target(self, y: np.ndarray) -> Array:
-        """Labels (integers) -> one-hot device targets; a (batch, classes) array is taken as targets."""
+        """Labels -> device targets: class labels (integers) become one-hot rows, a (batch, classes) array is taken
+        as targets; under a regression loss the labels are the targets ((batch,) for one output)."""
         y = np.asarray(y)
         k = self.topology.num_outputs
-        t = y if y.ndim == 2 else one_hot(y, k, self.dtype)
+        if not self.topology.loss_layer.class_labels:
+            t = y.reshape(len(y), -1)
+        else:
+            t = y if y.ndim == 2 else one_hot(y, k, self.dtype)
         if t.shape[1] != k:
             raise ValueError(f"targets must have {k} columns, got {t.shape[1]}")
         return self.backend.asarray(t, dtype=self.dtype)
 
     def compute_gradient(self, x: np.ndarray, y: np.ndarray, grad_out: np.ndarray | None = None,
-                         scale: float = 1.0) -> float:
+                         scale: float = 1.0, sample_weight: np.ndarray | None = None) -> float:
         """Mean loss over the host rows ``x``; adds ``scale`` x its gradient to :attr:`gradient` (device), or, when
         ``grad_out`` (host) is given, to ``grad_out``. Runs in passes of at most :attr:`rows_per_pass` rows, the
-        layers in :func:`_step_order`."""
+        layers in :func:`_step_order`.
+
+        ``sample_weight`` (one value >= 0 per row) multiplies each row's loss and gradient; the mean stays over
+        the rows (``sum_i w_i loss_i / len(x)``), so ``scale=len(x)`` accumulates the weighted gradient sum and
+        ``len(x) x`` the result is the weighted loss sum -- a caller normalizes by the sum of the weights it
+        gathered (Spark's ``weightCol``: the weighted mean). Weights of 1 give the unweighted values."""
+        if sample_weight is not None:
+            sample_weight = np.asarray(sample_weight)
+            if sample_weight.shape != (len(x),):
+                raise ValueError(f"sample_weight must have one value per row ({len(x)}), "
+                                 f"got shape {sample_weight.shape}")
         if grad_out is not None:
             self.zero_grad()
         n, step = len(x), self.rows_per_pass or len(x)
         if n <= step:
-            loss = self._pass(x, y, scale)
+            loss = self._pass(x, y, scale, sample_weight)
         else:  # each pass adds (its rows / n) of the mean gradient: together, the whole batch's
             loss = 0.0
             for lo in range(0, n, step):
                 k = min(step, n - lo)
-                loss += self._pass(x[lo:lo + k], y[lo:lo + k], scale * k / n) * k
+                w = None if sample_weight is None else sample_weight[lo:lo + k]
+                loss += self._pass(x[lo:lo + k], y[lo:lo + k], scale * k / n, w) * k
             loss /= n
         if grad_out is not None:
             grad_out += self.get_gradient()
         return loss
 
-    def _pass(self, x: np.ndarray, y: np.ndarray, scale: float) -> float:
+    def _pass(self, x: np.ndarray, y: np.ndarray, scale: float, sample_weight: np.ndarray | None) -> float:
         models = self._step_models
         z = deque(self._outputs(self.device_batch(x), True, models), maxlen=1).pop()  # only the last is kept
         n = z.shape[0]
-        loss_sum, delta = self.topology.loss_layer.loss(self.backend, z, self.target(y), scale / n)
+        w = None if sample_weight is None else self.backend.asarray(sample_weight, dtype=self.dtype)
+        loss_sum, delta = self.topology.loss_layer.loss(self.backend, z, self.target(y), scale / n, w)
         del z
         for k in range(len(models) - 1, -1, -1):
             delta = models[k].backward(delta, need_dx=k > 0)

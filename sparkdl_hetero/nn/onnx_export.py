@@ -1,7 +1,8 @@
 """ONNX export of a trained topology (optional extra ``onnx``), for running the model on a phone or edge board.
 
 The graph takes ``features``: (N, d) float32 rows in the same layout as the training features (images as
-C, H, W), and returns ``probability``: the loss layer's output (softmax, or sigmoid for ``sigmoid_mse``).
+C, H, W), and returns ``probability``: the loss layer's output (softmax, or sigmoid for ``sigmoid_mse``) -- or,
+under a regression loss (linear output), ``prediction``: the last layer's output.
 Images run in ONNX's NCHW layout; before a ``flatten`` the graph transposes to NHWC so the flattened vector
 has the engine's (h, w, c) order the next affine layer's weights expect. Batch normalization exports in inference
 form (``BatchNormalization`` with the model's running statistics: pass the model's state).
@@ -78,16 +79,20 @@ def to_onnx(topology: FeedForwardTopology, weights: np.ndarray, name: str = "spa
         tag = f"l{i}_{type(layer).__name__.lower()}"
         x = _layer(layer, topology.shapes[i], w, st, x, tag, node, const)
     top = topology.loss_layer
+    out = "probability"
     if isinstance(top, SoftmaxCrossEntropy):
-        node("Softmax", [x], "probability", axis=1)
+        node("Softmax", [x], out, axis=1)
     elif isinstance(top, SigmoidSquaredError):
-        node("Sigmoid", [x], "probability")
+        node("Sigmoid", [x], out)
+    elif not top.class_labels:  # a regression loss: the output is linear
+        out = node("Identity", [x], "prediction")
     else:
-        raise ValueError(f"cannot export the loss layer {top.spec()!r}; expected softmax or sigmoid_mse")
+        raise ValueError(f"cannot export the loss layer {top.spec()!r}; expected softmax, sigmoid_mse or a "
+                         f"regression loss")
     graph = helper.make_graph(
         nodes, name,
         [helper.make_tensor_value_info("features", TensorProto.FLOAT, ["N", topology.num_inputs])],
-        [helper.make_tensor_value_info("probability", TensorProto.FLOAT, ["N", topology.num_outputs])],
+        [helper.make_tensor_value_info(out, TensorProto.FLOAT, ["N", topology.num_outputs])],
         inits)
     opsets = [helper.make_opsetid("", OPSET)]
     # the oldest IR version that carries this opset, so that older runtimes load the file too

@@ -10,15 +10,19 @@ summed, through one callback:
   step ``t``'s mini-batch (the mode picks the rows of step ``t``: epoch ``t // steps_per_epoch``).
 
 Sums, not means: the solver divides by the count (a mini-batch step folds ``1 / count`` into the updater's first
-pass over the gradient instead of forming the mean). ``gradient_sum`` may be any float dtype and is not kept.
+pass over the gradient instead of forming the mean). With per-row weights (``weightCol``) the sums are weighted
+and the count is the sum of the weights (a float): the solver's mean is then the weighted mean, as Spark's
+classifiers define it; a count of 0 (no rows, or only zero weights) updates nothing. ``gradient_sum`` may be any
+float dtype and is not kept.
 
 The solvers own the bookkeeping every mode shares, in a :class:`SolverState` the mode may checkpoint: iteration
 and epoch counts, L2 (``regParam / 2 * ||w||^2`` on the loss, ``regParam * w`` on the gradient), the divergence
 check (:class:`TrainingDivergedError`), stopping rules (gd: ``||w_i - w_(i-1)|| < tol * max(||w_i||, 1)``; l-bfgs:
 :mod:`.lbfgs`; mini-batch: the epoch count), the learning-rate schedule, the history (gd: the loss before each
-update; l-bfgs: the initial loss and the loss after each iteration; mini-batch: each epoch's mean loss) and the
-updater's state. :class:`Hooks` let a mode add progress, checkpoints, fault injection, weight averaging and early
-stopping without a copy of the loop.
+update; l-bfgs: the initial loss and the loss after each iteration; mini-batch: each epoch's mean loss, and a finer
+``step_history``: the mean loss of every :data:`STEP_HISTORY_STEPS` steps) and the updater's state.
+:class:`Hooks` let a mode add progress, checkpoints, fault injection, weight averaging and early stopping without
+a copy of the loop.
 """
 
 from __future__ import annotations
@@ -33,8 +37,12 @@ import numpy as np
 from .lbfgs import minimize_lbfgs
 from .optim import Updater, learning_rate, make_updater
 
-Evaluate = Callable[[np.ndarray, "int | None"], tuple[float, np.ndarray, int]]
-Step = Callable[[np.ndarray, int], tuple[float, np.ndarray, int]]
+#: mini-batch solvers: steps per point of the finer training-loss history (loss curves with more than one point per
+#: epoch; with syncEvery > 1 a step's loss is the worker's own)
+STEP_HISTORY_STEPS = 10
+
+Evaluate = Callable[[np.ndarray, "int | None"], tuple[float, np.ndarray, float]]
+Step = Callable[[np.ndarray, int], tuple[float, np.ndarray, float]]
 
 
 class TrainingDivergedError(FloatingPointError):
@@ -57,16 +65,24 @@ class SolverState:
     history: list[float] = field(default_factory=list)
     updater_state: dict[str, np.ndarray] = field(default_factory=dict)  # refreshed before each checkpoint
     epoch_loss_sum: float = 0.0  # mini-batch solvers: the current epoch's sum of loss x samples so far
-    epoch_count: int = 0  # ... and its samples
+    epoch_count: float = 0.0  # ... and its samples (their weights' sum)
+    step_history: list[list[float]] = field(default_factory=list)  # [global step, mean loss of the steps before]
+    window_loss_sum: float = 0.0  # mini-batch solvers: the steps since the last step_history point
+    window_count: float = 0.0
 
     def extra(self) -> dict[str, Any]:
-        """The JSON-able scalars of this state (a checkpoint stores them next to the arrays)."""
-        return {"epochLossSum": float(self.epoch_loss_sum), "epochCount": int(self.epoch_count)}
+        """The JSON-able values of this state (a checkpoint stores them next to the arrays)."""
+        return {"epochLossSum": float(self.epoch_loss_sum), "epochCount": float(self.epoch_count),
+                "stepHistory": self.step_history, "windowLossSum": float(self.window_loss_sum),
+                "windowCount": float(self.window_count)}
 
     def load_extra(self, extra: dict[str, Any]) -> None:
         """Restore what :meth:`extra` saved."""
         self.epoch_loss_sum = float(extra.get("epochLossSum", 0.0))
-        self.epoch_count = int(extra.get("epochCount", 0))
+        self.epoch_count = float(extra.get("epochCount", 0.0))
+        self.step_history = [list(p) for p in extra.get("stepHistory", [])]
+        self.window_loss_sum = float(extra.get("windowLossSum", 0.0))
+        self.window_count = float(extra.get("windowCount", 0.0))
 
 
 @dataclass
@@ -85,10 +101,10 @@ class Hooks:
     """
 
     iteration_start: Callable[[int], None] | None = None
-    iteration_end: Callable[[SolverState, float, int], None] | None = None
+    iteration_end: Callable[[SolverState, float, float], None] | None = None
     checkpoint_due: Callable[[int], bool] | None = None
     checkpoint: Callable[[SolverState], None] | None = None
-    epoch_loss: Callable[[float, int], tuple[float, int]] | None = None
+    epoch_loss: Callable[[float, float], tuple[float, float]] | None = None
     epoch_end: Callable[[int, float], str] | None = None
 
 
@@ -96,10 +112,15 @@ def _reg(config: Any) -> float:
     return float(getattr(config, "regParam", 0.0))
 
 
-def mean_objective(loss_sum: float, gradient_sum: np.ndarray, count: int, weights: np.ndarray,
+def _divisor(count: float) -> float:
+    """What sums are divided by: the count (a sample count or a sum of weights, possibly below 1); 1 when 0."""
+    return count if count > 0 else 1.0
+
+
+def mean_objective(loss_sum: float, gradient_sum: np.ndarray, count: float, weights: np.ndarray,
                    reg: float) -> tuple[float, np.ndarray]:
     """Mean loss + L2 and its gradient (float64, a new vector) from ``count`` samples' sums at ``weights``."""
-    n = max(count, 1)
+    n = _divisor(count)
     g = gradient_sum.astype(np.float64)
     g /= n
     f = loss_sum / n
@@ -109,14 +130,14 @@ def mean_objective(loss_sum: float, gradient_sum: np.ndarray, count: int, weight
     return f, g
 
 
-def _step_objective(loss_sum: float, gradient_sum: np.ndarray, count: int, weights: np.ndarray,
+def _step_objective(loss_sum: float, gradient_sum: np.ndarray, count: float, weights: np.ndarray,
                     reg: float) -> tuple[float, np.ndarray, float]:
     """(mean loss + L2, g, s), ``s * g`` being the mean gradient + L2: without L2 the sum itself with ``s = 1 / n``
     (the updater folds it into its first pass; no vector formed); with L2 the float64 mean gradient."""
     if reg:
         f, g = mean_objective(loss_sum, gradient_sum, count, weights, reg)
         return f, g, 1.0
-    return loss_sum / max(count, 1), gradient_sum, 1.0 / max(count, 1)
+    return loss_sum / _divisor(count), gradient_sum, 1.0 / _divisor(count)
 
 
 def _diverged(config: Any, f: float, iteration: int, good: np.ndarray | None, history: list[float],
@@ -128,7 +149,7 @@ def _diverged(config: Any, f: float, iteration: int, good: np.ndarray | None, hi
     return TrainingDivergedError(message, None if good is None else good.copy(), iteration, list(history))
 
 
-def _after(state: SolverState, hooks: Hooks, loss: float, count: int) -> None:
+def _after(state: SolverState, hooks: Hooks, loss: float, count: float) -> None:
     """A full-batch iteration's end: its hook, then a checkpoint when due (no updater state to save)."""
     if hooks.iteration_end is not None:
         hooks.iteration_end(state, loss, count)
@@ -241,15 +262,20 @@ def minibatch(state: SolverState, config: Any, steps_per_epoch: int, step: Step,
             updater.step(w, g, learning_rate(config, t, total), scale)
             state.epoch_loss_sum += f * n
             state.epoch_count += n
+            state.window_loss_sum += f * n
+            state.window_count += n
         state.iteration += 1
+        if state.iteration % STEP_HISTORY_STEPS == 0 and state.window_count > 0:
+            state.step_history.append([state.iteration, state.window_loss_sum / state.window_count])
+            state.window_loss_sum, state.window_count = 0.0, 0.0
         if hooks.iteration_end is not None:
             hooks.iteration_end(state, f, n)
         if state.iteration % steps_per_epoch == 0:
             loss_sum, count = state.epoch_loss_sum, state.epoch_count
             if hooks.epoch_loss is not None:
                 loss_sum, count = hooks.epoch_loss(loss_sum, count)
-            state.history.append(loss_sum / max(count, 1))
-            state.epoch_loss_sum, state.epoch_count = 0.0, 0
+            state.history.append(loss_sum / _divisor(count))
+            state.epoch_loss_sum, state.epoch_count = 0.0, 0.0
             reason = hooks.epoch_end(state.iteration // steps_per_epoch - 1, state.history[-1]) \
                 if hooks.epoch_end is not None else ""
             if reason:
@@ -262,5 +288,5 @@ def minibatch(state: SolverState, config: Any, steps_per_epoch: int, step: Step,
     return stop
 
 
-__all__ = ["Evaluate", "Hooks", "SolverState", "Step", "TrainingDivergedError", "epochs_of", "gd", "lbfgs",
-           "mean_objective", "minibatch"]
+__all__ = ["STEP_HISTORY_STEPS", "Evaluate", "Hooks", "SolverState", "Step", "TrainingDivergedError", "epochs_of",
+           "gd", "lbfgs", "mean_objective", "minibatch"]

@@ -14,6 +14,7 @@ from .layers import (
     Flatten,
     Functional,
     GlobalAvgPool,
+    Huber,
     Layer,
     LossLayer,
     Pool2D,
@@ -22,6 +23,7 @@ from .layers import (
     SigmoidSquaredError,
     SoftmaxCrossEntropy,
     SpecError,
+    SquaredError,
 )
 
 
@@ -107,6 +109,8 @@ _BUILDERS: dict[str, tuple[tuple[str, ...], int, Callable[[dict, str], Layer]]] 
     "dropout": (("rate",), 1, lambda a, w: Dropout(float(a["rate"]))),
     "softmax": ((), 0, lambda a, w: SoftmaxCrossEntropy()),
     "sigmoid_mse": ((), 0, lambda a, w: SigmoidSquaredError()),
+    "squared_error": ((), 0, lambda a, w: SquaredError()),
+    "huber": (("delta",), 0, lambda a, w: Huber(float(a.get("delta", Huber.delta)))),
 }
 for _kind, _act in REGISTRY.items():  # every registered activation; those with a slope take it as ``alpha``
     _BUILDERS[_kind] = ((("alpha",), 0, lambda a, w, k=_kind: Functional(k, float(a.get("alpha", DEFAULT_ALPHA))))
@@ -183,12 +187,14 @@ def _internal_shape(input_shape: int | Sequence[int]) -> Shape:
 
 
 class FeedForwardTopology:
-    """Layers from input to a loss layer on top, with the shape of every intermediate output."""
+    """Layers from input to a loss layer on top, with the shape of every intermediate output. ``loss``: the loss
+    layer put on top when ``layers`` do not end with one (default softmax + cross-entropy)."""
 
-    def __init__(self, layers: Sequence[Layer], input_shape: int | Sequence[int]) -> None:
+    def __init__(self, layers: Sequence[Layer], input_shape: int | Sequence[int],
+                 loss: LossLayer | None = None) -> None:
         layers = list(layers)
         if not layers or not isinstance(layers[-1], LossLayer):
-            layers.append(SoftmaxCrossEntropy())
+            layers.append(loss if loss is not None else SoftmaxCrossEntropy())
         for i, layer in enumerate(layers[:-1]):
             if isinstance(layer, LossLayer):
                 raise SpecError(f"layer {i} ({layer.spec()}): a loss layer can only be the last layer")
@@ -227,10 +233,12 @@ class FeedForwardTopology:
         return cls(layers, sizes[0])
 
     @classmethod
-    def from_spec(cls, spec: str, input_shape: int | Sequence[int]) -> FeedForwardTopology:
+    def from_spec(cls, spec: str, input_shape: int | Sequence[int],
+                  loss: LossLayer | None = None) -> FeedForwardTopology:
         """Layers from a ``-``-separated spec, e.g. ``conv(6,5,pad=2)-relu-maxpool(2)-flatten-affine(10)``, or
-        the name of a preset network of :data:`PRESETS` (``lenet``, ``resnet8``)."""
-        return cls(parse_layers(PRESETS.get(spec.strip().lower(), spec)), input_shape)
+        the name of a preset network of :data:`PRESETS` (``lenet``, ``resnet8``); ``loss`` as in the
+        constructor."""
+        return cls(parse_layers(PRESETS.get(spec.strip().lower(), spec)), input_shape, loss)
 
     @property
     def spec(self) -> str:
