@@ -23,12 +23,17 @@ def _initial_weights(objective: Objective, config: TrainConfig, initial_weights:
 
 
 def fit(df, features_col: str, label_col: str, objective: Objective, config: TrainConfig,  # noqa: ANN001
-        initial_weights: np.ndarray | None = None) -> TrainResult:
+        initial_weights: np.ndarray | None = None, *, device_col: str = "", validation_col: str = "") -> TrainResult:
     """Train ``objective`` on the rows of ``df`` (features: a Vector or numeric array of the model's input size;
     label: integer class indices). Every input check raises ValueError before any training starts (``config``
-    checked its knobs when it was built)."""
+    checked its knobs when it was built). Federated mode: ``device_col`` groups the rows into devices, and the rows
+    that ``validation_col`` (boolean, optional) flags never train but measure each round's model."""
     w0 = _initial_weights(objective, config, initial_weights)
     topology = objective.topology
+    if config.mode == "federated":
+        from .federated import check_federated
+
+        check_federated(objective, config)
     if config.backend in ("opencl", "cupy"):  # asked for by name: an executor that cannot run it fails the fit now
         sc = df.sparkSession.sparkContext
         probe_executors(sc, config.backend, sc.defaultParallelism)
@@ -39,6 +44,10 @@ def fit(df, features_col: str, label_col: str, objective: Objective, config: Tra
             raise ValueError(f"mode='barrier' is not available in this installation ({e}); "
                              f"use mode='treeAggregate'") from e
         return fit_barrier(df, features_col, label_col, objective, config, w0)
+    if config.mode == "federated":
+        from .federated import fit_federated
+
+        return fit_federated(df, features_col, label_col, device_col, validation_col, objective, config, w0)
     data = prepare(df, features_col, label_col, topology.num_inputs, topology.num_outputs)
     try:
         from .tree_aggregate import train

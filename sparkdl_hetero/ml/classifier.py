@@ -185,6 +185,33 @@ class DeepClassifier(ProbabilisticClassifier, _DeepClassifierParams, _MentorPara
     def setDtype(self, value: str) -> DeepClassifier:
         return self._set(dtype=value)
 
+    def setDeviceCol(self, value: str) -> DeepClassifier:
+        return self._set(deviceCol=value)
+
+    def setValidationIndicatorCol(self, value: str) -> DeepClassifier:
+        return self._set(validationIndicatorCol=value)
+
+    def setRounds(self, value: int) -> DeepClassifier:
+        return self._set(rounds=value)
+
+    def setClientFraction(self, value: float) -> DeepClassifier:
+        return self._set(clientFraction=value)
+
+    def setLocalEpochs(self, value: int) -> DeepClassifier:
+        return self._set(localEpochs=value)
+
+    def setFederatedAlgorithm(self, value: str) -> DeepClassifier:
+        return self._set(federatedAlgorithm=value)
+
+    def setCadKeep(self, value: float) -> DeepClassifier:
+        return self._set(cadKeep=value)
+
+    def setCadLayers(self, value: list[int]) -> DeepClassifier:
+        return self._set(cadLayers=value)
+
+    def setCadWarmupRounds(self, value: int) -> DeepClassifier:
+        return self._set(cadWarmupRounds=value)
+
     def _fit(self, dataset: DataFrame) -> DeepClassificationModel:
         from ..distributed.data import check_columns
         from ..distributed.fit import fit
@@ -205,7 +232,8 @@ class DeepClassifier(ProbabilisticClassifier, _DeepClassifierParams, _MentorPara
                 raise ValueError(f"initialWeights has {initial.size} values but topology {topology.spec!r} with "
                                  f"input shape {list(topology.input_shape)} needs {topology.num_weights}")
         objective = self._objective(topology)  # plain, or distillation when a mentor is set
-        result = fit(dataset, features, label, objective, config, initial)
+        result = fit(dataset, features, label, objective, config, initial, device_col=self.getDeviceCol(),
+                     validation_col=self.getValidationIndicatorCol())
         model = DeepClassificationModel(topology, objective.model_weights(result.weights),
                                         objectiveHistory=result.objectiveHistory, totalIterations=result.iterations)
         model._resetUid(self.uid)
@@ -354,6 +382,28 @@ class DeepClassificationModel(ProbabilisticClassificationModel, _DeepClassifierP
                  "pred": F.col(tmp)["pred"]}
         return out.select(*[F.col(f"`{c}`") for c in dataset.columns],
                           *[exprs[k].alias(c) for k, c in outputs.items()])
+
+    # ---- what the filters respond to (the CAD poster's filter visualization) ----
+    def visualizeFilters(self, layer: int, filters: list[int] | None = None, iterations: int = 100,
+                         stepSize: float = 0.05, l2: float = 1.0, blur: float = 0.0, jitter: int = 0,
+                         seed: int = 0) -> np.ndarray:
+        """One input per filter of conv/affine layer ``layer`` (all its filters, or ``filters``) that maximizes the
+        filter's mean activation, by gradient ascent from random noise with an L2 (and optional blur / jitter)
+        regularizer (:func:`~sparkdl_hetero.nn.visualize.visualize_filters`): (filters, channels, height, width)
+        for an image model, (filters, features) otherwise."""
+        from ..nn.visualize import visualize_filters
+
+        return visualize_filters(self._driver_model(), layer, filters, iterations=iterations, step_size=stepSize,
+                                 l2=l2, blur=blur, jitter=jitter, seed=seed)
+
+    def filterPreferences(self, dataset: DataFrame, layer: int) -> np.ndarray:
+        """The (classes, filters) matrix of each filter's mean activation over the rows of each class of
+        ``dataset`` (featuresCol, labelCol) at conv/affine layer ``layer``, computed on the executors: the
+        preference CAD ranks filters by (NaN for a class without rows)."""
+        from ..distributed.federated import filter_preferences_df
+
+        return filter_preferences_df(dataset, self.getFeaturesCol(), self.getLabelCol(), self.network,
+                                     self._weights, layer, self.getDtype(), self.getBackend())
 
     # ---- interop with Spark's MultilayerPerceptronClassificationModel ----
     @classmethod

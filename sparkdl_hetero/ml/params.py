@@ -31,7 +31,7 @@ KNOBS_NOT_PARAMS = ("straggler",)
 SPARK_DEFAULT_PARAMS = ("seed",)
 
 _CONVERTERS = {int: TypeConverters.toInt, float: TypeConverters.toFloat, bool: TypeConverters.toBoolean,
-               str: TypeConverters.toString}
+               str: TypeConverters.toString, list: TypeConverters.toListInt}
 
 
 def _param(name: str, doc: str, converter: Any) -> Param:
@@ -93,12 +93,26 @@ class _DeepClassifierParams(HasSeed, HasMaxIter, HasTol, HasStepSize, HasSolver,
     validationFraction: Param[float] = _knob_param("validationFraction")
     patience: Param[int] = _knob_param("patience")
     commTimeout: Param[float] = _knob_param("commTimeout")
+    # ---- federated mode ----
+    deviceCol: Param[str] = _param("deviceCol", "Federated mode: the column (integer or string) whose value names the "
+                                   "device a row belongs to.", TypeConverters.toString)
+    validationIndicatorCol: Param[str] = _param(
+        "validationIndicatorCol", "Federated mode: a boolean column flagging rows that never train and measure the "
+        "global model's loss and accuracy after each round; empty: none.", TypeConverters.toString)
+    rounds: Param[int] = _knob_param("rounds")
+    clientFraction: Param[float] = _knob_param("clientFraction")
+    localEpochs: Param[int] = _knob_param("localEpochs")
+    federatedAlgorithm: Param[str] = _knob_param("federatedAlgorithm")
+    cadKeep: Param[float] = _knob_param("cadKeep")
+    cadLayers: Param[list[int]] = _knob_param("cadLayers")
+    cadWarmupRounds: Param[int] = _knob_param("cadWarmupRounds")
 
     def __init__(self, *args: Any) -> None:
         super().__init__(*args)
         # the knobs' defaults are Spark MLP's for its params (maxIter, tol, blockSize, stepSize, solver)
         self._setDefault(**{k.name: k.default for k in KNOBS
-                            if k.name not in KNOBS_NOT_PARAMS + SPARK_DEFAULT_PARAMS}, topology="", inputShape=[])
+                            if k.name not in KNOBS_NOT_PARAMS + SPARK_DEFAULT_PARAMS}, topology="", inputShape=[],
+                         deviceCol="device", validationIndicatorCol="")
 
     def getLayers(self) -> list[int]:
         return self.getOrDefault(self.layers)
@@ -183,6 +197,33 @@ class _DeepClassifierParams(HasSeed, HasMaxIter, HasTol, HasStepSize, HasSolver,
 
     def getCommTimeout(self) -> float:
         return self.getOrDefault(self.commTimeout)
+
+    def getDeviceCol(self) -> str:
+        return self.getOrDefault(self.deviceCol)
+
+    def getValidationIndicatorCol(self) -> str:
+        return self.getOrDefault(self.validationIndicatorCol)
+
+    def getRounds(self) -> int:
+        return self.getOrDefault(self.rounds)
+
+    def getClientFraction(self) -> float:
+        return self.getOrDefault(self.clientFraction)
+
+    def getLocalEpochs(self) -> int:
+        return self.getOrDefault(self.localEpochs)
+
+    def getFederatedAlgorithm(self) -> str:
+        return self.getOrDefault(self.federatedAlgorithm)
+
+    def getCadKeep(self) -> float:
+        return self.getOrDefault(self.cadKeep)
+
+    def getCadLayers(self) -> list[int]:
+        return list(self.getOrDefault(self.cadLayers))
+
+    def getCadWarmupRounds(self) -> int:
+        return self.getOrDefault(self.cadWarmupRounds)
 
     def _train_config(self) -> TrainConfig:
         """The TrainConfig these params describe (every knob that has a param of the same name); building it checks
