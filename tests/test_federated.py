@@ -164,10 +164,10 @@ def test_string_devices_and_the_mentor_with_fedavg(spark, fed_df) -> None:  # no
 
     named = fed_df.withColumn("device", F.concat(F.lit("phone-"), F.col("device").cast("string")))
     mentor = _cnn(rounds=1, clientFraction=1.0).fit(fed_df)
-    mentee = _cnn(rounds=1, clientFraction=1.0, mentorModel=mentor, distillAlpha=0.5).fit(named)
+    mentee = _cnn(rounds=1, clientFraction=1.0, mentor=mentor, distillAlpha=0.5).fit(named)
     assert mentee.summary.roundHistory[0]["devices"] == ["phone-0", "phone-1", "phone-2", "phone-3"]
     with pytest.raises(ValueError, match="use the mentor params with federatedAlgorithm='fedavg'"):
-        _cnn(federatedAlgorithm="cad", mentorModel=mentor).fit(named)
+        _cnn(federatedAlgorithm="cad", mentor=mentor).fit(named)
 
 
 def test_model_filter_preferences_and_visualization(spark, fed_df) -> None:  # noqa: ANN001

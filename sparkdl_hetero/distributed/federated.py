@@ -64,6 +64,7 @@ import numpy as np
 
 from ..nn.cad import ActivationStats, check_cad_layers, critical_paths, submodel
 from ..nn.config import ConfigError
+from ..nn.distill import DistillationObjective
 from ..nn.federated import RoundAggregator, local_update
 from ..nn.model import FeedForwardModel
 from ..nn.objective import Objective
@@ -495,7 +496,7 @@ def check_federated(objective: Objective, config: TrainConfig) -> list[int]:
                           f"optimizer)", config.solver)
     if config.federatedAlgorithm != "cad":
         return []
-    if objective.num_weights != objective.topology.num_weights:
+    if isinstance(objective, DistillationObjective):
         raise ValueError("federatedAlgorithm='cad' trains sub-models without the classes other devices hold, which "
                          "a mentor's soft targets cover: use the mentor params with federatedAlgorithm='fedavg'")
     return check_cad_layers(objective.topology, config.cadLayers or None)
