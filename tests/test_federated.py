@@ -201,3 +201,28 @@ def test_federated_job_through_spark_submit(tmp_path) -> None:  # noqa: ANN001
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     assert "bytes per round CAD/FedAvg" in proc.stdout
 
+
+
+@pytest.mark.spark
+def test_visualize_job_filters_and_preferences(fed_df, tmp_path) -> None:  # noqa: ANN001
+    """jobs/visualize.py on a saved model: the filter grid, and the preference heatmap on Fashion-MNIST."""
+    if not os.path.isdir("/usr/share/datasets/fashion-mnist") and not os.environ.get("SPARKDL_FASHION_MNIST"):
+        pytest.fail("Fashion-MNIST is not installed (apt-get install dataset-fashion-mnist)")
+    from pyspark.ml.linalg import DenseVector
+
+    from sparkdl_hetero.ml import DeepClassificationModel
+
+    topo = FeedForwardTopology.from_spec("conv(4,5)-relu-maxpool(2)-conv(6,5)-relu-flatten-affine(10)", [1, 28, 28])
+    model = DeepClassificationModel(topo, DenseVector(FeedForwardModel.initial_weights(topo,
+                                                                                       np.random.default_rng(0))))
+    path = str(tmp_path / "model")
+    model.save(path)
+    env = dict(os.environ, PYSPARK_PYTHON=sys.executable, PYSPARK_DRIVER_PYTHON=sys.executable)
+    job = os.path.join(ROOT, "jobs", "visualize.py")
+    for extra, out in (([], "filters.png"), (["--preferences", "--limit", "300"], "prefs.png")):
+        cmd = [SPARK_SUBMIT, "--master", "local[2]", "--driver-memory", "1g", "--conf", "spark.ui.enabled=false",
+               job, "--model", path, "--layer", "3", "--iterations", "10", "--out", str(tmp_path / out), *extra]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
+        assert proc.returncode == 0, f"visualize.py failed:\n{proc.stdout}\n{proc.stderr[-4000:]}"
+        with open(tmp_path / out, "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
