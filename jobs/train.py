@@ -47,11 +47,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     d.add_argument("--test-fraction", type=float, default=0.2, help="held-out fraction when there is no test set")
     d.add_argument("--data-dir", help="Fashion-MNIST directory (default: $SPARKDL_FASHION_MNIST, then "
                    "/usr/share/datasets/fashion-mnist)")
+    d.add_argument("--parquet-dir", help="directory (local, or a URI every node reaches, e.g. hdfs://...) where "
+                   "the dataset is converted to Parquet for Spark to read; Fashion-MNIST is converted once "
+                   "(default: OUTPUT/data)")
     d.add_argument("--num-features", type=int, default=0, help="libsvm: number of features (0: infer)")
     d.add_argument("--train-limit", type=int, default=0, help="use only the first N training samples (0: all)")
     d.add_argument("--test-limit", type=int, default=0, help="use only the first N test samples (0: all)")
     d.add_argument("--partitions", type=int, default=0,
-                   help="partitions of the training DataFrame (0: Spark's default parallelism)")
+                   help="partitions of the training DataFrame (0: the cluster's task slots)")
     m = p.add_argument_group("model")
     m.add_argument("--model", default="lenet",
                    help="'lenet' (LeNet-5), 'mlp' (Spark's sigmoid MLP with --hidden layers) or a layer spec such "
@@ -101,12 +104,15 @@ def _ints(text: str, flag: str) -> list[int]:
     return values
 
 
-def load_data(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, tuple[int, ...]]:
-    """(x_train, y_train, x_test, y_test, input shape of one sample in C,H,W or (D,) order)."""
-    from sparkdl_hetero.data import fashion_mnist
+def load_data(args: argparse.Namespace) -> tuple[str, str, tuple[int, ...]]:
+    """Parquet directories (features array<float>, label double) of the training and test sets, and the input
+    shape of one sample in C,H,W or (D,) order. Fashion-MNIST is converted once into ``--parquet-dir``; a libsvm or
+    IDX dataset is written there on every run (it is read from this machine's files anyway)."""
+    from sparkdl_hetero.data.parquet import fashion_mnist_parquet, write_parquet
 
+    directory = args.parquet_dir or os.path.join(args.output, "data")
     if args.dataset == "fashion-mnist":
-        xtr, ytr, xte, yte = fashion_mnist(args.data_dir)
+        train, test = fashion_mnist_parquet(f"{directory.rstrip('/')}/fashion-mnist", args.data_dir)
         shape: tuple[int, ...] = (1, 28, 28)
     else:
         xtr, ytr, shape = _read(args.dataset, args.labels, args.num_features)
@@ -117,13 +123,11 @@ def load_data(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray, np.ndar
             n_test = max(1, int(round(len(xtr) * args.test_fraction)))
             xte, yte = xtr[order[:n_test]], ytr[order[:n_test]]
             xtr, ytr = xtr[order[n_test:]], ytr[order[n_test:]]
-    if args.train_limit:
-        xtr, ytr = xtr[:args.train_limit], ytr[:args.train_limit]
-    if args.test_limit:
-        xte, yte = xte[:args.test_limit], yte[:args.test_limit]
+        train = write_parquet(xtr, ytr, f"{directory.rstrip('/')}/train")
+        test = write_parquet(xte, yte, f"{directory.rstrip('/')}/test")
     if args.input_shape:
         shape = tuple(_ints(args.input_shape, "--input-shape"))
-    return xtr, ytr, xte, yte, shape
+    return train, test, shape
 
 
 def _read(path: str, labels: str | None, num_features: int | None) -> tuple[np.ndarray, np.ndarray, tuple]:
@@ -149,14 +153,12 @@ def _read(path: str, labels: str | None, num_features: int | None) -> tuple[np.n
     return x, y.astype(np.float64), shape
 
 
-def to_dataframe(spark, x: np.ndarray, y: np.ndarray, partitions: int):  # noqa: ANN001, ANN201 -- pyspark
-    """A DataFrame (features array<float>, label double) built through Arrow, no per-row Python."""
-    import pyarrow as pa
-
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    feats = pa.FixedSizeListArray.from_arrays(pa.array(x.ravel()), x.shape[1]).cast(pa.list_(pa.float32()))
-    table = pa.table({"features": feats, "label": pa.array(y.astype(np.float64))})
-    return spark.createDataFrame(table).repartition(partitions)
+def read_dataframe(spark, path: str, limit: int, partitions: int):  # noqa: ANN001, ANN201 -- pyspark
+    """The Parquet dataset at ``path`` (its first ``limit`` rows when limit > 0) in ``partitions`` partitions."""
+    df = spark.read.parquet(path)
+    if limit:
+        df = df.limit(limit)
+    return df.repartition(partitions)
 
 
 def build_classifier(args: argparse.Namespace, shape: tuple[int, ...], num_classes: int):  # noqa: ANN201
@@ -201,17 +203,22 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from pyspark.ml.evaluation import MulticlassClassificationEvaluator
     from pyspark.sql import SparkSession
+    from pyspark.sql import functions as F
 
-    xtr, ytr, xte, yte, shape = load_data(args)
-    num_classes = int(max(ytr.max(), yte.max())) + 1
+    from sparkdl_hetero.distributed.cluster import task_slots
+
+    train_path, test_path, shape = load_data(args)
     spark = SparkSession.builder.appName("sparkdl-hetero train").getOrCreate()
     spark.sparkContext.setLogLevel(args.log_level)
-    partitions = args.partitions or spark.sparkContext.defaultParallelism
-    train_df = to_dataframe(spark, xtr, ytr, partitions)
-    test_df = to_dataframe(spark, xte, yte, partitions)
+    partitions = args.partitions or task_slots(spark)
+    train_df = read_dataframe(spark, train_path, args.train_limit, partitions).cache()
+    test_df = read_dataframe(spark, test_path, args.test_limit, partitions).cache()
+    (n_train, max_train), (n_test, max_test) = (
+        df.agg(F.count("label"), F.max("label")).first() for df in (train_df, test_df))
+    num_classes = int(max(max_train, max_test)) + 1
     est = build_classifier(args, shape, num_classes)
-    print(f"train: {len(xtr)} samples, test: {len(xte)} samples, {num_classes} classes, input shape {shape}, "
-          f"{partitions} partitions, master {spark.sparkContext.master}", flush=True)
+    print(f"train: {n_train} samples, test: {n_test} samples, {num_classes} classes, input shape {shape}, "
+          f"{partitions} partitions, master {spark.conf.get('spark.master')}", flush=True)
 
     start = time.perf_counter()
     model = est.fit(train_df)

@@ -3,16 +3,23 @@
 from __future__ import annotations
 
 import os
-import re
-import threading
-import time
 from collections.abc import Callable
 
 import numpy as np
 import pytest
 from _helpers import run_ranks
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from sparkdl_hetero.distributed.barrier import BarrierWorker, balanced_shares, rebalance, split_batch, train_worker
+from sparkdl_hetero.distributed.balancing import (
+    FIRST_MEASUREMENTS,
+    WARMUP_STEPS,
+    Balancer,
+    BalancerState,
+    balanced_shares,
+    rebalance,
+)
+from sparkdl_hetero.distributed.barrier import BarrierWorker, split_batch, train_worker
 from sparkdl_hetero.distributed.comm import Communicator
 from sparkdl_hetero.distributed.config import TrainConfig
 from sparkdl_hetero.nn.model import FeedForwardModel
@@ -84,7 +91,7 @@ def test_balanced_shares_ignore_noise_between_equal_workers_but_follow_a_straggl
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
-def test_combined_gradient_is_the_mean_gradient_of_the_global_batch(dtype: str) -> None:
+def test_reduced_sums_are_the_sums_over_the_global_batch(dtype: str) -> None:
     obj = objective()
     x, y = blobs(100, seed=1)
     parts = [(x[:30], y[:30]), (x[30:], y[30:])]
@@ -94,7 +101,8 @@ def test_combined_gradient_is_the_mean_gradient_of_the_global_batch(dtype: str) 
 
     def fn(c: Communicator) -> tuple:
         worker = BarrierWorker(c, obj, cfg, *parts[c.rank], w)
-        return worker.combined_gradient(picks[c.rank])
+        g, loss, n, _ = worker.reduced_sums(picks[c.rank])
+        return g.astype(np.float64) / n, loss / n, n, None
 
     (g0, f0, n0, _), (g1, f1, n1, _) = run_workers(2, fn)
     assert n0 == n1 == 64
@@ -155,15 +163,17 @@ def test_early_stopping_stops_every_rank_together() -> None:
     stops = {r[1] for r in results}
     assert stops == {"early stopping: validation loss did not improve for 2 epochs"}
     iterations = {r[0].iteration for r in results}
-    assert len(iterations) == 1 and iterations.pop() < 200 * 10
     val = results[0][0].extra["validation"]
+    epochs = len(results[0][0].history)
+    assert len(iterations) == 1 and epochs == len(val) < 200  # stopped at an epoch's end, long before the 200th
+    assert iterations.pop() % epochs == 0
     best = min(v[0] for v in val)
     assert all(v[0] > best - 1e-6 for v in val[-2:])  # the last `patience` epochs did not improve
     assert results[0][0].weights.tobytes() == results[1][0].weights.tobytes()
 
 
 def test_lbfgs_replicas_agree_and_match_a_single_process_lbfgs() -> None:
-    from sparkdl_hetero.distributed.lbfgs import minimize_lbfgs
+    from sparkdl_hetero.nn.lbfgs import minimize_lbfgs
 
     cfg = TrainConfig(mode="barrier", solver="l-bfgs", maxIter=15, dtype="float64", regParam=1e-3)
     results = _train_threads(cfg)
@@ -281,54 +291,106 @@ def test_diverging_loss_raises_the_same_error_as_tree_aggregate(blob_df) -> None
     assert len(e.value.history) == 1 and np.isfinite(e.value.history[0])  # iteration 1's loss at the start weights
 
 
-@pytest.mark.parametrize(("field", "value", "message"), [
-    ("syncEvery", 0, "syncEvery must be >= 1, got 0"),
-    ("validationFraction", 1.0, "validationFraction must be in [0, 1), got 1.0"),
-    ("allReduce", "tree", "allReduce must be one of auto, hub, ring; got 'tree'"),
-    ("commTimeout", 0.0, "commTimeout must be > 0, got 0.0"),
-])
-def test_barrier_settings_are_checked_before_any_spark_work(field: str, value: object, message: str) -> None:
-    from sparkdl_hetero.distributed.barrier import fit_barrier
-
-    obj = objective()
-    with pytest.raises(ValueError, match=re.escape(message)):  # df=None: nothing of Spark is touched first
-        fit_barrier(None, "features", "label", obj, TrainConfig(mode="barrier", **{field: value}),
-                    obj.initial_weights(0))
+# the barrier knobs' checks (syncEvery, validationFraction, allReduce, commTimeout, ...): tests/test_config.py
 
 
-def test_a_re_split_restarts_the_throughput_measurements(monkeypatch) -> None:  # noqa: ANN001
+def _record(balancer: Balancer, steps: range, throughputs: list[float]) -> list[bool]:
+    return [balancer.record(np.array(throughputs), t) for t in steps]
+
+
+def test_a_re_split_restarts_the_throughput_measurements() -> None:
     """Throughput measured at one split says little about another (fixed per-step costs): after a re-split the
     next one is weighed on FIRST_MEASUREMENTS steps at the new split only, not on a ring mixing both."""
-    from sparkdl_hetero.distributed import barrier
-
-    calls: dict[int, list[tuple[list[int], int]]] = {}  # per rank's thread: (shares, measurements weighed)
-    real = barrier.balanced_shares
-
-    def spy(shares: np.ndarray, samples: np.ndarray, min_gain: float = barrier.REBALANCE_GAIN) -> np.ndarray:
-        calls.setdefault(threading.get_ident(), []).append(([int(s) for s in shares], len(samples)))
-        return real(shares, samples, min_gain)
-
-    monkeypatch.setattr(barrier, "balanced_shares", spy)
-    cfg = TrainConfig(mode="barrier", solver="sgd", epochs=1, batchSize=64, stepSize=0.05, straggler={1: 4.0})
-    worker = _train_threads(cfg, n=2000)[0][0]
-    first, second = next(iter(calls.values()))[:2]
-    assert first == ([32, 32], barrier.FIRST_MEASUREMENTS)  # the first re-split, as before
-    assert second[0] != [32, 32], calls  # the straggler moved rows...
-    assert second[1] == barrier.FIRST_MEASUREMENTS, calls  # ...and the next look weighed the new split's steps only
-    assert worker.extra["finalShares"][0] > 2 * worker.extra["finalShares"][1]
+    b = Balancer(64, [1000, 1000], balance=True)
+    assert b.shares.tolist() == [32, 32]
+    first = WARMUP_STEPS + FIRST_MEASUREMENTS
+    changed = _record(b, range(1, first + 1), [4000.0, 1000.0])  # a 4x faster rank 0
+    assert changed == [False] * (first - 1) + [True]  # warm-up steps are not measured; the first look re-splits
+    assert b.shares.tolist() == split_batch(64, np.array([4.0, 1.0])).tolist() == [51, 13]
+    # at the new split the ranks measure equal: a ring still holding the 4:1 steps would keep a 2.5:1 median
+    changed = _record(b, range(first + 1, first + FIRST_MEASUREMENTS + 1), [1000.0, 1000.0])
+    assert changed == [False] * (FIRST_MEASUREMENTS - 1) + [True]
+    assert b.shares.tolist() == [32, 32]
+    assert b.snapshot() == BalancerState([1000.0, 1000.0], [32, 32])
 
 
-def test_one_slow_step_at_the_start_does_not_unbalance_equal_workers(monkeypatch) -> None:  # noqa: ANN001
-    from sparkdl_hetero.distributed import barrier
+def test_one_slow_step_at_the_start_does_not_unbalance_equal_workers() -> None:
+    b = Balancer(64, [1000, 1000], balance=True)
+    steps = range(1, WARMUP_STEPS + FIRST_MEASUREMENTS + 1)
+    # the warm-up steps (one-off costs) and then the first measured step of rank 1 (a GC pause, say) are slow
+    thr = {t: [1000.0, 100.0] if t <= WARMUP_STEPS + 1 else [1000.0, 1010.0] for t in steps}
+    assert not any(b.record(np.array(thr[t]), t) for t in steps)
+    assert b.shares.tolist() == [32, 32]
+    # the same look with a real straggler (every step 4x slower) moves rows to rank 0
+    s = Balancer(64, [1000, 1000], balance=True)
+    assert _record(s, steps, [1000.0, 250.0])[-1] and s.shares[0] > 2 * s.shares[1]
 
-    gradient_sum = BarrierWorker._gradient_sum
 
-    def hiccup(self: BarrierWorker, idx: np.ndarray | None) -> tuple:
-        if self.rank == 1 and self.iteration == barrier.WARMUP_STEPS:  # the first measured step: a GC pause, say
-            time.sleep(0.2)
-        return gradient_sum(self, idx)
+def test_balancer_state_survives_a_checkpoint_and_balance_off_keeps_the_row_split() -> None:
+    b = Balancer(64, [1000, 1000], balance=True)
+    _record(b, range(1, WARMUP_STEPS + FIRST_MEASUREMENTS + 1), [3000.0, 1000.0])
+    state = BalancerState.from_json(b.snapshot().to_json())
+    resumed = Balancer(64, [1000, 1000], balance=True, state=state)
+    assert resumed.shares.tolist() == b.shares.tolist() == [48, 16]
+    np.testing.assert_array_equal(resumed.throughput, [3000.0, 1000.0])
+    off = Balancer(64, [3000, 1000], balance=False)
+    assert off.shares.tolist() == [48, 16]
+    assert not any(_record(off, range(1, 40), [1000.0, 3000.0])) and off.shares.tolist() == [48, 16]
 
-    monkeypatch.setattr(BarrierWorker, "_gradient_sum", hiccup)
-    cfg = TrainConfig(mode="barrier", solver="sgd", epochs=1, batchSize=64, stepSize=0.05)
-    worker = _train_threads(cfg, n=2000)[0][0]
-    assert worker.extra["finalShares"] == [32, 32], worker.extra
+
+def test_the_driver_tells_deterministic_failures_by_class_name_not_by_message() -> None:
+    from sparkdl_hetero.distributed.errors import NOT_RETRIABLE_MARK, NotRetriableError, is_not_retriable
+
+    wrapped = NotRetriableError.wrapping(ValueError("bad rows"))
+    assert str(wrapped) == "ValueError: bad rows" and is_not_retriable(wrapped)
+    spark_text = ("org.apache.spark.SparkException: Job aborted due to stage failure: ...\n"
+                  "Traceback (most recent call last):\n  File \"worker.py\", line 1, in main\n"
+                  f"{NOT_RETRIABLE_MARK}: ValueError: bad rows\n")
+    assert is_not_retriable(RuntimeError(spark_text))
+    # a transient failure whose message happens to mention an error name is retried
+    transient = ("org.apache.spark.SparkException: Job aborted\nTraceback (most recent call last):\n"
+                 "sparkdl_hetero.distributed.comm.CommError: peer 1 aborted: ValueError while reading\n")
+    assert not is_not_retriable(RuntimeError(transient))
+
+
+def test_a_deterministic_task_failure_is_not_retried(blob_df, tmp_path) -> None:  # noqa: ANN001
+    from sparkdl_hetero.distributed.checkpoint import Checkpoint, save_checkpoint
+    from sparkdl_hetero.distributed.fit import fit
+
+    ckpt = str(tmp_path / "other")  # another training's checkpoint: every task's restore raises ValueError
+    save_checkpoint(ckpt, Checkpoint(np.zeros(5), 3, [1.0], {}, "gd"))
+    cfg = TrainConfig(mode="barrier", solver="sgd", epochs=1, numWorkers=2, checkpointDir=ckpt, verbose=False)
+    with pytest.raises(RuntimeError, match=r"barrier training failed after 1 attempt\(s\): .*NotRetriableError: "
+                                           r"ValueError: checkpointDir .* holds a checkpoint of solver 'gd'"):
+        fit(blob_df, "features", "label", objective(), cfg)
+
+
+@settings(max_examples=60, deadline=None, derandomize=True)
+@given(batch=st.integers(1, 512), world=st.integers(1, 6), data=st.data())
+def test_every_split_the_balancer_makes_covers_the_batch(batch: int, world: int, data: st.DataObject) -> None:
+    positive = st.floats(1.0, 1e6, allow_nan=False)
+    rows = data.draw(st.lists(st.integers(1, 10_000), min_size=world, max_size=world))
+    b = Balancer(batch, rows, balance=True)
+    for t in range(1, 40):
+        b.record(np.array(data.draw(st.lists(positive, min_size=world, max_size=world))), t)
+        assert b.shares.sum() == batch and (b.shares >= min(1, batch // world)).all(), b.shares
+    exact = split_batch(batch, np.asarray(rows, dtype=np.float64))
+    floor = min(1, batch // world)
+    assert np.all(np.abs(exact - floor - (batch - floor * world) * np.asarray(rows) / sum(rows)) < 1.0)
+
+
+@pytest.mark.parametrize(("error", "deterministic"), [(ValueError("bad rows"), True), (RuntimeError("flaky"), False)])
+def test_a_peer_stopped_by_a_deterministic_failure_knows_it(error: Exception, deterministic: bool) -> None:
+    """The rank whose failure Spark reports may be the one stopped by the other's abort: it must not make the
+    driver retry a deterministic failure."""
+    from sparkdl_hetero.distributed.comm import CommError
+    from sparkdl_hetero.distributed.errors import NOT_RETRIABLE, NotRetriableError, from_peer
+
+    def fn(comm: Communicator) -> object:
+        if comm.rank == 0:
+            comm.abort(NotRetriableError.wrapping(error) if isinstance(error, NOT_RETRIABLE) else error)
+            return None
+        return comm.allgather(1)
+
+    peer = run_ranks(2, fn)[1]
+    assert isinstance(peer, CommError) and from_peer(peer) is deterministic, peer

@@ -1,6 +1,7 @@
 """A real standalone cluster on loopback (a Master and two Workers from the venv's pyspark): an executor is killed
 in the middle of a fit, in barrier and in treeAggregate mode. The fit must complete (Spark replaces the executor,
-training resumes from the checkpoint) or fail with a clear error -- never hang, never return a wrong model.
+training resumes from the checkpoint) with the expected iterations and a model that works -- never hang, never
+return a wrong model, never give up.
 
 The driver runs in a subprocess (this file run as a script): the test session already owns a local SparkContext.
 """
@@ -98,12 +99,10 @@ def test_killing_an_executor_mid_fit(standalone, mode: str, tmp_path) -> None:  
     assert out.exists(), proc.stderr[-4000:]
     res = json.loads(out.read_text())
     assert res["killed"], res  # an executor was really killed mid-fit
-    if res["ok"]:
-        assert res["iterations"] == res["expected_iterations"]
-        assert res["accuracy"] > 0.9, res  # not a silently wrong model
-    else:
-        # a clear error: says what failed
-        assert "failed" in res["error"] or "lost" in res["error"].lower(), res["error"]
+    # the standalone master replaces the lost executor and the fit resumes from its checkpoint: it completes
+    assert res["ok"], res
+    assert res["iterations"] == res["expected_iterations"], res
+    assert res["accuracy"] > 0.9, res  # not a silently wrong model
 
 
 # ---- the driver (run in a subprocess) ----------------------------------------------------------------------

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy.optimize import rosen, rosen_der
 
-from sparkdl_hetero.distributed.lbfgs import MEMORY, _direction, convergence, minimize_lbfgs
+from sparkdl_hetero.nn.lbfgs import MEMORY, _direction, convergence, minimize_lbfgs
 
 
 class Counted:

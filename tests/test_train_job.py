@@ -25,6 +25,7 @@ def _submit(*args: str, timeout: float = 420) -> subprocess.CompletedProcess:
            JOB, "--quiet", *args]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
     assert proc.returncode == 0, f"train.py failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr[-4000:]}"
+    assert "of very large size" not in proc.stderr  # the data is read by the executors, not shipped in tasks
     return proc
 
 

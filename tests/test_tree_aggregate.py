@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 
 from sparkdl_hetero.distributed.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from sparkdl_hetero.distributed.config import TrainConfig
+from sparkdl_hetero.distributed.config import TrainConfig, TrainingDivergedError
 from sparkdl_hetero.distributed.data import prepare
 from sparkdl_hetero.distributed.fit import fit
-from sparkdl_hetero.distributed.tree_aggregate import TrainingDivergedError, TreeAggregateTrainer
+from sparkdl_hetero.distributed.tree_aggregate import TreeAggregateTrainer
 from sparkdl_hetero.nn.model import FeedForwardModel
 from sparkdl_hetero.nn.objective import Objective
 from sparkdl_hetero.nn.topology import FeedForwardTopology

@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..nn.solvers import SolverState
+
 _LATEST = "latest.json"
 _UPDATER = "updater/"
 
@@ -35,6 +37,19 @@ class Checkpoint:
     updater_state: dict[str, np.ndarray] = field(default_factory=dict)
     solver: str = ""
     extra: dict = field(default_factory=dict)  # JSON-able trainer state (epoch, step in epoch, ...)
+
+    @classmethod
+    def of(cls, state: SolverState, solver: str, extra: dict | None = None) -> Checkpoint:
+        """A checkpoint of a solver's state; ``extra``: a mode's own JSON-able state besides the solver's."""
+        return cls(state.weights, state.iteration, state.history, state.updater_state, solver,
+                   {**state.extra(), **(extra or {})})
+
+    def solver_state(self) -> SolverState:
+        """The solver's state this checkpoint holds (float64 weights)."""
+        state = SolverState(self.weights.astype(np.float64), self.iteration, list(self.history),
+                            dict(self.updater_state))
+        state.load_extra(self.extra)
+        return state
 
 
 def save_checkpoint(directory: str, ckpt: Checkpoint, keep: int = 2) -> str:

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..nn.config import DTYPES, MODES, SOLVERS, TrainConfig
+from ..nn.solvers import TrainingDivergedError  # defined with the solvers; importable here
 
 __all__ = ["DTYPES", "MODES", "SOLVERS", "TrainConfig", "TrainResult", "TrainingDivergedError"]
 
@@ -20,14 +21,3 @@ class TrainResult:
     objectiveHistory: list[float] = field(default_factory=list)
     iterations: int = 0
     stats: dict = field(default_factory=dict)  # mode-specific: per-worker timings, backends used, ...
-
-
-class TrainingDivergedError(FloatingPointError):
-    """The loss became NaN or infinite (raised by every mode); ``weights`` are the last weights with a finite loss
-    (``None`` before the first finite one, and in barrier mode, whose workers do not ship weights on failure)."""
-
-    def __init__(self, message: str, weights: np.ndarray | None, iteration: int, history: list[float]) -> None:
-        super().__init__(message)
-        self.weights = weights
-        self.iteration = iteration
-        self.history = history

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..nn.objective import Objective
+from .cluster import task_slots
 from .config import TrainConfig, TrainResult
 from .data import prepare
 from .placement import probe_executors
@@ -35,8 +36,7 @@ def fit(df, features_col: str, label_col: str, objective: Objective, config: Tra
 
         check_federated(objective, config)
     if config.backend in ("opencl", "cupy"):  # asked for by name: an executor that cannot run it fails the fit now
-        sc = df.sparkSession.sparkContext
-        probe_executors(sc, config.backend, sc.defaultParallelism)
+        probe_executors(df.sparkSession, config.backend, task_slots(df.sparkSession))
     if config.mode == "barrier":
         try:
             from .barrier import fit_barrier

@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import os
 import socket
+from collections.abc import Iterator
+
+from pyspark import SparkContext
+from pyspark.sql import SparkSession
 
 from ..backends import Backend, BackendUnavailable, get_backend, resolve_auto
 
@@ -56,22 +60,35 @@ def _where() -> str:
     return where if ctx is None else f"{where} partition {ctx.partitionId()}"
 
 
-def probe_executors(sc, name: str, num_tasks: int, **options: object) -> list[str]:  # noqa: ANN001
-    """Resolve the backend in ``num_tasks`` Spark tasks (one Spark job, e.g. at fit start) and return each
-    task's account for the job log; a backend asked for by name that cannot run on an executor raises
-    :class:`BackendUnavailable` on the driver, naming that executor."""
+_PROBE_COLUMNS = ("status", "account", "reason", "fix")
 
-    def probe(_: object) -> list[tuple[str, ...]]:
+
+def probe_executors(spark: SparkSession | SparkContext, name: str, num_tasks: int,
+                    **options: object) -> list[str]:
+    """Resolve the backend in ``num_tasks`` Spark tasks (one small DataFrame job, e.g. at fit start; works from a
+    classic and a Spark Connect session) and return each task's account for the job log; a backend asked for by
+    name that cannot run on an executor raises :class:`BackendUnavailable` on the driver, naming that executor.
+    A classic SparkContext is accepted for callers that hold one."""
+    import pyarrow as pa
+
+    if isinstance(spark, SparkContext):
+        spark = SparkSession(spark)
+
+    def probe(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        for _ in batches:
+            pass
         try:
-            return [("ok", task_backend(name, **options)[1])]
+            row = ["ok", task_backend(name, **options)[1], "", ""]
         except BackendUnavailable as exc:
-            return [("unavailable", exc.backend, f"{exc.reason} (on {_where()})", exc.fix)]
+            row = ["unavailable", exc.backend, f"{exc.reason} (on {_where()})", exc.fix]
+        yield pa.RecordBatch.from_arrays([pa.array([v]) for v in row], names=list(_PROBE_COLUMNS))
 
-    results = sc.parallelize(range(num_tasks), num_tasks).mapPartitions(probe).collect()
+    schema = ", ".join(f"{c} string" for c in _PROBE_COLUMNS)
+    results = spark.range(0, num_tasks, 1, num_tasks).mapInArrow(probe, schema).collect()
     for r in results:
-        if r[0] == "unavailable":
-            raise BackendUnavailable(r[1], r[2], r[3])
-    return [r[1] for r in results]
+        if r.status == "unavailable":
+            raise BackendUnavailable(r.account, r.reason, r.fix)
+    return [r.account for r in results]
 
 
 def _gpu_index(address: str) -> int:

@@ -4,11 +4,11 @@ The objective (with a mentor's weights, for distillation) is broadcast once per 
 Each evaluation ships the flat weights (float32) in the task closure (no broadcast to create and destroy),
 runs one ``treeAggregate`` over the cached handles RDD of :mod:`.data` -- every task sums gradient (float32),
 loss and count over its partition's resident blocks with a replica built once per Python worker -- and the driver
-sums in float64, divides and updates. The driver's solver runs with one BLAS thread (two made its vector operations
-slower on 2 busy cores). Solvers:
+sums in float64 and runs the solver of :mod:`sparkdl_hetero.nn.solvers` (one BLAS thread: two made its vector
+operations slower on 2 busy cores). Solvers:
 
-- ``l-bfgs``: :func:`.lbfgs.minimize_lbfgs` (Breeze's L-BFGS as Spark runs it: two-loop recursion, strong Wolfe
-  line search, Spark's stopping rules and ``objectiveHistory``) on the full-batch mean loss + L2.
+- ``l-bfgs``: Breeze's L-BFGS as Spark runs it (two-loop recursion, strong Wolfe line search, Spark's stopping rules
+  and ``objectiveHistory``) on the full-batch mean loss + L2.
 - ``gd``: Spark's ``GradientDescent`` as the MLP uses it: each iteration samples ``miniBatchFraction`` of the rows
   (1.0: all), ``w -= lr * (mean gradient + regParam * w)``; stops when ``||w_i - w_(i-1)|| < tol * max(||w_i||,
   1)``. The history holds the loss before each update.
@@ -31,19 +31,19 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
 import numpy as np
 
+from ..nn import solvers
 from ..nn.objective import Objective
-from ..nn.optim import learning_rate, make_updater
+from ..nn.solvers import Hooks, SolverState
 from .checkpoint import Checkpoint, load_compatible, save_checkpoint
-from .config import TrainConfig, TrainingDivergedError, TrainResult
+from .config import TrainConfig, TrainResult
 from .data import PartitionedData, resident_blocks
-from .executor import CHUNK_ROWS, blas_limit
-from .lbfgs import minimize_lbfgs
+from .executor import accumulate_gradient, blas_limit, peak_rss_bytes
 
 
 # ---- executor side ---------------------------------------------------------------------------------------
@@ -114,15 +114,8 @@ def partition_gradient(job: _Job, x: np.ndarray, y: np.ndarray, part: int, weigh
     rep, account = _replica(job)
     rep.set_weights(weights)
     rep.zero_grad()
-    loss = 0.0
     with blas_limit(cpus):
-        for lo in range(0, m, CHUNK_ROWS):
-            hi = min(m, lo + CHUNK_ROWS)
-            if idx is None:
-                xb, yb = x[lo:hi], y[lo:hi]
-            else:
-                xb, yb = x[idx[lo:hi]], y[idx[lo:hi]]
-            loss += rep.compute_gradient(xb, yb, scale=float(hi - lo)) * (hi - lo)
+        loss = accumulate_gradient(rep, x, y, idx)
     return rep.get_gradient(), loss, m, account
 
 
@@ -140,21 +133,7 @@ def _task(handles: Any, job: _Job, weights: np.ndarray) -> Any:
             continue
         t0 = time.perf_counter()
         g, loss, n, account = partition_gradient(job, blocks[0], blocks[1], h.part, weights, cpus)
-        yield g, loss, n, (), {account: _peak_rss()} if account else {}, time.perf_counter() - t0
-
-
-def _peak_rss() -> int:
-    """This process's peak resident set size in bytes (Linux: VmHWM; elsewhere getrusage)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    import resource
-
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+        yield g, loss, n, (), {account: peak_rss_bytes()} if account else {}, time.perf_counter() - t0
 
 
 def _combine(a: tuple, b: tuple) -> tuple:
@@ -173,14 +152,6 @@ def _combine(a: tuple, b: tuple) -> tuple:
 
 
 # ---- driver side ------------------------------------------------------------------------------------------
-@dataclass
-class _State:
-    weights: np.ndarray  # float64 host
-    iteration: int = 0
-    history: list[float] = field(default_factory=list)
-    extra: dict = field(default_factory=dict)
-
-
 class TreeAggregateTrainer:
     """Runs one fit: evaluations over Spark, the solver loop on the driver, progress, checkpoints."""
 
@@ -227,19 +198,6 @@ class TreeAggregateTrainer:
         g = np.zeros(self.objective.num_weights) if g is None else g.astype(np.float64, copy=g.dtype != np.float64)
         return g, loss, n
 
-    def loss_and_grad(self, w: np.ndarray, job: _Job, label: str) -> tuple[float, np.ndarray, int]:
-        """Mean loss + L2 and its gradient (float64) over the selected rows."""
-        g, loss, n = self.evaluate(w, job, label)
-        if n == 0:
-            return float("nan"), g, 0
-        reg = self.config.regParam
-        g /= n
-        f = loss / n
-        if reg:
-            g += reg * w
-            f += 0.5 * reg * float(w @ w)
-        return f, g, n
-
     def job(self, **kw: Any) -> _Job:
         c = self.config
         if self.objective_bc is None:
@@ -247,13 +205,6 @@ class TreeAggregateTrainer:
         return _Job(self.data.fit_id, self.objective_bc, c.backend, c.dtype, c.seed, **kw)
 
     # -- bookkeeping --
-    def diverged(self, f: float, iteration: int, good: np.ndarray | None, history: list[float]) -> None:
-        if not math.isfinite(f):
-            raise TrainingDivergedError(
-                f"the loss became {f} at iteration {iteration} ({self.config.solver}, stepSize "
-                f"{self.config.stepSize}); training stopped. The last weights with a finite loss are in this "
-                f"error's .weights", None if good is None else good.copy(), iteration, list(history))
-
     def progress(self, total: int, initial: int, unit: str) -> None:
         from tqdm.auto import tqdm
 
@@ -266,13 +217,14 @@ class TreeAggregateTrainer:
             self.bar.set_postfix(loss=f"{loss:.5g}", samples_s=f"{self.samples / elapsed:,.0f}", refresh=False)
             self.bar.update(n)
 
-    def checkpoint(self, state: _State, updater_state: dict | None = None) -> None:
+    def checkpoint_due(self, iteration: int) -> bool:
         c = self.config
-        if c.checkpointDir and c.checkpointInterval > 0 and state.iteration % c.checkpointInterval == 0:
-            save_checkpoint(c.checkpointDir, Checkpoint(state.weights, state.iteration, state.history,
-                                                        updater_state or {}, c.solver, state.extra))
+        return bool(c.checkpointDir) and c.checkpointInterval > 0 and iteration % c.checkpointInterval == 0
 
-    def result(self, state: _State, converged: str) -> TrainResult:
+    def checkpoint(self, state: SolverState) -> None:
+        save_checkpoint(self.config.checkpointDir, Checkpoint.of(state, self.config.solver))
+
+    def result(self, state: SolverState, converged: str) -> TrainResult:
         seconds = time.perf_counter() - self.started
         return TrainResult(state.weights, list(state.history), state.iteration, {
             "mode": "treeAggregate", "solver": self.config.solver, "converged": converged,
@@ -287,12 +239,12 @@ class TreeAggregateTrainer:
         c = self.config
         ckpt = load_compatible(c.checkpointDir, c.solver, self.objective.num_weights) if c.checkpointDir else None
         if ckpt is not None:
-            state = _State(ckpt.weights.astype(np.float64), ckpt.iteration, list(ckpt.history), dict(ckpt.extra))
+            state = ckpt.solver_state()
         else:
-            state = _State(np.asarray(initial_weights, dtype=np.float64).copy())
+            state = SolverState(np.asarray(initial_weights, dtype=np.float64).copy())
         try:
             with blas_limit(1):  # the driver only does vector operations: more BLAS threads only add latency
-                return self.solve(state, ckpt)
+                return self.result(state, self.solve(state))
         finally:
             if self.bar is not None:
                 self.bar.close()
@@ -300,104 +252,43 @@ class TreeAggregateTrainer:
                 self.objective_bc.destroy()
                 self.objective_bc = None
 
-    def solve(self, state: _State, ckpt: Checkpoint | None) -> TrainResult:
+    def solve(self, state: SolverState) -> str:
+        """Run ``config.solver`` from ``state`` over Spark evaluations; returns why it stopped."""
         c = self.config
-        if c.solver == "l-bfgs":
-            return self.lbfgs(state)
-        if c.solver == "gd":
-            return self.gd(state)
-        return self.minibatch(state, ckpt.updater_state if ckpt is not None else None)
+        hooks = Hooks(checkpoint_due=self.checkpoint_due, checkpoint=self.checkpoint)
+        if c.solver in ("gd", "l-bfgs"):
+            self.progress(c.maxIter, state.iteration, "iteration")
+            hooks.iteration_end = lambda _state, loss, _n: self.tick(loss)
+            full = self.job()
 
-    def lbfgs(self, state: _State) -> TrainResult:
-        c = self.config
-        full = self.job()
-        good = state.weights.copy()
-        first = [True]
+            def evaluate(w: np.ndarray, iteration: int | None) -> tuple[float, np.ndarray, int]:
+                if iteration is None:
+                    label = f"l-bfgs iteration {state.iteration + 1}, evaluation {self.evaluations + 1}"
+                    g, loss, n = self.evaluate(w, full, label)
+                else:
+                    job = self.job(kind="fraction", fraction=c.miniBatchFraction, iteration=iteration)
+                    g, loss, n = self.evaluate(w, job, f"gd iteration {iteration + 1}")
+                return loss, g, n
 
-        def fun(w: np.ndarray) -> tuple[float, np.ndarray]:
-            f, g, _ = self.loss_and_grad(w, full, f"l-bfgs iteration {state.iteration + 1}, "
-                                                  f"evaluation {self.evaluations + 1}")
-            self.diverged(f, state.iteration + (0 if first[0] else 1), good, state.history)
-            first[0] = False
-            return f, g
+            solve = solvers.lbfgs if c.solver == "l-bfgs" else solvers.gd
+            return solve(state, c, evaluate, hooks)
+        steps_per_epoch = max(1, math.ceil(self.data.count / c.batchSize))
+        self.progress(solvers.epochs_of(c) * steps_per_epoch, state.iteration, "step")
 
-        def on_iteration(x: np.ndarray, f: float) -> None:
-            nonlocal good
-            state.iteration += 1
-            state.weights = x
-            good = x.copy()
-            self.tick(f)
-            self.checkpoint(state)
+        def step(w: np.ndarray, t: int) -> tuple[float, np.ndarray, int]:
+            epoch, k = divmod(t, steps_per_epoch)
+            job = self.job(kind="batch", epoch=epoch, step=k, steps_per_epoch=steps_per_epoch)
+            g, loss, n = self.evaluate(w, job, f"{c.solver} epoch {epoch + 1} step {k + 1}")
+            return loss, g, n
 
-        remaining = c.maxIter - state.iteration
-        self.progress(c.maxIter, state.iteration, "iteration")
-        if remaining <= 0:
-            return self.result(state, "max iterations")
-        _, _, stop = minimize_lbfgs(fun, state.weights, remaining, c.tol, state.history, on_iteration)
-        return self.result(state, stop)
-
-    def gd(self, state: _State) -> TrainResult:
-        c = self.config
-        updater = make_updater(c)
-        self.progress(c.maxIter, state.iteration, "iteration")
-        prev: np.ndarray | None = None
-        stop = "max iterations"
-        while state.iteration < c.maxIter:
-            i = state.iteration
-            job = self.job(kind="fraction", fraction=getattr(c, "miniBatchFraction", 1.0), iteration=i)
-            f, g, n = self.loss_and_grad(state.weights, job, f"gd iteration {i + 1}")
-            if n == 0:  # Spark skips an iteration whose sample is empty
-                state.iteration += 1
-                continue
-            self.diverged(f, i + 1, prev, state.history)
-            prev = state.weights.copy()
-            updater.step(state.weights, g, learning_rate(c, i, c.maxIter))
-            state.iteration += 1
-            state.history.append(f)
-            self.tick(f)
-            self.checkpoint(state)
-            diff = float(np.linalg.norm(state.weights - prev))
-            if i > 0 and diff < c.tol * max(float(np.linalg.norm(state.weights)), 1.0):
-                stop = "weights converged"
-                break
-        return self.result(state, stop)
-
-    def minibatch(self, state: _State, updater_state: dict | None) -> TrainResult:
-        c = self.config
-        if c.batchSize < 1:
-            raise ValueError(f"batchSize must be >= 1, got {c.batchSize}")
-        n_total = self.data.count
-        steps_per_epoch = max(1, math.ceil(n_total / c.batchSize))
-        epochs = c.epochs if c.epochs > 0 else c.maxIter
-        total = epochs * steps_per_epoch
-        updater = make_updater(c)
-        if updater_state:
-            updater.load_state_dict(updater_state)
-        ex = state.extra
-        loss_sum, count = float(ex.get("epochLossSum", 0.0)), int(ex.get("epochCount", 0))
-        self.progress(total, state.iteration, "step")
-        prev = state.weights.copy()
-        while state.iteration < total:
-            t = state.iteration
-            epoch, step = divmod(t, steps_per_epoch)
-            job = self.job(kind="batch", epoch=epoch, step=step, steps_per_epoch=steps_per_epoch)
-            f, g, n = self.loss_and_grad(state.weights, job, f"{c.solver} epoch {epoch + 1} step {step + 1}")
+        def step_end(_state: SolverState, loss: float, n: int) -> None:
             if n:
-                self.diverged(f, t + 1, prev, state.history)
-                prev[:] = state.weights
-                updater.step(state.weights, g, learning_rate(c, t, total))
-                loss_sum += f * n
-                count += n
-                self.tick(f)
+                self.tick(loss)
             elif self.bar is not None:
                 self.bar.update(1)
-            state.iteration += 1
-            if state.iteration % steps_per_epoch == 0:
-                state.history.append(loss_sum / max(count, 1))
-                loss_sum, count = 0.0, 0
-            state.extra = {"epochLossSum": loss_sum, "epochCount": count}
-            self.checkpoint(state, updater.state_dict())
-        return self.result(state, f"{epochs} epochs")
+
+        hooks.iteration_end = step_end
+        return solvers.minibatch(state, c, steps_per_epoch, step, hooks, keep_last_good=True)
 
 
 def _combine_all(it: Any) -> tuple:

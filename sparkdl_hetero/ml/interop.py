@@ -1,17 +1,24 @@
 """Conversion to and from Spark ML's MultilayerPerceptronClassificationModel.
 
 Both sides use the same flat weight layout (per affine layer: W numOut x numIn column-major, then b), so the weights
-carry over unchanged. pyspark has no public constructor for the Spark model: it is built through the JVM with the
-Scala constructor ``MultilayerPerceptronClassificationModel(uid, weights)`` and given its ``layers`` param.
+carry over unchanged. pyspark has no public constructor for the Spark model, and the JVM gateway does not exist under
+Spark Connect: ``toSpark`` writes the model in Spark ML's own on-disk format (metadata JSON + Parquet ``weights``)
+to a temporary directory and loads it with ``MultilayerPerceptronClassificationModel.load``, which works from a
+classic and from a Connect session. ``fromSpark`` reads ``weights`` and ``getLayers()``, public in both kinds.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
+import tempfile
+import time
+import uuid
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from pyspark.ml.classification import MultilayerPerceptronClassificationModel
-from pyspark.ml.common import _py2java
 from pyspark.ml.linalg import DenseVector
 from pyspark.sql import SparkSession
 
@@ -25,6 +32,10 @@ if TYPE_CHECKING:
 _SHARED = ("featuresCol", "labelCol", "predictionCol", "probabilityCol", "rawPredictionCol", "thresholds",
            "maxIter", "tol", "stepSize", "blockSize", "seed", "solver")
 _SPARK_SOLVERS = ("l-bfgs", "gd")
+_SPARK_CLASS = "org.apache.spark.ml.classification.MultilayerPerceptronClassificationModel"
+#: Spark conf naming a directory every node of the cluster reaches (HDFS, S3, NFS) for toSpark's hand-over files;
+#: the default, the driver's temporary directory, serves local and single-machine sessions
+TMP_DIR_CONF = "spark.sparkdl_hetero.tmpDir"
 
 
 def from_spark(cls: type[DeepClassificationModel], model: Any) -> DeepClassificationModel:
@@ -49,14 +60,20 @@ def to_spark(model: DeepClassificationModel) -> MultilayerPerceptronClassificati
     spark = SparkSession.getActiveSession()
     if spark is None:
         raise RuntimeError("toSpark needs an active SparkSession")
-    jvm = spark.sparkContext._jvm
-    jweights = _py2java(spark.sparkContext, DenseVector(np.asarray(model.weights.toArray(), dtype=np.float64)))
-    jmodel = jvm.org.apache.spark.ml.classification.MultilayerPerceptronClassificationModel(model.uid, jweights)
-    spark_model = MultilayerPerceptronClassificationModel(jmodel)
-    values: dict[str, Any] = {"layers": sizes}
+    params: dict[str, Any] = {"layers": sizes}
     for name in _SHARED:
         if model.isSet(model.getParam(name)) and (name != "solver" or model.getSolver() in _SPARK_SOLVERS):
-            values[name] = model.getOrDefault(name)
-    spark_model._set(**values)
-    spark_model._transfer_params_to_java()
-    return spark_model
+            params[name] = model.getOrDefault(name)
+    metadata = {"class": _SPARK_CLASS, "timestamp": int(time.time() * 1000), "sparkVersion": spark.version,
+                "uid": model.uid, "paramMap": params, "defaultParamMap": {}}
+    weights = DenseVector(np.asarray(model.weights.toArray(), dtype=np.float64))
+    base = spark.conf.get(TMP_DIR_CONF, None) or tempfile.gettempdir()
+    path = os.path.join(base, f"sparkdl-hetero-tospark-{uuid.uuid4().hex}")
+    try:
+        spark.createDataFrame([(json.dumps(metadata),)], schema="value string").coalesce(1) \
+            .write.text(os.path.join(path, "metadata"))
+        spark.createDataFrame([(weights,)], ["weights"]).coalesce(1).write.parquet(os.path.join(path, "data"))
+        return MultilayerPerceptronClassificationModel.load(path)
+    finally:
+        # the load has read the weights; a directory on a cluster file system is left to that system's cleanup
+        shutil.rmtree(path, ignore_errors=True)

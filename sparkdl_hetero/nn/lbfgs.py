@@ -1,4 +1,4 @@
-"""L-BFGS as Spark runs it (Breeze's ``LBFGS``), shared by the treeAggregate and barrier modes.
+"""L-BFGS as Spark runs it (Breeze's ``LBFGS``), shared by every training mode through :mod:`.solvers`.
 
 Each iteration: the search direction from the two-loop recursion over the last :data:`MEMORY` (s, y) pairs,
 the initial inverse Hessian scaled by ``s.y / y.y``; a strong Wolfe line search (``scipy.optimize.line_search``,

@@ -1,0 +1,271 @@
+"""Save/load, damaged saves, Spark-MLP interop, executor probing and task slots from a classic and from a Spark
+Connect session (both on the test run's one local[2] application, see conftest)."""
+
+from __future__ import annotations
+
+import glob
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from pyspark.ml.classification import MultilayerPerceptronClassificationModel, MultilayerPerceptronClassifier
+from pyspark.ml.linalg import Vectors
+
+from sparkdl_hetero.data.parquet import fashion_mnist_parquet
+from sparkdl_hetero.distributed.cluster import check_barrier_slots, task_slots
+from sparkdl_hetero.distributed.placement import probe_executors
+from sparkdl_hetero.ml.classifier import DeepClassificationModel, DeepClassifier
+from sparkdl_hetero.ml.persistence import DamagedSaveError, MissingSaveFileError
+from sparkdl_hetero.nn.topology import FeedForwardTopology
+
+LAYERS = [4, 5, 3]
+KINDS = ["classic", "connect"]
+
+
+@pytest.fixture(params=KINDS)
+def session(request):
+    return request.getfixturevalue("spark" if request.param == "classic" else "connect")
+
+
+def _model(seed: int = 0) -> DeepClassificationModel:
+    topo = FeedForwardTopology.multilayer_perceptron(LAYERS)
+    return DeepClassificationModel(topo, np.random.default_rng(seed).normal(size=topo.num_weights))
+
+
+def _save(session, model, path: str) -> None:
+    model.write().session(session).save(path)
+
+
+def _load(session, path: str) -> DeepClassificationModel:
+    return DeepClassificationModel.read().session(session).load(path)
+
+
+def _features(n: int = 12) -> np.ndarray:
+    return np.random.default_rng(3).normal(size=(n, LAYERS[0]))
+
+
+# ---- persistence -------------------------------------------------------------------------------------------------
+def test_save_load_round_trip(session, tmp_path):
+    model = _model(1)
+    model = model.copy({model.probabilityCol: "p"})
+    path = str(tmp_path / "m")
+    _save(session, model, path)
+    assert glob.glob(os.path.join(path, "data", "*.parquet")) and glob.glob(os.path.join(path, "metadata", "part-*"))
+    assert not glob.glob(os.path.join(path, "**", "*.pkl"), recursive=True)
+    meta = json.loads(open(glob.glob(os.path.join(path, "metadata", "part-*"))[0]).read())
+    assert meta["class"] == "sparkdl_hetero.ml.classifier.DeepClassificationModel" and meta["uid"] == model.uid
+    assert meta["formatVersion"] == 2 and meta["arrays"]["weights"]["shape"] == [model.network.num_weights]
+    loaded = DeepClassificationModel.load(path)  # the active session of this kind
+    assert loaded.uid == model.uid and loaded.getProbabilityCol() == "p" and loaded.getLayers() == LAYERS
+    np.testing.assert_array_equal(loaded.weights.toArray(), model.weights.toArray())
+    with pytest.raises(FileExistsError, match=r"metadata already exists; use write\(\)\.overwrite\(\)"):
+        _save(session, model, path)
+    other = _model(2)
+    other.write().session(session).overwrite().save(path)
+    np.testing.assert_array_equal(_load(session, path).weights.toArray(), other.weights.toArray())
+
+    est = DeepClassifier(layers=LAYERS, solver="adam", initialWeights=np.arange(43.0))
+    est.write().session(session).save(str(tmp_path / "est"))
+    est2 = DeepClassifier.read().session(session).load(str(tmp_path / "est"))
+    assert est2.uid == est.uid and est2.getSolver() == "adam"
+    np.testing.assert_array_equal(est2.getInitialWeights().toArray(), np.arange(43.0))
+
+
+def _drop_crc(path: str) -> None:
+    for crc in glob.glob(os.path.join(path, "**", ".*.crc"), recursive=True):
+        os.remove(crc)
+
+
+def _data_file(path: str) -> str:
+    return glob.glob(os.path.join(path, "data", "*.parquet"))[0]
+
+
+def _truncate(file: str) -> None:
+    with open(file, "rb") as f:
+        head = f.read()[:-40]
+    with open(file, "wb") as f:
+        f.write(head)
+
+
+def _corrupt(path: str, what: str) -> None:
+    if what == "truncated":  # Hadoop's checksum catches it
+        _truncate(_data_file(path))
+    elif what == "truncated-nocrc":  # Parquet's own footer check catches it
+        _truncate(_data_file(path))
+        _drop_crc(path)
+    elif what == "replaced-nocrc":  # a valid file with other weights: only our sha256 catches it
+        file = _data_file(path)
+        buf = io.BytesIO()
+        np.save(buf, np.zeros(43))
+        pq.write_table(pa.table({"name": ["weights"], "npy": [buf.getvalue()]}), file)
+        _drop_crc(path)
+    elif what == "json":
+        part = glob.glob(os.path.join(path, "metadata", "part-*"))[0]
+        with open(part, "w") as f:
+            f.write('{"class": "sparkdl_hetero.ml.classifier.DeepClassificationModel", "uid": ')
+        _drop_crc(path)
+    elif what == "json-crc":  # edited with the checksum file left in place
+        part = glob.glob(os.path.join(path, "metadata", "part-*"))[0]
+        with open(part, "w") as f:
+            f.write("{}")
+    elif what == "missing":
+        shutil.rmtree(os.path.join(path, "data"))
+    elif what == "version":
+        part = glob.glob(os.path.join(path, "metadata", "part-*"))[0]
+        meta = json.loads(open(part).read())
+        meta["formatVersion"] = 99
+        with open(part, "w") as f:
+            f.write(json.dumps(meta))
+        _drop_crc(path)
+
+
+@pytest.mark.parametrize("what, error, message", [
+    ("truncated", DamagedSaveError, r"cannot read .*data: \[FAILED_READ_FILE.*\] .*part-.*parquet.*checksum error"),
+    ("truncated-nocrc", DamagedSaveError, r"cannot read .*data: \[FAILED_READ_FILE.*\] .*part-.*parquet"),
+    ("replaced-nocrc", DamagedSaveError, r"array 'weights' in .*data does not match the sha256 in the metadata"),
+    ("json", DamagedSaveError, r"metadata is not valid JSON .* in .*metadata"),
+    ("json-crc", DamagedSaveError, r"cannot read .*metadata: .*part-.*checksum error"),
+    ("missing", MissingSaveFileError, r"array file .*data is missing"),
+    ("version", DamagedSaveError, r"format version 99 in .*metadata is not one this version of sparkdl_hetero "
+                                  r"reads \(1, 2\)"),
+])
+def test_damaged_save_is_a_clear_error(session, tmp_path, what, error, message):
+    path = str(tmp_path / what)
+    _save(session, _model(), path)
+    _corrupt(path, what)
+    with pytest.raises(error, match=message) as info:
+        _load(session, path)
+    assert path in str(info.value) and "at org.apache" not in str(info.value) and "Py4J" not in str(info.value)
+    assert isinstance(info.value, ValueError)
+
+
+def test_missing_save_and_format_1(session, tmp_path):
+    with pytest.raises(MissingSaveFileError, match=r"cannot load DeepClassificationModel from .*nowhere: "
+                                                   r".*metadata does not exist"):
+        _load(session, str(tmp_path / "nowhere"))
+    # a format-1 save (one .npy file per array) written by hand as the earlier version laid it out
+    model, path = _model(4), str(tmp_path / "v1")
+    _save(session, model, path)
+    part = glob.glob(os.path.join(path, "metadata", "part-*"))[0]
+    meta = json.loads(open(part).read())
+    meta["formatVersion"], meta["arrays"] = 1, {"weights": "data/weights.npy"}
+    shutil.rmtree(os.path.join(path, "data"))
+    os.makedirs(os.path.join(path, "data"))
+    np.save(os.path.join(path, "data", "weights.npy"), model.weights.toArray())
+    with open(part, "w") as f:
+        f.write(json.dumps(meta))
+    _drop_crc(path)
+    np.testing.assert_array_equal(_load(session, path).weights.toArray(), model.weights.toArray())
+    with open(os.path.join(path, "data", "weights.npy"), "wb") as f:
+        f.write(b"not a numpy file")
+    with pytest.raises(DamagedSaveError, match=r"weights.npy is not a valid .npy file"):
+        _load(session, path)
+
+
+# ---- interop -----------------------------------------------------------------------------------------------------
+def test_interop_with_spark_mlp_both_ways(session):
+    x = _features()
+    df = session.createDataFrame([(Vectors.dense(r), float(i % 3)) for i, r in enumerate(x)], ["features", "label"])
+    spark_model = MultilayerPerceptronClassifier(layers=LAYERS, maxIter=10, seed=11).fit(df)
+    ours = DeepClassificationModel.fromSpark(spark_model)
+    assert ours.getLayers() == LAYERS and ours.getDtype() == "float64" and ours.getMaxIter() == 10
+    spark_rows = spark_model.transform(df).select("rawPrediction", "probability").collect()
+    for r, s in zip(x, spark_rows, strict=True):
+        np.testing.assert_allclose(ours.predictRaw(Vectors.dense(r)).toArray(), s[0].toArray(), rtol=0, atol=1e-9)
+        np.testing.assert_allclose(ours.predictProbability(Vectors.dense(r)).toArray(), s[1].toArray(),
+                                   rtol=0, atol=1e-9)
+
+    mine = _model(5)
+    mine = mine.copy({mine.dtype: "float64", mine.solver: "adam", mine.predictionCol: "pred"})
+    back = mine.toSpark()
+    assert isinstance(back, MultilayerPerceptronClassificationModel)
+    assert back.getLayers() == LAYERS and back.getPredictionCol() == "pred" and back.getSolver() == "l-bfgs"
+    np.testing.assert_array_equal(back.weights.toArray(), mine.weights.toArray())
+    back_rows = back.transform(df).select("rawPrediction", "probability", "pred").collect()
+    for r, s in zip(x, back_rows, strict=True):
+        np.testing.assert_allclose(mine.predictRaw(Vectors.dense(r)).toArray(), s[0].toArray(), rtol=0, atol=1e-9)
+        np.testing.assert_allclose(mine.predictProbability(Vectors.dense(r)).toArray(), s[1].toArray(),
+                                   rtol=0, atol=1e-9)
+        assert mine.predict(Vectors.dense(r)) == s[2]
+
+
+# ---- executors and slots -----------------------------------------------------------------------------------------
+def test_probe_executors_from_a_session(session):
+    accounts = probe_executors(session, "numpy", 2)
+    assert len(accounts) == 2 and all(a.endswith(": numpy") and " partition " in a for a in accounts)
+
+
+def test_task_slots_local(session):
+    assert task_slots(session) == 2
+    assert check_barrier_slots(session, None) == 2 and check_barrier_slots(session, 1) == 1
+    with pytest.raises(ValueError, match=r"numWorkers=3 but the cluster runs only 2 tasks at once .* set "
+                                         r"numWorkers <= 2, or give the application more executors or cores"):
+        check_barrier_slots(session, 3)
+
+
+def test_task_slots_local_cluster_one_core(tmp_path):
+    """A one-executor, one-core cluster (where Spark's defaultParallelism says 2) has one slot."""
+    script = tmp_path / "slots.py"
+    script.write_text(textwrap.dedent("""
+        import sys
+        from pyspark.sql import SparkSession
+        from sparkdl_hetero.distributed.cluster import check_barrier_slots, task_slots
+        spark = (SparkSession.builder.master("local-cluster[1,1,1024]").config("spark.ui.enabled", "false")
+                 .getOrCreate())
+        try:
+            check_barrier_slots(spark, 2)
+        except ValueError as e:
+            message = str(e)
+        print("RESULT", task_slots(spark), check_barrier_slots(spark, 0), spark.sparkContext.defaultParallelism,
+              "|", message)
+        spark.stop()
+    """))
+    env = {**os.environ, "PYTHONPATH": os.getcwd() + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env.pop("SPARK_CONNECT_MODE_ENABLED", None)
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=300)
+    line = next((ln for ln in out.stdout.splitlines() if ln.startswith("RESULT")), None)
+    assert line is not None, out.stderr[-3000:]
+    counts, message = line.split("|", 1)
+    assert counts.split()[1:] == ["1", "1", "2"]
+    assert "numWorkers=2 but the cluster runs only 1 tasks at once" in message
+
+
+# ---- datasets as Parquet -----------------------------------------------------------------------------------------
+def _write_idx(path: str, a: np.ndarray) -> None:
+    import gzip
+    import struct
+
+    with gzip.open(path, "wb") as f:
+        f.write(struct.pack(">BBBB", 0, 0, 0x08, a.ndim) + struct.pack(f">{a.ndim}I", *a.shape) + a.tobytes())
+
+
+def test_fashion_mnist_parquet_converts_once(session, tmp_path):
+    rng = np.random.default_rng(0)
+    src = tmp_path / "src"
+    src.mkdir()
+    data = {}
+    for split, n in (("train", 5), ("t10k", 3)):
+        images, labels = rng.integers(0, 256, size=(n, 28, 28), dtype=np.uint8), rng.integers(0, 10, n, np.uint8)
+        _write_idx(str(src / f"{split}-images-idx3-ubyte.gz"), images)
+        _write_idx(str(src / f"{split}-labels-idx1-ubyte.gz"), labels)
+        data[split] = (images, labels)
+    train, test = fashion_mnist_parquet(str(tmp_path / "pq"), str(src))
+    for path, (images, labels) in ((train, data["train"]), (test, data["t10k"])):
+        rows = session.read.parquet(path).collect()
+        x = np.array([r["features"] for r in rows], dtype=np.float32)
+        np.testing.assert_array_equal(x, images.reshape(len(images), -1).astype(np.float32) / np.float32(255))
+        np.testing.assert_array_equal([r["label"] for r in rows], labels.astype(np.float64))
+    assert dict(session.read.parquet(train).dtypes) == {"features": "array<float>", "label": "double"}
+    shutil.rmtree(src)  # a complete conversion is reused: the source is not read again
+    assert fashion_mnist_parquet(str(tmp_path / "pq"), str(src)) == (train, test)
+    os.remove(os.path.join(test, "_SUCCESS"))  # an interrupted conversion is redone (and needs its source)
+    with pytest.raises(FileNotFoundError, match="Fashion-MNIST not found"):
+        fashion_mnist_parquet(str(tmp_path / "pq"), str(src))
