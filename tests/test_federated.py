@@ -226,3 +226,32 @@ def test_visualize_job_filters_and_preferences(fed_df, tmp_path) -> None:  # noq
         assert proc.returncode == 0, f"visualize.py failed:\n{proc.stdout}\n{proc.stderr[-4000:]}"
         with open(tmp_path / out, "rb") as f:
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_partial_merges_of_tasks_equal_one_merge_of_every_device() -> None:
+    """What a task ships (its devices' partial RoundAggregator as a state dict, through a payload) merges on the
+    server into the same result as adding every device to one aggregator."""
+    from sparkdl_hetero.distributed.federated import decode_payload, encode_payload
+    from sparkdl_hetero.nn.federated import RoundAggregator
+
+    rng = np.random.default_rng(5)
+    g = rng.normal(size=50)
+    updates = [(rng.normal(size=k), int(rng.integers(1, 9)), np.sort(rng.choice(50, k, replace=False)))
+               for k in (50, 20, 35, 7)]
+    one = RoundAggregator(g)
+    for w, rows, index in updates:
+        one.add(w, rows, index)
+    server = RoundAggregator(g)
+    for task in (updates[:1], updates[1:]):
+        part = RoundAggregator(g)
+        for w, rows, index in task:
+            part.add(w, rows, index)
+        arrays, meta = decode_payload(encode_payload(part.state_dict(), {"task": 1}))
+        assert meta == {"task": 1}
+        shipped = RoundAggregator(g)
+        shipped.load_state_dict(arrays)
+        server.merge(shipped)
+    np.testing.assert_allclose(server.result(), one.result(), rtol=1e-12, atol=1e-12)
+    assert (server.devices, server.rows) == (one.devices, one.rows) == (4, sum(r for _, r, _ in updates))
+    with pytest.raises(ValueError, match="an aggregator state of 50 weights needs mean and rows of that length"):
+        RoundAggregator(g).load_state_dict({"mean": np.zeros(3), "rows": np.zeros(3), "counts": np.zeros(2)})

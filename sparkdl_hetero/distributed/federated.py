@@ -70,6 +70,7 @@ from ..nn.model import FeedForwardModel
 from ..nn.objective import Objective
 from ..nn.topology import FeedForwardTopology
 from .checkpoint import Checkpoint, load_compatible, save_checkpoint
+from .cluster import task_slots
 from .config import TrainConfig, TrainResult
 from .data import (
     _HANDLE_SCHEMA,
@@ -387,17 +388,6 @@ class DeviceData:
             self.rows_df.unpersist()
 
 
-def _default_partitions(spark: Any) -> int:
-    """The application's default parallelism, without a SparkContext: the partitions Spark gives a range."""
-    from pyspark.sql import functions as F
-
-    conf = spark.conf.get("spark.default.parallelism", None)
-    if conf:
-        return max(1, int(conf))
-    row = spark.range(0, 1 << 12).select(F.spark_partition_id().alias("p")).agg(F.max("p").alias("p")).first()
-    return int(row["p"]) + 1 if row is not None and row["p"] is not None else 1
-
-
 def _task_attempts(spark: Any) -> int:
     """How many times Spark runs a failing task: ``local[N, F]``: F; other local masters: 1; else
     ``spark.task.maxFailures``."""
@@ -442,7 +432,7 @@ def prepare_devices(df: Any, features_col: str, label_col: str, device_col: str,
     check_columns(df, features_col, label_col)
     check_device_columns(df, device_col, validation_col)
     spark = df.sparkSession
-    parts = num_partitions or _default_partitions(spark)
+    parts = num_partitions or task_slots(spark)
     fit_id = uuid.uuid4().hex
     valid = F.col(validation_col) if validation_col else F.lit(False)
     rows_df = (df.select(F.col(device_col).cast("string").alias("device"), valid.alias("valid"),
