@@ -255,3 +255,17 @@ def test_partial_merges_of_tasks_equal_one_merge_of_every_device() -> None:
     assert (server.devices, server.rows) == (one.devices, one.rows) == (4, sum(r for _, r, _ in updates))
     with pytest.raises(ValueError, match="an aggregator state of 50 weights needs mean and rows of that length"):
         RoundAggregator(g).load_state_dict({"mean": np.zeros(3), "rows": np.zeros(3), "counts": np.zeros(2)})
+
+
+def test_fedavg_and_cad_under_spark_connect(connect) -> None:  # noqa: ANN001
+    """The mode uses DataFrame APIs only: the same fit runs from a Spark Connect session."""
+    x, y = _images(160, seed=4)
+    dev = assign_devices(y, 4, classes_per_device=2, seed=1).device
+    df = connect.createDataFrame([(x[i].tolist(), float(y[i]), f"d{dev[i]}", i % 8 == 0) for i in range(len(y))],
+                                 ["features", "label", "device", "valid"])
+    for algorithm in ("fedavg", "cad"):
+        model = _cnn(rounds=2, federatedAlgorithm=algorithm).fit(df)
+        h = model.summary.roundHistory
+        assert [e["round"] for e in h] == [1, 2] and all(e["validationAccuracy"] is not None for e in h)
+        assert h[-1]["algorithm"] == algorithm
+    assert model.filterPreferences(df, 3).shape == (4, 16)
