@@ -269,3 +269,12 @@ def test_fedavg_and_cad_under_spark_connect(connect) -> None:  # noqa: ANN001
         assert [e["round"] for e in h] == [1, 2] and all(e["validationAccuracy"] is not None for e in h)
         assert h[-1]["algorithm"] == algorithm
     assert model.filterPreferences(df, 3).shape == (4, 16)
+
+
+def test_cad_without_warm_up_measures_the_initial_model_first(fed_df) -> None:  # noqa: ANN001
+    model = _cnn(rounds=1, federatedAlgorithm="cad", cadWarmupRounds=0, cadKeep=0.25).fit(fed_df)
+    h = model.summary.roundHistory
+    assert h[0]["algorithm"] == "cad" and h[0]["validationAccuracy"] is not None
+    assert model.summary.trainingStats["jobs"] == 3  # the statistics, round 1, the last validation
+    fedavg = _cnn(rounds=1).fit(fed_df).summary.roundHistory[0]
+    assert h[0]["bytesDown"] < 0.5 * fedavg["bytesDown"]  # a quarter of the decoupled filters, and fewer classes

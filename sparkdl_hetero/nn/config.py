@@ -203,7 +203,8 @@ class TrainConfig:
     dtype: str = knob("float32", OneOf(DTYPES), "Floating-point type of training and prediction.")
     backend: str = knob("numpy", OneOf(BACKENDS), "Array backend on executors.")
     mode: str = knob("treeAggregate", OneOf(MODES), "Distributed training mode.")
-    numWorkers: int = knob(0, _AT_LEAST_0, "Barrier mode: number of workers (0: one per partition).")
+    numWorkers: int = knob(0, _AT_LEAST_0, "Barrier mode: number of workers (0: one per partition); federated "
+                           "mode: partitions the devices are spread over (0: the cluster's task slots).")
     checkpointDir: str = knob("", None, "Directory for training checkpoints; a fit with the same directory "
                               "resumes from the last checkpoint. Empty: no checkpoints.")
     checkpointInterval: int = knob(10, None, "Iterations (federated mode: rounds) between checkpoints (>= 1 when "
