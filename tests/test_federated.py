@@ -13,7 +13,7 @@ import pytest
 from pyspark.ml.linalg import Vectors
 
 from sparkdl_hetero.data import assign_devices
-from sparkdl_hetero.ml import DeepClassifier
+from sparkdl_hetero.ml import DeepClassificationModel, DeepClassifier
 from sparkdl_hetero.nn import FeedForwardModel, FeedForwardTopology
 from sparkdl_hetero.nn.visualize import filter_preferences
 
@@ -170,8 +170,12 @@ def test_string_devices_and_the_mentor_with_fedavg(spark, fed_df) -> None:  # no
         _cnn(federatedAlgorithm="cad", mentor=mentor).fit(named)
 
 
-def test_model_filter_preferences_and_visualization(spark, fed_df) -> None:  # noqa: ANN001
-    model = _cnn(rounds=2, clientFraction=1.0).fit(fed_df)
+def test_model_filter_preferences_and_visualization(spark, fed_df, tmp_path) -> None:  # noqa: ANN001
+    model = _cnn(rounds=2, clientFraction=1.0, cadLayers=[3], cadKeep=0.75).fit(fed_df)
+    model.save(str(tmp_path / "model"))
+    loaded = DeepClassificationModel.load(str(tmp_path / "model"))
+    assert (loaded.getMode(), loaded.getDeviceCol(), loaded.getCadLayers(), loaded.getCadKeep(), loaded.getRounds()) \
+        == ("federated", "device", [3], 0.75, 2)
     pref = model.filterPreferences(fed_df, 3)
     x, y = _images()
     local = FeedForwardModel(model.network, model.weights.toArray(), dtype=np.float64)
