@@ -177,7 +177,6 @@ def test_cnn_model_transform_and_save_load(spark, tmp_path):
 
     ref = FeedForwardModel(topo, model.weights.toArray(), dtype=np.float64)
     np.testing.assert_allclose(prob, ref.predict(x), atol=1e-5)
-    assert model.getLayers() is None if model.isDefined(model.layers) else True
     assert not model.isDefined(model.layers)
     path = str(tmp_path / "cnn")
     model.write().save(path)
@@ -242,8 +241,11 @@ def _mlp_program(cls, train, test) -> tuple[float, object]:
     evaluator = MulticlassClassificationEvaluator(metricName="accuracy")
     accuracy = evaluator.evaluate(result.select("prediction", "label"))
     assert model.weights.size == 64 and model.getLayers() == LAYERS and model.numFeatures == 4
-    assert model.summary().totalIterations == len(model.summary().objectiveHistory) - 1 or \
-        model.summary().totalIterations <= 100
+    summary = model.summary()
+    if cls is DeepClassifier:  # l-bfgs history: the initial loss, then one per iteration
+        assert summary.totalIterations == len(summary.objectiveHistory) - 1 >= 1
+    else:
+        assert summary.totalIterations >= 1 and summary.objectiveHistory
     return accuracy, model
 
 
@@ -282,7 +284,7 @@ def test_reaches_spark_mlp_accuracy_on_spark_example(iris):
     assert our_acc >= spark_acc - 1e-9, (our_acc, spark_acc)
     assert our_acc > 0.9
     hist = model.summary.objectiveHistory
-    assert hist[-1] < 0.1 * hist[0] and 0 < model.summary.totalIterations <= 100
+    assert hist[-1] < 0.1 * hist[0] and model.summary.totalIterations == len(hist) - 1
     stats = model.summary.trainingStats
     assert stats["mode"] == "treeAggregate" and stats["solver"] == "l-bfgs" and stats["backends"]
     # evaluate() and the training summary agree with Spark's evaluator

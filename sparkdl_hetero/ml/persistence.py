@@ -21,6 +21,7 @@ import io
 import json
 import os
 import re
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import numpy as np
@@ -180,14 +181,19 @@ class ParamsArraysReader(MLReader, Generic[T]):
         return instance
 
 
-def _read_metadata(spark: SparkSession, path: str, where: str) -> dict[str, Any]:
-    meta_dir = os.path.join(path, "metadata")
+def _collect(read: Callable[[str], Any], directory: str, where: str, missing: str) -> list[Any]:
+    """The rows of ``read(directory)``; Spark's errors as our own: missing, or damaged naming the file."""
     try:
-        rows = spark.read.text(meta_dir).collect()
+        return read(directory).collect()
     except Exception as e:
         if _is_missing(e):
-            raise MissingSaveFileError(f"{where}: {meta_dir} does not exist") from None
-        raise DamagedSaveError(f"{where}: cannot read {meta_dir}: {_spark_error(e)}") from None
+            raise MissingSaveFileError(f"{where}: {missing}") from None
+        raise DamagedSaveError(f"{where}: cannot read {directory}: {_spark_error(e)}") from None
+
+
+def _read_metadata(spark: SparkSession, path: str, where: str) -> dict[str, Any]:
+    meta_dir = os.path.join(path, "metadata")
+    rows = _collect(spark.read.text, meta_dir, where, f"{meta_dir} does not exist")
     try:
         meta = json.loads("\n".join(r[0] for r in rows)) if rows else None
     except json.JSONDecodeError as e:
@@ -202,12 +208,7 @@ def _read_arrays(spark: SparkSession, path: str, specs: dict[str, Any], where: s
     if not specs:
         return {}
     data_dir = os.path.join(path, "data")
-    try:
-        rows = spark.read.parquet(data_dir).collect()
-    except Exception as e:
-        if _is_missing(e):
-            raise MissingSaveFileError(f"{where}: array file {data_dir} is missing") from None
-        raise DamagedSaveError(f"{where}: cannot read {data_dir}: {_spark_error(e)}") from None
+    rows = _collect(spark.read.parquet, data_dir, where, f"array file {data_dir} is missing")
     blobs: dict[str, bytes] = {}
     for row in rows:
         d = row.asDict()
