@@ -502,6 +502,7 @@ class FederatedTrainer:
         self.stats = ActivationStats(objective.topology, self.layers) if self.cad else None
         self.spark = data.handles_df.sparkSession
         self.attempts = _task_attempts(self.spark)
+        self.order = {key: i for i, key in enumerate(data.keys)}  # a device's index: its batch order's seed
         self.history: list[dict] = []
         self.losses: list[float] = []
         self.started = time.perf_counter()
@@ -521,7 +522,7 @@ class FederatedTrainer:
         for key in keys:
             classes = list(self.data.devices[key].classes)
             filters = critical_paths(self.stats, classes, self.config.cadKeep) if decouple else None
-            seed = np.random.SeedSequence([self.config.seed, r, self.data.keys.index(key)]).generate_state(1)[0]
+            seed = np.random.SeedSequence([self.config.seed, r, self.order[key]]).generate_state(1)[0]
             plans[key] = (classes, filters, int(seed))
         return plans
 
