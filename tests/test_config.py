@@ -14,6 +14,7 @@ from sparkdl_hetero.nn.config import (
     KNOBS,
     KNOBS_BY_NAME,
     ConfigError,
+    Indices,
     Knob,
     OneOf,
     Range,
@@ -26,7 +27,8 @@ from sparkdl_hetero.nn.config import (
 KNOWN = ("solver maxIter tol stepSize regParam blockSize batchSize epochs miniBatchFraction momentum nesterov beta1 "
          "beta2 epsilon lrSchedule lrDecay lrDecaySteps seed dtype backend mode numWorkers checkpointDir "
          "checkpointInterval verbose syncEvery allReduce balance validationFraction patience validationInterval "
-         "commTimeout straggler").split()
+         "commTimeout straggler rounds clientFraction localEpochs federatedAlgorithm cadKeep cadLayers "
+         "cadWarmupRounds").split()
 
 
 def test_the_table_is_the_dataclass() -> None:
@@ -35,13 +37,13 @@ def test_the_table_is_the_dataclass() -> None:
     for k in KNOBS:
         assert getattr(defaults, k.name) == k.default
         assert k.doc and k.doc.endswith(".")
-        assert k.type in (int, float, bool, str, dict)
+        assert k.type in (int, float, bool, str, dict, list)
 
 
 def test_the_distributed_layer_re_exports_the_same_names() -> None:
     assert distributed_config.TrainConfig is TrainConfig
     assert distributed_config.SOLVERS == ("l-bfgs", "gd", "sgd", "momentum", "adam")
-    assert distributed_config.MODES == ("treeAggregate", "barrier")
+    assert distributed_config.MODES == ("treeAggregate", "barrier", "federated")
     assert distributed_config.DTYPES == ("float32", "float64")
 
 
@@ -75,7 +77,7 @@ CASES = [
     ("seed", -5, "seed must be >= 0, got -5"),
     ("dtype", "float16", "dtype must be one of float32, float64, got 'float16'"),
     ("backend", "tpu", "backend must be one of numpy, opencl, cupy, auto, got 'tpu'"),
-    ("mode", "federated", "mode must be one of treeAggregate, barrier, got 'federated'"),
+    ("mode", "gossip", "mode must be one of treeAggregate, barrier, federated, got 'gossip'"),
     ("numWorkers", -1, "numWorkers must be >= 0, got -1"),
     ("checkpointDir", None, "checkpointDir must be a string, got None"),
     ("checkpointInterval", 2.5, "checkpointInterval must be an integer, got 2.5"),
@@ -95,6 +97,15 @@ CASES = [
     ("maxIter", "10", "maxIter must be an integer, got '10'"),
     ("maxIter", True, "maxIter must be an integer, got True"),
     ("stepSize", float("nan"), "stepSize must be > 0, got nan"),
+    ("rounds", 0, "rounds must be >= 1, got 0"),
+    ("clientFraction", 0.0, "clientFraction must be in (0, 1], got 0.0"),
+    ("localEpochs", 0, "localEpochs must be >= 1, got 0"),
+    ("federatedAlgorithm", "fedprox", "federatedAlgorithm must be one of fedavg, cad, got 'fedprox'"),
+    ("cadKeep", 1.5, "cadKeep must be in (0, 1], got 1.5"),
+    ("cadLayers", [3, 3], "cadLayers must be a list of distinct integers >= 0, got [3, 3]"),
+    ("cadLayers", [-1], "cadLayers must be a list of distinct integers >= 0, got [-1]"),
+    ("cadLayers", 3, "cadLayers must be a list, got 3"),
+    ("cadWarmupRounds", -1, "cadWarmupRounds must be >= 0, got -1"),
 ]
 
 
@@ -137,6 +148,8 @@ def _valid(k: Knob) -> st.SearchStrategy:
         return st.sampled_from(c.choices)
     if isinstance(c, RankFactors):
         return st.dictionaries(st.integers(0, 64), st.floats(1.0, 1e3, **_FINITE), max_size=4)
+    if isinstance(c, Indices):
+        return st.lists(st.integers(0, 64), unique=True, max_size=4)
     if k.type is bool:
         return st.booleans()
     if k.type is str:
@@ -156,6 +169,9 @@ def _invalid(k: Knob) -> st.SearchStrategy:
         return st.one_of(st.dictionaries(st.integers(-64, -1), st.floats(1.0, 1e3, **_FINITE), min_size=1),
                          st.dictionaries(st.integers(0, 64), st.floats(-1e3, 1.0, exclude_max=True, **_FINITE),
                                          min_size=1))
+    if isinstance(c, Indices):
+        return st.one_of(st.lists(st.integers(max_value=-1), min_size=1, max_size=3),
+                         st.lists(st.integers(0, 9), min_size=2, max_size=4).filter(lambda v: len(set(v)) < len(v)))
     assert isinstance(c, Range) and c.lo is not None
     below = (st.integers(max_value=int(c.lo) - 1 + c.lo_open) if k.type is int
              else st.floats(max_value=c.lo, exclude_max=not c.lo_open, **_FINITE))

@@ -90,10 +90,11 @@ def test_every_knob_is_a_param_with_its_default_and_every_param_is_known():
             assert est.getOrDefault(k.name) == k.default, k.name
         spark_shared = {"seed", "maxIter", "tol", "stepSize", "regParam"}  # pyspark's HasX params keep their docs
         assert k.name in spark_shared or est.getParam(k.name).doc.startswith(k.doc), k.name
-    # every other param is Spark's (columns, thresholds, layers, initialWeights), the network's or the mentor's
+    # every other param is Spark's (columns, thresholds, layers, initialWeights), the network's, the mentor's or a
+    # federated column
     others = {"featuresCol", "labelCol", "predictionCol", "probabilityCol", "rawPredictionCol", "thresholds",
               "weightCol", "validationIndicatorCol", "layers", "initialWeights", "topology", "inputShape", "mentor",
-              "distillAlpha", "temperature", "hintLayers", "hintWeights"}
+              "distillAlpha", "temperature", "hintLayers", "hintWeights", "deviceCol"}
     assert names - {k.name for k in KNOBS} == others
     # a param set by name reaches the TrainConfig of the fit, converted to the knob's type
     cfg = DeepClassifier(maxIter=7.0, commTimeout=5, balance=False, allReduce="ring")._train_config()

@@ -41,7 +41,8 @@ def _running_cores(spark: SparkSession) -> int:
     number of partitions Spark gives a range without an explicit count: one small job, no RDD API."""
     from pyspark.sql import functions as F
 
-    row = spark.range(0, 1 << 16).select(F.max(F.spark_partition_id()).alias("p")).first()
+    # max() of spark_partition_id() itself is refused (a non-deterministic aggregate argument): project it first
+    row = spark.range(0, 1 << 16).select(F.spark_partition_id().alias("p")).agg(F.max("p").alias("p")).first()
     return int(row["p"]) + 1 if row is not None and row["p"] is not None else 1
 
 

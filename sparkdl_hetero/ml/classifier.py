@@ -161,6 +161,28 @@ class DeepClassificationModel(NetworkModel, ProbabilisticClassificationModel, _D
         return out.select(*[F.col(f"`{c}`") for c in dataset.columns],
                           *[exprs[k].alias(c) for k, c in outputs.items()])
 
+    # ---- what the filters respond to (the CAD poster's filter visualization) ----
+    def visualizeFilters(self, layer: int, filters: list[int] | None = None, iterations: int = 100,
+                         stepSize: float = 0.05, l2: float = 1.0, blur: float = 0.0, jitter: int = 0,
+                         seed: int = 0) -> np.ndarray:
+        """One input per filter of conv/affine layer ``layer`` (all its filters, or ``filters``) that maximizes the
+        filter's mean activation, by gradient ascent from random noise with an L2 (and optional blur / jitter)
+        regularizer (:func:`~sparkdl_hetero.nn.visualize.visualize_filters`): (filters, channels, height, width)
+        for an image model, (filters, features) otherwise."""
+        from ..nn.visualize import visualize_filters
+
+        return visualize_filters(self._driver_model(), layer, filters, iterations=iterations, step_size=stepSize,
+                                 l2=l2, blur=blur, jitter=jitter, seed=seed)
+
+    def filterPreferences(self, dataset: DataFrame, layer: int) -> np.ndarray:
+        """The (classes, filters) matrix of each filter's mean activation over the rows of each class of
+        ``dataset`` (featuresCol, labelCol) at conv/affine layer ``layer``, computed on the executors: the
+        preference CAD ranks filters by (NaN for a class without rows)."""
+        from ..distributed.federated import filter_preferences_df
+
+        return filter_preferences_df(dataset, self.getFeaturesCol(), self.getLabelCol(), self.network,
+                                     self._weights, layer, self.getDtype(), self.getBackend())
+
     # ---- interop with Spark's MultilayerPerceptronClassificationModel ----
     @classmethod
     def fromSpark(cls, model: Any) -> DeepClassificationModel:

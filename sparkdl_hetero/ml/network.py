@@ -173,6 +173,30 @@ class NetworkSetters:
     def setValidationIndicatorCol(self, value: str) -> Any:
         return self._set(validationIndicatorCol=value)
 
+    def setDeviceCol(self, value: str) -> Any:
+        return self._set(deviceCol=value)
+
+    def setRounds(self, value: int) -> Any:
+        return self._set(rounds=value)
+
+    def setClientFraction(self, value: float) -> Any:
+        return self._set(clientFraction=value)
+
+    def setLocalEpochs(self, value: int) -> Any:
+        return self._set(localEpochs=value)
+
+    def setFederatedAlgorithm(self, value: str) -> Any:
+        return self._set(federatedAlgorithm=value)
+
+    def setCadKeep(self, value: float) -> Any:
+        return self._set(cadKeep=value)
+
+    def setCadLayers(self, value: list[int]) -> Any:
+        return self._set(cadLayers=value)
+
+    def setCadWarmupRounds(self, value: int) -> Any:
+        return self._set(cadWarmupRounds=value)
+
 
 def fit_network(estimator: Any, dataset: DataFrame, objective_of: Any = None, *, regression: bool = False,
                 check: Any = None) -> tuple[FeedForwardTopology, Any, TrainResult]:
@@ -207,7 +231,7 @@ def fit_network(estimator: Any, dataset: DataFrame, objective_of: Any = None, *,
                              f"input shape {list(topology.input_shape)} needs {topology.num_weights}")
     objective = Objective(topology) if objective_of is None else objective_of(topology)
     result = fit(dataset, features, label, objective, config, initial, regression=regression,
-                 weight_col=weight_col, validation_col=validation_col)
+                 weight_col=weight_col, validation_col=validation_col, device_col=estimator.getDeviceCol())
     return topology, objective, result
 
 

@@ -34,7 +34,7 @@ KNOBS_NOT_PARAMS = ("straggler",)
 SPARK_DEFAULT_PARAMS = ("seed",)
 
 _CONVERTERS = {int: TypeConverters.toInt, float: TypeConverters.toFloat, bool: TypeConverters.toBoolean,
-               str: TypeConverters.toString}
+               str: TypeConverters.toString, list: TypeConverters.toListInt}
 
 
 def _param(name: str, doc: str, converter: Any) -> Param:
@@ -100,12 +100,23 @@ class _DeepNetworkParams(HasSeed, HasMaxIter, HasTol, HasStepSize, HasSolver, Ha
     patience: Param[int] = _knob_param("patience")
     validationInterval: Param[int] = _knob_param("validationInterval")
     commTimeout: Param[float] = _knob_param("commTimeout")
+    # ---- federated mode ----
+    deviceCol: Param[str] = _param("deviceCol", "Federated mode: the column (integer or string) whose value names the "
+                                   "device a row belongs to.", TypeConverters.toString)
+    rounds: Param[int] = _knob_param("rounds")
+    clientFraction: Param[float] = _knob_param("clientFraction")
+    localEpochs: Param[int] = _knob_param("localEpochs")
+    federatedAlgorithm: Param[str] = _knob_param("federatedAlgorithm")
+    cadKeep: Param[float] = _knob_param("cadKeep")
+    cadLayers: Param[list[int]] = _knob_param("cadLayers")
+    cadWarmupRounds: Param[int] = _knob_param("cadWarmupRounds")
 
     def __init__(self, *args: Any) -> None:
         super().__init__(*args)
         # the knobs' defaults are Spark MLP's for its params (maxIter, tol, blockSize, stepSize, solver)
         self._setDefault(**{k.name: k.default for k in KNOBS
-                            if k.name not in KNOBS_NOT_PARAMS + SPARK_DEFAULT_PARAMS}, topology="", inputShape=[])
+                            if k.name not in KNOBS_NOT_PARAMS + SPARK_DEFAULT_PARAMS}, topology="", inputShape=[],
+                         deviceCol="device")
 
     def getLayers(self) -> list[int]:
         return self.getOrDefault(self.layers)
@@ -193,6 +204,30 @@ class _DeepNetworkParams(HasSeed, HasMaxIter, HasTol, HasStepSize, HasSolver, Ha
 
     def getCommTimeout(self) -> float:
         return self.getOrDefault(self.commTimeout)
+
+    def getDeviceCol(self) -> str:
+        return self.getOrDefault(self.deviceCol)
+
+    def getRounds(self) -> int:
+        return self.getOrDefault(self.rounds)
+
+    def getClientFraction(self) -> float:
+        return self.getOrDefault(self.clientFraction)
+
+    def getLocalEpochs(self) -> int:
+        return self.getOrDefault(self.localEpochs)
+
+    def getFederatedAlgorithm(self) -> str:
+        return self.getOrDefault(self.federatedAlgorithm)
+
+    def getCadKeep(self) -> float:
+        return self.getOrDefault(self.cadKeep)
+
+    def getCadLayers(self) -> list[int]:
+        return list(self.getOrDefault(self.cadLayers))
+
+    def getCadWarmupRounds(self) -> int:
+        return self.getOrDefault(self.cadWarmupRounds)
 
     def _train_config(self) -> TrainConfig:
         """The TrainConfig these params describe (every knob that has a param of the same name); building it checks

@@ -160,6 +160,17 @@ class TrainingInfo:
         return self._iterations
 
     @property
+    def roundHistory(self) -> list[dict]:
+        """Federated mode: one entry per communication round -- ``round``, ``algorithm`` (what the round ran:
+        ``fedavg``, or ``cad`` after the warm-up), ``devices`` (selected), ``dropped`` (devices whose training failed,
+        with the error), ``bytesDown`` / ``bytesUp`` (the serialized payloads sent to and received from the
+        devices), ``deviceSeconds`` (summed; ``maxDeviceSeconds``: the slowest), ``rows`` trained, ``trainLoss``
+        (the devices' last local epoch, row-weighted; a CAD sub-model's loss is over its own classes),
+        ``validationLoss`` / ``validationAccuracy`` (the global model after the round on the rows flagged by
+        validationIndicatorCol; None without it) and ``seconds`` (wall). Empty for other modes and loaded models."""
+        return [dict(e) for e in self._stats.get("roundHistory", [])]
+
+    @property
     def trainingStats(self) -> dict:
         """What the training mode reported (e.g. mode, solver, stopping reason, the backend each worker used,
         timings); empty for a loaded model."""

@@ -21,10 +21,11 @@ import numpy as np
 from ..backends import BACKENDS
 
 SOLVERS = ("l-bfgs", "gd", "sgd", "momentum", "adam")
-MODES = ("treeAggregate", "barrier")
+MODES = ("treeAggregate", "barrier", "federated")
 DTYPES = ("float32", "float64")
 SCHEDULES = ("constant", "step", "cosine")
 ALL_REDUCE = ("auto", "hub", "ring")
+FEDERATED_ALGORITHMS = ("fedavg", "cad")
 
 
 class ConfigError(ValueError):
@@ -105,7 +106,20 @@ class RankFactors:
         return "a map of worker rank (an integer >= 0) to slow-down factor (>= 1)"
 
 
-Check = Range | OneOf | RankFactors
+@dataclass(frozen=True)
+class Indices:
+    """A list of distinct integers >= 0 (e.g. layer indices)."""
+
+    def __call__(self, value: Any) -> bool:
+        return (all(isinstance(i, numbers.Integral) and not isinstance(i, (bool, np.bool_)) and i >= 0 for i in value)
+                and len(set(value)) == len(value))
+
+    @property
+    def expected(self) -> str:
+        return "a list of distinct integers >= 0"
+
+
+Check = Range | OneOf | RankFactors | Indices
 
 
 def _is_real(v: Any) -> bool:
@@ -119,12 +133,13 @@ _TYPES: dict[type, tuple[str, Callable[[Any], bool]]] = {
     bool: ("true or false", lambda v: isinstance(v, (bool, np.bool_))),
     str: ("a string", lambda v: isinstance(v, str)),
     dict: ("a map", lambda v: isinstance(v, Mapping)),
+    list: ("a list", lambda v: isinstance(v, (list, tuple))),
 }
 
 
 @dataclass(frozen=True)
 class Knob:
-    """One training knob: ``name``, its value ``type`` (int, float, bool, str or dict), ``default``, ``check``
+    """One training knob: ``name``, its value ``type`` (int, float, bool, str, dict or list), ``default``, ``check``
     (None: any value of the type) and a one-line ``doc``."""
 
     name: str
@@ -150,13 +165,14 @@ class Knob:
 def knob(default: Any, check: Check | None, doc: str) -> Any:
     """A :class:`TrainConfig` field: its default, its check and its doc (the type is the field's annotation)."""
     meta = {"check": check, "doc": doc}
-    if isinstance(default, dict):
-        return field(default_factory=lambda: dict(default), metadata=meta)
+    if isinstance(default, (dict, list)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
 
 
 _AT_LEAST_0, _AT_LEAST_1, _ABOVE_0 = Range(0), Range(1), Range(0, lo_open=True)
 _DECAY = Range(0.0, 1.0, hi_open=True)
+_FRACTION = Range(0.0, 1.0, lo_open=True)
 
 
 @dataclass(frozen=True)
@@ -170,9 +186,10 @@ class TrainConfig:
     regParam: float = knob(0.0, _AT_LEAST_0, "L2 regularization on every weight.")
     blockSize: int = knob(128, _AT_LEAST_1, "Accepted for compatibility with Spark's "
                           "MultilayerPerceptronClassifier only: training does not read it.")
-    batchSize: int = knob(64, _AT_LEAST_1, "Global mini-batch size for sgd, momentum and adam.")
+    batchSize: int = knob(64, _AT_LEAST_1, "Global mini-batch size for sgd, momentum and adam (federated mode: "
+                          "each device's local mini-batch).")
     epochs: int = knob(0, _AT_LEAST_0, "Passes over the data for mini-batch solvers (0: maxIter).")
-    miniBatchFraction: float = knob(1.0, Range(0.0, 1.0, lo_open=True),
+    miniBatchFraction: float = knob(1.0, _FRACTION,
                                     "gd: fraction of the rows sampled per iteration (Spark's GradientDescent).")
     momentum: float = knob(0.9, _DECAY, "Momentum coefficient (solver momentum).")
     nesterov: bool = knob(False, None, "Nesterov momentum (solver momentum).")
@@ -186,10 +203,12 @@ class TrainConfig:
     dtype: str = knob("float32", OneOf(DTYPES), "Floating-point type of training and prediction.")
     backend: str = knob("numpy", OneOf(BACKENDS), "Array backend on executors.")
     mode: str = knob("treeAggregate", OneOf(MODES), "Distributed training mode.")
-    numWorkers: int = knob(0, _AT_LEAST_0, "Barrier mode: number of workers (0: one per partition).")
+    numWorkers: int = knob(0, _AT_LEAST_0, "Barrier mode: number of workers (0: one per partition); federated "
+                           "mode: partitions the devices are spread over (0: the cluster's task slots).")
     checkpointDir: str = knob("", None, "Directory for training checkpoints; a fit with the same directory "
                               "resumes from the last checkpoint. Empty: no checkpoints.")
-    checkpointInterval: int = knob(10, None, "Iterations between checkpoints (>= 1 when checkpointDir is set).")
+    checkpointInterval: int = knob(10, None, "Iterations (federated mode: rounds) between checkpoints (>= 1 when "
+                                   "checkpointDir is set).")
     verbose: bool = knob(True, None, "Show a progress bar on the driver.")
     syncEvery: int = knob(1, _AT_LEAST_1, "Barrier mode: local steps between all-reduces.")
     allReduce: str = knob("auto", OneOf(ALL_REDUCE), "Barrier mode: all-reduce transport.")
@@ -202,6 +221,16 @@ class TrainConfig:
     commTimeout: float = knob(120.0, _ABOVE_0, "Barrier mode: seconds before a silent peer is an error.")
     straggler: dict[int, float] = knob({}, RankFactors(), "Barrier mode, benchmarking aid: rank -> slow-down "
                                        "factor.")
+    rounds: int = knob(10, _AT_LEAST_1, "Federated mode: communication rounds.")
+    clientFraction: float = knob(0.1, _FRACTION, "Federated mode: fraction C of the devices selected per round "
+                                 "(at least one).")
+    localEpochs: int = knob(1, _AT_LEAST_1, "Federated mode: passes E of a selected device over its rows per round.")
+    federatedAlgorithm: str = knob("fedavg", OneOf(FEDERATED_ALGORITHMS), "Federated mode: fedavg (every device "
+                                   "trains the whole model) or cad (context-aware sub-models).")
+    cadKeep: float = knob(0.5, _FRACTION, "CAD: fraction of each decoupled layer's filters a device keeps.")
+    cadLayers: list[int] = knob([], Indices(), "CAD: indices of the decoupled layers (empty: the deeper half of "
+                                "the conv layers and the hidden affine layers).")
+    cadWarmupRounds: int = knob(1, _AT_LEAST_0, "CAD: first rounds run as FedAvg, gathering the filter statistics.")
 
     def __post_init__(self) -> None:
         self.validate()

@@ -122,6 +122,23 @@ class RoundAggregator:
         self.devices += other.devices
         self.rows += other.rows
 
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """The running merge as arrays (per parameter: ``mean`` and ``rows``; ``counts``: devices and rows added),
+        so a partial merge (one task's devices) travels to the server as data."""
+        return {"mean": self._mean.copy(), "rows": self._rows.copy(),
+                "counts": np.array([self.devices, self.rows], dtype=np.int64)}
+
+    def load_state_dict(self, d: dict[str, np.ndarray]) -> None:
+        """Restore a :meth:`state_dict` of an aggregator of the same number of weights."""
+        mean, rows = np.asarray(d["mean"], dtype=np.float64), np.asarray(d["rows"], dtype=np.float64)
+        counts = np.asarray(d["counts"])
+        if mean.shape != (self.num_weights,) or rows.shape != mean.shape or counts.shape != (2,):
+            raise ValueError(f"an aggregator state of {self.num_weights} weights needs mean and rows of that length "
+                             f"and two counts, got shapes {mean.shape}, {rows.shape}, {counts.shape}")
+        self._mean[...] = mean
+        self._rows[...] = rows
+        self.devices, self.rows = int(counts[0]), int(counts[1])
+
     def result(self) -> np.ndarray:
         """The new global weights (the global weights' dtype): the merged mean where some device held a
         parameter, the old value elsewhere."""
