@@ -151,6 +151,20 @@ def test_tree_aggregate_fit_returns_the_state(image_df) -> None:
     _check_state_is_used(_fit(image_df, "treeAggregate"), image_df)
 
 
+def test_distillation_refuses_batch_norm_on_either_side(image_df) -> None:
+    from sparkdl_hetero.ml import DeepClassificationModel, DeepClassifier
+
+    topo, w, state = _trained_engine_model()
+    plain = FeedForwardTopology.from_spec("flatten-affine(3)", SHAPE)
+    with pytest.raises(ValueError, match=r"the mentor's topology 'conv\(4,3.*' has batch normalization"):
+        DeepClassifier(topology="flatten-affine(3)", inputShape=list(SHAPE),
+                       mentor=DeepClassificationModel(topo, w, state=state)).fit(image_df)
+    with pytest.raises(ValueError, match=r"topology 'conv\(4,3.*' has batch normalization, whose running statistics "
+                                         r"a mentor's distillation does not train yet"):
+        DeepClassifier(topology=SPEC, inputShape=list(SHAPE),
+                       mentor=DeepClassificationModel(plain, np.zeros(plain.num_weights))).fit(image_df)
+
+
 def _drop_state_array(spark, src: str, dst: str) -> None:  # noqa: ANN001
     """A copy of a save as a version without the model state wrote it: no 'state' array, in data or metadata."""
     meta = json.loads(spark.read.text(os.path.join(src, "metadata")).collect()[0][0])

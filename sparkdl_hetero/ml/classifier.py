@@ -73,6 +73,9 @@ class DeepClassifier(ProbabilisticClassifier, _DeepClassifierParams, _MentorPara
         if self._has_mentor() and self.isDefined(self.weightCol) and self.getWeightCol():
             raise ValueError(f"weightCol ({self.getWeightCol()!r}) cannot be combined with a mentor: distillation "
                              f"weighs every row alike; unset one of them")
+        if self._has_mentor() and self.getMentor().network.num_state:
+            raise ValueError(f"the mentor's topology {self.getMentor().network.spec!r} has batch normalization, whose "
+                             f"running statistics distillation does not use yet; use a mentor without batchnorm")
         topology, objective, result = fit_network(self, dataset, self._objective)  # plain, or distillation
         model = DeepClassificationModel(topology, objective.model_weights(result.weights), state=result.state,
                                         objectiveHistory=result.objectiveHistory, totalIterations=result.iterations)
