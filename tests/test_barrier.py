@@ -244,6 +244,30 @@ def test_batch_norm_state_is_bit_identical_on_every_replica(sync: int, algo: str
     assert not np.allclose(results[0][1], initial, atol=1e-2)  # the running statistics moved
 
 
+
+def test_a_resumed_run_starts_from_the_checkpointed_batch_norm_state(tmp_path) -> None:
+    from sparkdl_hetero.distributed.checkpoint import load_checkpoint
+
+    obj = Objective(FeedForwardTopology.from_spec(BN_SPEC, 6))
+    x, y = blobs(200, seed=6)
+    cfg = TrainConfig(mode="barrier", solver="adam", epochs=2, batchSize=32, stepSize=0.05,
+                      checkpointDir=str(tmp_path / "ckpt"), checkpointInterval=5)
+    w0 = obj.initial_weights(0)
+
+    def fn(c: Communicator) -> tuple[int, np.ndarray]:
+        worker = train_worker(c, obj, cfg, x[c.rank::2], y[c.rank::2], w0)[0]
+        return worker.iteration, worker.model_state()
+
+    first = run_workers(2, fn)
+    ckpt = load_checkpoint(cfg.checkpointDir)
+    assert ckpt is not None and ckpt.iteration == first[0][0] == 14
+    np.testing.assert_array_equal(ckpt.model_state, first[0][1])
+    again = run_workers(2, fn)  # nothing left to train: every replica ends with the checkpoint's state
+    assert [it for it, _ in again] == [14, 14]
+    for _, state in again:
+        assert state.tobytes() == ckpt.model_state.tobytes()
+
+
 # ---- Spark (local[2]: two barrier slots) -------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def blob_df(spark):  # noqa: ANN001, ANN201
