@@ -198,6 +198,76 @@ def test_lbfgs_replicas_agree_and_match_a_single_process_lbfgs() -> None:
     np.testing.assert_allclose(w, ref_x, rtol=1e-4, atol=1e-6)
 
 
+
+BN_SPEC = "affine(8)-batchnorm(momentum=0.3,eps=0.001)-relu-affine(3)"
+
+
+def test_the_first_step_leaves_every_replica_with_the_mean_of_their_batch_norm_states() -> None:
+    # one step over every row (batchSize = all rows, shares = each worker's rows): a replica's state after its
+    # training forward is what one engine model with the initial weights gets on that worker's rows
+    obj = Objective(FeedForwardTopology.from_spec(BN_SPEC, 6))
+    x, y = blobs(90, seed=3)
+    parts = [(x[:30], y[:30]), (x[30:], y[30:])]
+    w0 = obj.initial_weights(1)
+    cfg = TrainConfig(mode="barrier", solver="sgd", epochs=1, batchSize=90, stepSize=0.1, dtype="float64",
+                      balance=False)
+    results = run_workers(2, lambda c: train_worker(c, obj, cfg, *parts[c.rank], w0)[0].model_state())
+    per_rank = []
+    for xr, yr in parts:
+        ref = FeedForwardModel(obj.topology, w0, dtype=np.float64)
+        ref.compute_gradient(xr, yr)
+        per_rank.append(ref.get_state())
+    assert per_rank[0].shape == (16,) and not np.allclose(per_rank[0], per_rank[1])  # the workers' stats differ
+    assert results[0].tobytes() == results[1].tobytes()
+    np.testing.assert_allclose(results[0], (per_rank[0] + per_rank[1]) / 2, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("sync,algo", [(1, "ring"), (3, "hub")])
+def test_batch_norm_state_is_bit_identical_on_every_replica(sync: int, algo: str) -> None:
+    obj = Objective(FeedForwardTopology.from_spec(BN_SPEC, 6))
+    x, y = blobs(300, seed=4)
+    bounds = [0, 90, 200, 300]
+    cfg = TrainConfig(mode="barrier", solver="adam", epochs=2, batchSize=32, stepSize=0.05, syncEvery=sync,
+                      allReduce=algo, validationFraction=0.2)
+    w0 = obj.initial_weights(0)
+
+    def fn(c: Communicator) -> tuple[np.ndarray, np.ndarray]:
+        lo, hi = bounds[c.rank], bounds[c.rank + 1]
+        worker = train_worker(c, obj, cfg, x[lo:hi], y[lo:hi], w0)[0]
+        return worker.weights, worker.model_state()
+
+    results = run_workers(3, fn)
+    initial = FeedForwardModel.initial_state(obj.topology)
+    for w, state in results[1:]:
+        assert w.tobytes() == results[0][0].tobytes()
+        assert state.tobytes() == results[0][1].tobytes()
+    assert not np.allclose(results[0][1], initial, atol=1e-2)  # the running statistics moved
+
+
+
+def test_a_resumed_run_starts_from_the_checkpointed_batch_norm_state(tmp_path) -> None:
+    from sparkdl_hetero.distributed.checkpoint import load_checkpoint
+
+    obj = Objective(FeedForwardTopology.from_spec(BN_SPEC, 6))
+    x, y = blobs(200, seed=6)
+    cfg = TrainConfig(mode="barrier", solver="adam", epochs=2, batchSize=32, stepSize=0.05,
+                      checkpointDir=str(tmp_path / "ckpt"), checkpointInterval=5)
+    w0 = obj.initial_weights(0)
+
+    def fn(c: Communicator) -> tuple[int, np.ndarray]:
+        worker = train_worker(c, obj, cfg, x[c.rank::2], y[c.rank::2], w0)[0]
+        return worker.iteration, worker.model_state()
+
+    first = run_workers(2, fn)
+    ckpt = load_checkpoint(cfg.checkpointDir)
+    assert ckpt is not None and ckpt.iteration == first[0][0] == 14
+    np.testing.assert_array_equal(ckpt.model_state, first[0][1])
+    again = run_workers(2, fn)  # nothing left to train: every replica ends with the checkpoint's state
+    assert [it for it, _ in again] == [14, 14]
+    for _, state in again:
+        assert state.tobytes() == ckpt.model_state.tobytes()
+
+
 # ---- Spark (local[2]: two barrier slots) -------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def blob_df(spark):  # noqa: ANN001, ANN201

@@ -85,7 +85,7 @@ def _barrier_task(batches: Iterator, objective: Objective, config: TrainConfig, 
         x, y, w = x[~v], y[~v], None if w is None else w[~v]
     del rows
     comm = Communicator(rank, world, _task_host(ctx), timeout=config.commTimeout,
-                        max_elements=objective.num_weights + world + 8)
+                        max_elements=objective.num_weights + objective.topology.num_state + world + 8)
     try:
         secret = new_secret().hex() if rank == 0 else ""
         infos = [json.loads(s) for s in ctx.allGather(json.dumps(
@@ -112,7 +112,7 @@ def _barrier_task(batches: Iterator, objective: Objective, config: TrainConfig, 
             weights = b""
         else:
             meta = {"history": worker.history, "iterations": worker.iteration, "stop": stop,
-                    "workers": summaries, "extra": worker.extra}
+                    "workers": summaries, "extra": worker.extra, "state": worker.model_state().tolist()}
             weights = worker.weights.tobytes()
         yield pa.RecordBatch.from_pylist([{"rank": 0, "meta": json.dumps(meta), "weights": weights}],
                                          schema=pa.schema([("rank", pa.int32()), ("meta", pa.string()),
@@ -175,7 +175,7 @@ def fit_barrier(df: Any, features_col: str, label_col: str, objective: Objective
     weights = np.frombuffer(rows[0]["weights"], dtype=np.float64).copy()
     stats = _stats(meta, config, world, seconds)
     stats["failedAttempts"] = failures
-    return TrainResult(weights, meta["history"], meta["iterations"], stats)
+    return TrainResult(weights, meta["history"], meta["iterations"], stats, np.asarray(meta["state"], np.float64))
 
 
 __all__ = ["FAULT_PROPERTY", "BarrierWorker", "CommError", "fit_barrier", "split_batch", "train_worker"]

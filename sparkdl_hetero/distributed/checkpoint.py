@@ -2,7 +2,9 @@
 
 Layout of ``checkpointDir``::
 
-    ckpt-00000010/state.npz   weights, and the updater's arrays under ``updater/<name>``
+    ckpt-00000010/state.npz   weights, the model's non-trained state (``model_state``, batch normalization's
+                              running statistics; empty for most topologies), the updater's arrays under
+                              ``updater/<name>``
     ckpt-00000010/meta.json   iteration, objective history, solver, number of weights, trainer extras
     latest.json               {"name": "ckpt-00000010"} -- replaced atomically once the directory is complete
 
@@ -37,12 +39,15 @@ class Checkpoint:
     updater_state: dict[str, np.ndarray] = field(default_factory=dict)
     solver: str = ""
     extra: dict = field(default_factory=dict)  # JSON-able trainer state (epoch, step in epoch, ...)
+    model_state: np.ndarray = field(default_factory=lambda: np.zeros(0))  # the model's non-trained state
 
     @classmethod
-    def of(cls, state: SolverState, solver: str, extra: dict | None = None) -> Checkpoint:
-        """A checkpoint of a solver's state; ``extra``: a mode's own JSON-able state besides the solver's."""
+    def of(cls, state: SolverState, solver: str, extra: dict | None = None,
+           model_state: np.ndarray | None = None) -> Checkpoint:
+        """A checkpoint of a solver's state; ``extra``: a mode's own JSON-able state besides the solver's;
+        ``model_state``: the model's non-trained state (None: the topology has none)."""
         return cls(state.weights, state.iteration, state.history, state.updater_state, solver,
-                   {**state.extra(), **(extra or {})})
+                   {**state.extra(), **(extra or {})}, np.zeros(0) if model_state is None else model_state)
 
     def solver_state(self) -> SolverState:
         """The solver's state this checkpoint holds (float64 weights)."""
@@ -59,7 +64,7 @@ def save_checkpoint(directory: str, ckpt: Checkpoint, keep: int = 2) -> str:
     final = os.path.join(directory, name)
     tmp = os.path.join(directory, f".tmp-{name}-{uuid.uuid4().hex[:8]}")
     os.makedirs(tmp)
-    arrays = {"weights": np.asarray(ckpt.weights)}
+    arrays = {"weights": np.asarray(ckpt.weights), "model_state": np.asarray(ckpt.model_state, dtype=np.float64)}
     arrays.update({_UPDATER + k: np.asarray(v) for k, v in ckpt.updater_state.items()})
     np.savez(os.path.join(tmp, "state.npz"), **arrays)
     meta = {"format": 1, "iteration": int(ckpt.iteration), "history": [float(v) for v in ckpt.history],
@@ -98,7 +103,8 @@ def load_checkpoint(directory: str) -> Checkpoint | None:
         raise ValueError(f"checkpoint {path} is not a sparkdl-hetero checkpoint (format 1 with weights)")
     return Checkpoint(weights=arrays["weights"], iteration=int(meta["iteration"]), history=list(meta["history"]),
                       updater_state={k[len(_UPDATER):]: v for k, v in arrays.items() if k.startswith(_UPDATER)},
-                      solver=meta.get("solver", ""), extra=meta.get("extra", {}))
+                      solver=meta.get("solver", ""), extra=meta.get("extra", {}),
+                      model_state=arrays.get("model_state", np.zeros(0)))
 
 
 def load_compatible(directory: str, solver: str, num_weights: int) -> Checkpoint | None:

@@ -21,3 +21,4 @@ class TrainResult:
     objectiveHistory: list[float] = field(default_factory=list)
     iterations: int = 0
     stats: dict = field(default_factory=dict)  # mode-specific: per-worker timings, backends used, ...
+    state: np.ndarray = field(default_factory=lambda: np.zeros(0))  # the model's non-trained state (BN statistics)

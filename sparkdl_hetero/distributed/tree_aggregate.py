@@ -45,6 +45,7 @@ from typing import Any
 import numpy as np
 
 from ..nn import solvers
+from ..nn.model import FeedForwardModel
 from ..nn.objective import Objective
 from ..nn.solvers import Hooks, SolverState
 from .checkpoint import Checkpoint, load_compatible, save_checkpoint
@@ -111,25 +112,32 @@ def _rows(job: _Job, part: int, n: int) -> np.ndarray | None:
 
 
 def partition_gradient(job: _Job, x: np.ndarray, y: np.ndarray, part: int, weights: np.ndarray,
-                       cpus: int = 1, w: np.ndarray | None = None) -> tuple[np.ndarray | None, float, int, float, str]:
-    """(gradient sum, loss sum, rows, count, backend account) of one partition's selected rows at ``weights``; the
-    gradient in the replica's dtype (float32: half the bytes to ship; the driver sums in float64). With sample
-    weights ``w`` the sums are weighted and the count is the weights' sum (else the rows)."""
+                       cpus: int = 1, w: np.ndarray | None = None, state: np.ndarray | None = None,
+                       ) -> tuple[np.ndarray | None, float, int, float, str, np.ndarray | None]:
+    """(gradient sum, loss sum, rows, count, backend account, model state sum) of one partition's selected rows at
+    ``weights``; the gradient in the replica's dtype (float32: half the bytes to ship; the driver sums in float64).
+    With sample weights ``w`` the sums are weighted and the count is the weights' sum (else the rows). ``state``:
+    the model state the pass starts from (None: the topology has none); the state sum is the replica's state
+    after the pass times the rows (None without state), for the driver's row-weighted mean."""
     idx = _rows(job, part, len(y))
     m = len(y) if idx is None else len(idx)
     if m == 0:
-        return None, 0.0, 0, 0.0, ""
+        return None, 0.0, 0, 0.0, "", None
     rep, account = _replica(job)
     rep.set_weights(weights)
+    if state is not None:
+        rep.set_state(state)
     rep.zero_grad()
     with blas_limit(cpus):
         loss, count = accumulate_gradient(rep, x, y, idx, w)
-    return rep.get_gradient(), loss, m, count, account
+    state_sum = None if state is None else np.asarray(rep.get_state(), dtype=np.float64) * m
+    return rep.get_gradient(), loss, m, count, account, state_sum
 
 
-def _task(handles: Any, job: _Job, weights: np.ndarray) -> Any:
+def _task(handles: Any, job: _Job, weights: np.ndarray, state: np.ndarray | None = None) -> Any:
     """mapPartitions body: one (gradient sum, loss sum, rows, missing partitions, {backend account: the
-    worker's peak RSS in bytes}, seconds computing, count: the rows' weights summed) per partition."""
+    worker's peak RSS in bytes}, seconds computing, count: the rows' weights summed, model state sum) per
+    partition (see :func:`partition_gradient` for ``state``)."""
     from pyspark import TaskContext
 
     ctx = TaskContext.get()
@@ -137,12 +145,12 @@ def _task(handles: Any, job: _Job, weights: np.ndarray) -> Any:
     for h in handles:
         blocks = resident_blocks(job.fit_id, h)
         if blocks is None:
-            yield None, 0.0, 0, (h.part,), {}, 0.0, 0.0
+            yield None, 0.0, 0, (h.part,), {}, 0.0, 0.0, None
             continue
         t0 = time.perf_counter()
-        g, loss, n, count, account = partition_gradient(job, blocks[0], blocks[1], h.part, weights, cpus,
-                                                        resident_weights(job.fit_id, h))
-        yield g, loss, n, (), {account: peak_rss_bytes()} if account else {}, time.perf_counter() - t0, count
+        g, loss, n, count, account, s = partition_gradient(job, blocks[0], blocks[1], h.part, weights, cpus,
+                                                           resident_weights(job.fit_id, h), state)
+        yield g, loss, n, (), {account: peak_rss_bytes()} if account else {}, time.perf_counter() - t0, count, s
 
 
 def _validation_task(handles: Any, job: _Job, weights: np.ndarray) -> Any:
@@ -177,7 +185,8 @@ def _combine(a: tuple, b: tuple) -> tuple:
     workers = dict(a[4])
     for k, v in b[4].items():
         workers[k] = max(v, workers.get(k, 0))
-    return g, a[1] + b[1], a[2] + b[2], a[3] + b[3], workers, max(a[5], b[5]), a[6] + b[6]
+    s = b[7] if a[7] is None else a[7] if b[7] is None else a[7] + b[7]
+    return g, a[1] + b[1], a[2] + b[2], a[3] + b[3], workers, max(a[5], b[5]), a[6] + b[6], s
 
 
 # ---- driver side ------------------------------------------------------------------------------------------
@@ -198,6 +207,9 @@ class TreeAggregateTrainer:
         self.objective_bc: Any = None  # the objective, broadcast once for the whole fit
         self.validation: list[list[float]] = []  # [loss, metric] after each epoch (validation rows only)
         self.steps_per_epoch = 0  # mini-batch solvers
+        # the model's non-trained state (batch normalization's statistics): the row-weighted mean of the tasks'
+        # states after each evaluation, where the next evaluation's tasks start
+        self.model_state = FeedForwardModel.initial_state(objective.topology)
 
     # -- one distributed evaluation --
     def evaluate(self, w: np.ndarray, job: _Job, label: str) -> tuple[np.ndarray, float, float]:
@@ -206,11 +218,12 @@ class TreeAggregateTrainer:
         sc = self.sc
         with np.errstate(over="ignore"):  # weights beyond float32 become inf: the loss check reports it
             weights = np.ascontiguousarray(w, dtype=self.dtype)
-        task = partial(_task, job=job, weights=weights)
+        state = np.asarray(self.model_state, dtype=self.dtype) if self.model_state.size else None
+        task = partial(_task, job=job, weights=weights, state=state)
         sc.setJobDescription(f"sparkdl-hetero fit {self.data.fit_id[:8]}: {label}")
         try:
-            zero: tuple = (None, 0.0, 0, (), {}, 0.0, 0.0)
-            g, loss, n, missing, accounts, busy, count = self.data.handles_rdd.mapPartitions(task) \
+            zero: tuple = (None, 0.0, 0, (), {}, 0.0, 0.0, None)
+            g, loss, n, missing, accounts, busy, count, s = self.data.handles_rdd.mapPartitions(task) \
                 .treeAggregate(zero, _combine, _combine, depth=2)
             if missing:  # partitions whose task ran on a host without their files: recompute them there
                 self.fallbacks += len(missing)
@@ -219,7 +232,8 @@ class TreeAggregateTrainer:
                     if part[3]:
                         raise RuntimeError(f"partitions {list(part[3])} have no blocks even after recomputing "
                                            f"them on the executor that ran them")
-                    g, loss, n, _, accounts, busy, count = _combine((g, loss, n, (), accounts, busy, count), part)
+                    g, loss, n, _, accounts, busy, count, s = _combine((g, loss, n, (), accounts, busy, count, s),
+                                                                       part)
         finally:
             sc.setJobDescription(None)
         self.evaluations += 1
@@ -227,6 +241,8 @@ class TreeAggregateTrainer:
         for k, v in accounts.items():
             self.backends[k] = max(v, self.backends.get(k, 0))
         self.compute_seconds += busy
+        if s is not None and n:
+            self.model_state = s / n
         g = np.zeros(self.objective.num_weights) if g is None else g.astype(np.float64, copy=g.dtype != np.float64)
         return g, loss, count
 
@@ -276,15 +292,15 @@ class TreeAggregateTrainer:
         return bool(c.checkpointDir) and c.checkpointInterval > 0 and iteration % c.checkpointInterval == 0
 
     def checkpoint(self, state: SolverState) -> None:
-        save_checkpoint(self.config.checkpointDir, Checkpoint.of(state, self.config.solver))
+        save_checkpoint(self.config.checkpointDir, Checkpoint.of(state, self.config.solver, None, self.model_state))
 
     def result(self, state: SolverState, converged: str) -> TrainResult:
         seconds = time.perf_counter() - self.started
         extra = {"validation": self.validation} if self.validation else {}
         if state.step_history:
             extra.update(stepLoss=state.step_history, stepsPerEpoch=self.steps_per_epoch)
-        return TrainResult(state.weights, list(state.history), state.iteration, {**extra,
-            "mode": "treeAggregate", "solver": self.config.solver, "converged": converged,
+        return TrainResult(state.weights, list(state.history), state.iteration, state=self.model_state, stats={
+            **extra, "mode": "treeAggregate", "solver": self.config.solver, "converged": converged,
             "evaluations": self.evaluations, "seconds": seconds, "samples": self.samples,
             "samplesPerSecond": self.samples / max(seconds, 1e-9), "numPartitions": self.data.num_partitions,
             "partitionSizes": self.data.partition_sizes(), "fallbackPartitions": self.fallbacks,
@@ -296,7 +312,12 @@ class TreeAggregateTrainer:
         c = self.config
         ckpt = load_compatible(c.checkpointDir, c.solver, self.objective.num_weights) if c.checkpointDir else None
         if ckpt is not None:
+            if ckpt.model_state.size != self.model_state.size:
+                raise ValueError(f"checkpointDir {c.checkpointDir!r} holds a checkpoint with {ckpt.model_state.size} "
+                                 f"model state values; topology {self.objective.topology.spec!r} has "
+                                 f"{self.model_state.size} (use another checkpointDir or delete it)")
             state = ckpt.solver_state()
+            self.model_state = ckpt.model_state.astype(np.float64)
         else:
             state = SolverState(np.asarray(initial_weights, dtype=np.float64).copy())
         try:
@@ -351,7 +372,7 @@ class TreeAggregateTrainer:
                 self.bar.update(1)
 
         hooks.iteration_end = step_end
-        best = [math.inf, 0, None]  # best validation loss, epochs since it improved, its weights
+        best = [math.inf, 0, None, None]  # best validation loss, epochs since it improved, its weights and state
         if self.data.validation_count:
             regression = not self.objective.topology.loss_layer.class_labels
 
@@ -362,7 +383,7 @@ class TreeAggregateTrainer:
                     self.bar.set_postfix(val_loss=f"{vloss:.5g}", **{"val_rmse" if regression else "val_acc":
                                                                     f"{metric:.4g}"}, refresh=False)
                 if vloss < best[0] - c.tol:
-                    best[:] = [vloss, 0, state.weights.copy()]
+                    best[:] = [vloss, 0, state.weights.copy(), self.model_state]
                 else:
                     best[1] += 1
                 if best[1] >= c.patience:
@@ -372,12 +393,12 @@ class TreeAggregateTrainer:
             hooks.epoch_end = epoch_end
         stop = solvers.minibatch(state, c, steps_per_epoch, step, hooks, keep_last_good=True)
         if best[2] is not None and best[1] > 0:  # the best validated weights, not the last ones
-            state.weights = best[2]
+            state.weights, self.model_state = best[2], best[3]
         return stop
 
 
 def _combine_all(it: Any) -> tuple:
-    acc: tuple = (None, 0.0, 0, (), {}, 0.0, 0.0)
+    acc: tuple = (None, 0.0, 0, (), {}, 0.0, 0.0, None)
     for v in it:
         acc = _combine(acc, v)
     return acc

@@ -18,6 +18,12 @@ validation indicator column's, or with ``validationFraction`` that share of each
 reduced validation loss after each epoch drives early stopping with ``patience`` -- every rank takes the same
 decision, so all stop together, and the best weights are returned.
 
+Model state (batch normalization's running statistics, ``topology.num_state`` values, updated by every training
+forward pass and trained by no gradient): after each all-reduce every replica sets its state to the mean of the
+replicas' states. With ``syncEvery=1`` the states ride at the end of the all-reduced gradient vector (no second
+exchange per step); local steps average them with the weights. The replicas thus end bit-identical, state included
+(the digests cover it). Validation passes do not move the state.
+
 Full-batch solvers (``gd``, ``l-bfgs``): every rank runs the same solver on the all-reduced full-batch loss and
 gradient (no driver round trip per iteration).
 
@@ -112,6 +118,7 @@ class BarrierWorker:
         self.dtype = np.dtype(config.dtype)
         self.replica = objective.replica(config.backend, self.dtype, config.seed)
         self.nw = objective.num_weights
+        self.ns = objective.topology.num_state
         self.fault_step = fault_step
         n = len(y)
         nval = int(round(n * config.validationFraction)) if config.validationFraction > 0 and validation is None \
@@ -132,7 +139,7 @@ class BarrierWorker:
         self.straggle = float({int(k): v for k, v in dict(config.straggler).items()}.get(self.rank, 1.0))
         # per-step buffers, allocated once: the replica's weights, the vector all-reduced every step and its sum
         self._w_model = np.empty(self.nw, self.dtype)
-        self._reduced = np.zeros(self.nw + 3 + self.world, self.dtype)
+        self._reduced = np.zeros(self.nw + 3 + self.world + self.ns, self.dtype)
         self._summed = np.empty_like(self._reduced)
         # timings of this rank
         self.step_seconds: list[float] = []
@@ -151,6 +158,12 @@ class BarrierWorker:
     @weights.setter
     def weights(self, value: np.ndarray) -> None:
         self.state.weights = value
+
+    def model_state(self) -> np.ndarray:
+        """The replica's non-trained state (float64; empty when the topology has none)."""
+        if not self.ns:
+            return np.zeros(0)
+        return np.asarray(self.replica.get_state(), dtype=np.float64)
 
     @property
     def iteration(self) -> int:
@@ -190,7 +203,8 @@ class BarrierWorker:
         """The gradient sum (in the model's dtype) and loss sum over every worker's selected rows, the total
         count (rows, or the weights' sum), and every rank's compute throughput for this step (samples/s,
         float64) -- identical on all ranks. The gradient sum is a view of the all-reduce's output buffer, which
-        the next call overwrites."""
+        the next call overwrites. The replicas' model states ride after the throughputs; every replica leaves
+        with their mean."""
         c0 = self.compute_seconds
         g, loss, m, count = self._gradient_sum(idx)
         v, nw = self._reduced, self.nw
@@ -200,18 +214,27 @@ class BarrierWorker:
         v[nw + 1] = count
         v[nw + 2] = m
         v[nw + 3 + self.rank] = m / max(self.compute_seconds - c0, 1e-9)
+        s0 = nw + 3 + self.world  # the model state's slots
+        if self.ns:
+            v[s0:] = self.replica.get_state()
         out = self._allreduce(v, self._summed)
         if int(round(float(out[nw + 2]))) == 0:
             raise ValueError("no worker has rows to train on")
+        if self.ns:
+            self.replica.set_state(out[s0:] / self.world)
         total = float(out[nw + 1]) if self.w is not None else float(round(float(out[nw + 1])))
-        return out[:nw], float(out[nw]), total, out[nw + 3:].astype(np.float64)
+        return out[:nw], float(out[nw]), total, out[nw + 3:s0].astype(np.float64)
 
     def _validation(self) -> tuple[float, float]:
         """All-reduced (mean loss, accuracy or RMSE) on the validation rows of every worker at the current
         weights (weighted means with sample weights)."""
         rep = self.replica
         rep.set_weights(self.weights.astype(self.dtype))
-        out = self._allreduce(validation_sums(rep, self.xv, self.yv, self.wv))
+        state = self.model_state()
+        sums = validation_sums(rep, self.xv, self.yv, self.wv)
+        if self.ns:  # the validation's forward passes moved the state: it must not learn from validation rows
+            rep.set_state(state)
+        out = self._allreduce(sums)
         return validation_metrics(out, not self.objective.topology.loss_layer.class_labels)
 
     def _maybe_fault(self, iteration: int) -> None:
@@ -237,14 +260,21 @@ class BarrierWorker:
         """Rank 0 saves the state when a checkpoint is due (``force``: now)."""
         c = self.config
         if self.rank == 0 and c.checkpointDir and (force or self._checkpoint_due(self.iteration)):
-            save_checkpoint(c.checkpointDir, Checkpoint.of(self.state, c.solver, self._mode_state()))
+            save_checkpoint(c.checkpointDir, Checkpoint.of(self.state, c.solver, self._mode_state(),
+                                                            self.model_state()))
 
     def restore(self) -> None:
         """Continue from the latest compatible checkpoint (every rank reads the same one; checked)."""
         c = self.config
         ckpt = load_compatible(c.checkpointDir, c.solver, self.nw) if c.checkpointDir else None
         if ckpt is not None:
+            if ckpt.model_state.size != self.ns:
+                raise ValueError(f"checkpointDir {c.checkpointDir!r} holds a checkpoint with {ckpt.model_state.size} "
+                                 f"model state values; topology {self.objective.topology.spec!r} has {self.ns} "
+                                 f"(use another checkpointDir or delete it)")
             self.state = ckpt.solver_state()
+            if self.ns:
+                self.replica.set_state(ckpt.model_state)
             ex = ckpt.extra
             if "shares" in ex:
                 self.balancer_state = BalancerState.from_json(ex)
@@ -257,7 +287,10 @@ class BarrierWorker:
                                         f"shares?")
 
     def digest(self) -> str:
-        return hashlib.sha256(self.weights.tobytes()).hexdigest()[:16] + f"@{self.iteration}"
+        """The weights, model state and iteration in a few characters (replicas must agree on it)."""
+        h = hashlib.sha256(self.weights.tobytes())
+        h.update(self.model_state().tobytes())
+        return h.hexdigest()[:16] + f"@{self.iteration}"
 
     # ---- solvers ---------------------------------------------------------------------------------------
     def run(self) -> str:
@@ -305,7 +338,7 @@ class BarrierWorker:
         balancer = self.balancer = Balancer(c.batchSize, self.comm.allgather(len(self.y)), c.balance,
                                             self.balancer_state)
         cursor = _Cursor(len(self.y), c.seed, self.rank, self.iteration)
-        best_weights = self.weights.copy()
+        best_weights, best_state = self.weights.copy(), self.model_state()
         local = [0.0, 0.0, np.zeros(0)]  # count since the last averaging, this step's start, its throughputs
         epoch_started = [time.perf_counter()]
 
@@ -335,14 +368,15 @@ class BarrierWorker:
             return float(tot[0]), float(tot[1])
 
         def epoch_end(epoch: int, loss: float) -> str:
-            nonlocal best_weights
+            nonlocal best_weights, best_state
             # the epoch's training steps, validation excluded (a resumed epoch: since the resume)
             self.extra.setdefault("epochSeconds", []).append(time.perf_counter() - epoch_started[0])
             if self.val_rows:
                 vloss, vacc = self._validation()
                 self.extra.setdefault("validation", []).append([vloss, vacc])
                 if vloss < self.early.best_loss - c.tol:
-                    self.early, best_weights = EarlyStopping(vloss, 0), self.weights.copy()
+                    self.early, best_weights, best_state = EarlyStopping(vloss, 0), self.weights.copy(), \
+                        self.model_state()
                 else:
                     self.early.bad_epochs += 1
                 if self.early.bad_epochs >= c.patience:
@@ -359,6 +393,8 @@ class BarrierWorker:
         snapshot = balancer.snapshot()
         if self.val_rows and self.early.bad_epochs > 0:  # the best validated weights, not the last ones
             self.weights = best_weights
+            if self.ns:
+                self.replica.set_state(best_state)
         self.extra["throughput"] = snapshot.throughput
         self.extra["finalShares"] = snapshot.shares
         self.extra["stepLoss"] = self.state.step_history
@@ -370,6 +406,8 @@ class BarrierWorker:
         mean, _ = self.comm.weighted_mean(self.weights * local_samples, float(max(local_samples, 0)),
                                           self.config.allReduce)
         self.weights = np.asarray(mean, dtype=np.float64)
+        if self.ns:  # every replica takes the mean state, as after a synchronized step
+            self.replica.set_state(self.comm.allreduce(self.model_state(), self.config.allReduce) / self.world)
         self.comm_seconds += time.perf_counter() - t0
 
     # ---- summary ---------------------------------------------------------------------------------------

@@ -73,8 +73,11 @@ class DeepClassifier(ProbabilisticClassifier, _DeepClassifierParams, _MentorPara
         if self._has_mentor() and self.isDefined(self.weightCol) and self.getWeightCol():
             raise ValueError(f"weightCol ({self.getWeightCol()!r}) cannot be combined with a mentor: distillation "
                              f"weighs every row alike; unset one of them")
+        if self._has_mentor() and self.getMentor().network.num_state:
+            raise ValueError(f"the mentor's topology {self.getMentor().network.spec!r} has batch normalization, whose "
+                             f"running statistics distillation does not use yet; use a mentor without batchnorm")
         topology, objective, result = fit_network(self, dataset, self._objective)  # plain, or distillation
-        model = DeepClassificationModel(topology, objective.model_weights(result.weights),
+        model = DeepClassificationModel(topology, objective.model_weights(result.weights), state=result.state,
                                         objectiveHistory=result.objectiveHistory, totalIterations=result.iterations)
         model._resetUid(self.uid)
         self._copyValues(model)
@@ -87,13 +90,14 @@ class DeepClassificationModel(NetworkModel, ProbabilisticClassificationModel, _D
                               PersistentParams):
     """A trained network: ``transform`` adds rawPrediction, probability and prediction, like Spark's MLP model.
 
-    Build one from weights directly with ``DeepClassificationModel(FeedForwardTopology..., weights)``.
+    Build one from weights directly with ``DeepClassificationModel(FeedForwardTopology..., weights)``; ``state``:
+    the batch normalization statistics (``FeedForwardModel.get_state()``; None: the initial ones).
     """
 
-    def __init__(self, topology: FeedForwardTopology | None = None, weights: Any = None, *,
+    def __init__(self, topology: FeedForwardTopology | None = None, weights: Any = None, *, state: Any = None,
                  objectiveHistory: list[float] | None = None, totalIterations: int | None = None) -> None:
         super().__init__()
-        self._init_network(topology, weights, objectiveHistory, totalIterations)
+        self._init_network(topology, weights, objectiveHistory, totalIterations, state)
 
     @property
     def numClasses(self) -> int:
@@ -152,7 +156,7 @@ class DeepClassificationModel(NetworkModel, ProbabilisticClassificationModel, _D
         check_knob("dtype", dtype)
         check_knob("backend", backend)
         x = features_array(dataset, feats, dtype)
-        udf = _predict_udf(self.network.to_dict(), self._weights, dtype, backend, self._thresholds(),
+        udf = _predict_udf(self.network.to_dict(), self._weights, self._state, dtype, backend, self._thresholds(),
                            feats)
         tmp = f"_{self.uid}_out"
         out = dataset.withColumn(tmp, udf(x))
@@ -208,8 +212,8 @@ def _prediction(prob: np.ndarray, thresholds: np.ndarray | None) -> np.ndarray:
     return scaled.argmax(axis=1).astype(np.float64)
 
 
-def _predict_udf(topology: dict, weights: np.ndarray, dtype: str, backend: str, thresholds: np.ndarray | None,
-                 features_col: str) -> Any:
+def _predict_udf(topology: dict, weights: np.ndarray, state: np.ndarray, dtype: str, backend: str,
+                 thresholds: np.ndarray | None, features_col: str) -> Any:
     """An Arrow UDF (array of features -> struct of raw, prob, pred), one engine model per task."""
 
     def predict(batches: Iterator[pa.Array]) -> Iterator[pa.Array]:
@@ -223,7 +227,7 @@ def _predict_udf(topology: dict, weights: np.ndarray, dtype: str, backend: str, 
         with threadpool_limits(limits=cpus, user_api="blas"):  # no BLAS oversubscription of the task's cores
             be, _ = task_backend(backend)  # "auto" and Spark-assigned GPUs resolve as in training
             topo = FeedForwardTopology.from_dict(topology)
-            model = FeedForwardModel(topo, weights, dtype=np.dtype(dtype), backend=be)
+            model = FeedForwardModel(topo, weights, dtype=np.dtype(dtype), backend=be, state=state)
             d, k = topo.num_inputs, topo.num_outputs
             for arr in batches:
                 yield _predict_batch(model, arr, d, k, thresholds, features_col)

@@ -1,5 +1,6 @@
 """What DeepClassifier and DeepRegressor (and their models) share: the estimator's setters and fit, the trained
-network's state (topology, weights, history), its persistence, ONNX export and the executors' feature batches."""
+network's state (topology, weights, BN statistics, history), its persistence, ONNX export and the executors'
+feature batches."""
 
 from __future__ import annotations
 
@@ -204,7 +205,7 @@ def fit_network(estimator: Any, dataset: DataFrame, objective_of: Any = None, *,
     topology (the input size from the data when nothing else says), the initial weights, the objective
     (``objective_of(topology)``, default the plain one) and :func:`~sparkdl_hetero.distributed.fit.fit` with the
     estimator's weight and validation indicator columns. ``check(topology)`` runs before any Spark job over the
-    data. Returns (topology, objective, result)."""
+    data. Returns (topology, objective, result); ``result.state`` is the trained model's state."""
     from ..distributed.data import check_columns
     from ..distributed.fit import fit
     from ..nn.objective import Objective
@@ -230,13 +231,23 @@ def fit_network(estimator: Any, dataset: DataFrame, objective_of: Any = None, *,
             raise ValueError(f"initialWeights has {initial.size} values but topology {topology.spec!r} with "
                              f"input shape {list(topology.input_shape)} needs {topology.num_weights}")
     objective = Objective(topology) if objective_of is None else objective_of(topology)
+    if topology.num_state and config.mode == "federated":
+        raise ValueError(f"topology {topology.spec!r} has batch normalization, whose running statistics the "
+                         f"federated mode does not merge yet; use mode='barrier' or drop the batchnorm layers")
+    if topology.num_state and type(objective) is not Objective:
+        raise ValueError(f"topology {topology.spec!r} has batch normalization, whose running statistics a mentor's "
+                         f"distillation does not train yet; drop the mentor or the batchnorm layers")
     result = fit(dataset, features, label, objective, config, initial, regression=regression,
                  weight_col=weight_col, validation_col=validation_col, device_col=estimator.getDeviceCol())
+    if result.state.shape != (topology.num_state,):
+        raise RuntimeError(f"mode {config.mode!r} returned {result.state.size} model state values, topology "
+                           f"{topology.spec!r} has {topology.num_state}")
     return topology, objective, result
 
 
 class NetworkModel:
-    """The state of a trained network model -- topology, flat weights, objective history -- with its checks,
+    """The state of a trained network model -- topology, flat weights, the non-trained model state (batch
+    normalization's running statistics, see :attr:`state`), objective history -- with its checks,
     persistence (see :mod:`.persistence`), ONNX export and a float64 driver-side engine model for single rows.
     Subclasses name their outputs in the saved metadata (:meth:`_output_metadata`). First among a model's bases:
     its members implement pyspark's abstract ones (numFeatures)."""
@@ -248,9 +259,11 @@ class NetworkModel:
     layers: Any
 
     def _init_network(self, topology: FeedForwardTopology | None, weights: Any,
-                      objectiveHistory: list[float] | None, totalIterations: int | None) -> None:
+                      objectiveHistory: list[float] | None, totalIterations: int | None,
+                      state: Any = None) -> None:
         self._topology: FeedForwardTopology | None = None
         self._weights = np.zeros(0)
+        self._state = np.zeros(0)
         self._history = [float(v) for v in (objectiveHistory or [])]
         self._iterations = int(totalIterations if totalIterations is not None else len(self._history))
         self._training: tuple[DataFrame, dict] | None = None
@@ -258,6 +271,7 @@ class NetworkModel:
         if topology is not None:
             self._set_topology(topology)
             self._set_weights(np.zeros(topology.num_weights) if weights is None else weights)
+            self._set_state(FeedForwardModel.initial_state(topology) if state is None else state)
 
     def _set_topology(self, topology: FeedForwardTopology) -> None:
         self._topology = topology
@@ -277,6 +291,17 @@ class NetworkModel:
         if not np.all(np.isfinite(w)):
             raise ValueError(f"weights must be finite; got {int(np.sum(~np.isfinite(w)))} NaN/inf values")
         self._weights = w
+        self._local = None
+
+    def _set_state(self, state: Any) -> None:
+        s = np.asarray(state.toArray() if isinstance(state, Vector) else state, dtype=np.float64)
+        n = self.network.num_state
+        if s.shape != (n,):
+            raise ValueError(f"topology {self.network.spec!r} with input shape {list(self.network.input_shape)} "
+                             f"has {n} state values (batch normalization statistics), got {s.size} (shape {s.shape})")
+        if not np.all(np.isfinite(s)):
+            raise ValueError(f"state must be finite; got {int(np.sum(~np.isfinite(s)))} NaN/inf values")
+        self._state = s
         self._local = None
 
     def setBackend(self, value: str) -> Any:
@@ -302,6 +327,12 @@ class NetworkModel:
         return DenseVector(self._weights)
 
     @property
+    def state(self) -> np.ndarray:
+        """The non-trained model state: batch normalization's running means and variances in layer order (the
+        topology's ``state_offsets``), which ``transform`` uses; empty when no layer has state."""
+        return self._state.copy()
+
+    @property
     def numFeatures(self) -> int:
         return self.network.num_inputs
 
@@ -311,7 +342,7 @@ class NetworkModel:
 
     def _driver_model(self) -> FeedForwardModel:
         if self._local is None:
-            self._local = FeedForwardModel(self.network, self._weights, dtype=np.float64)
+            self._local = FeedForwardModel(self.network, self._weights, dtype=np.float64, state=self._state)
         return self._local
 
     def exportOnnx(self, path: str) -> None:
@@ -319,7 +350,7 @@ class NetworkModel:
         output (probabilities, or the regression outputs) out."""
         from ..nn.onnx_export import export_onnx
 
-        export_onnx(self.network, self._weights, path)
+        export_onnx(self.network, self._weights, path, state=self._state)
 
     # ---- persistence ----
     def _output_metadata(self) -> dict[str, Any]:
@@ -332,7 +363,7 @@ class NetworkModel:
                 "totalIterations": self._iterations}
 
     def _state_arrays(self) -> dict[str, np.ndarray]:
-        return {"weights": self._weights}
+        return {"weights": self._weights, "state": self._state}
 
     def _restore_state(self, metadata: dict[str, Any], arrays: dict[str, np.ndarray], path: str) -> None:
         if "weights" not in arrays:
@@ -343,8 +374,13 @@ class NetworkModel:
             raise ValueError(f"cannot load {type(self).__name__} from {path}: topology {topology.spec!r} has "
                              f"{topology.num_weights} weights, the saved weights have {w.size} (metadata says "
                              f"{metadata['numWeights']})")
+        if "state" not in arrays and topology.num_state:  # a save from before the model had state
+            raise ValueError(f"cannot load {type(self).__name__} from {path}: topology {topology.spec!r} has "
+                             f"{topology.num_state} state values (batch normalization statistics) but the save has "
+                             f"no state array; it was saved by a version that did not keep them: retrain the model")
         self._set_topology(topology)
         self._set_weights(w)
+        self._set_state(arrays.get("state", FeedForwardModel.initial_state(topology)))
         self._history = [float(v) for v in metadata["objectiveHistory"]]
         self._iterations = int(metadata["totalIterations"])
 

@@ -152,7 +152,7 @@ class DeepRegressor(Predictor, _DeepRegressorParams, NetworkSetters, PersistentP
                                  f"affine({k})")
 
         topology, objective, result = fit_network(self, dataset, regression=True, check=check)
-        model = DeepRegressionModel(topology, objective.model_weights(result.weights),
+        model = DeepRegressionModel(topology, objective.model_weights(result.weights), state=result.state,
                                     objectiveHistory=result.objectiveHistory, totalIterations=result.iterations)
         model._resetUid(self.uid)
         self._copyValues(model)
@@ -163,14 +163,15 @@ class DeepRegressor(Predictor, _DeepRegressorParams, NetworkSetters, PersistentP
 
 class DeepRegressionModel(NetworkModel, PredictionModel, _DeepRegressorParams, PersistentParams):
     """A trained regression network: ``transform`` adds the prediction column (a double, or a Vector with several
-    outputs). Build one from weights directly with ``DeepRegressionModel(FeedForwardTopology..., weights)``."""
+    outputs). Build one from weights directly with ``DeepRegressionModel(FeedForwardTopology..., weights)``;
+    ``state``: the batch normalization statistics (``FeedForwardModel.get_state()``; None: the initial ones)."""
 
-    def __init__(self, topology: FeedForwardTopology | None = None, weights: Any = None, *,
+    def __init__(self, topology: FeedForwardTopology | None = None, weights: Any = None, *, state: Any = None,
                  objectiveHistory: list[float] | None = None, totalIterations: int | None = None) -> None:
         super().__init__()
         if topology is not None:
             _check_regression_topology(topology, topology.loss_layer)
-        self._init_network(topology, weights, objectiveHistory, totalIterations)
+        self._init_network(topology, weights, objectiveHistory, totalIterations, state)
 
     @property
     def numOutputs(self) -> int:
@@ -209,12 +210,13 @@ class DeepRegressionModel(NetworkModel, PredictionModel, _DeepRegressorParams, P
         dtype, backend = self.getDtype(), self.getBackend()
         check_knob("dtype", dtype)
         check_knob("backend", backend)
-        udf = _predict_udf(self.network.to_dict(), self._weights, dtype, backend, feats)
+        udf = _predict_udf(self.network.to_dict(), self._weights, self._state, dtype, backend, feats)
         out = udf(features_array(dataset, feats, dtype))
         return dataset.withColumn(pred, out[0] if self.numOutputs == 1 else array_to_vector(out))
 
 
-def _predict_udf(topology: dict, weights: np.ndarray, dtype: str, backend: str, features_col: str) -> Any:
+def _predict_udf(topology: dict, weights: np.ndarray, state: np.ndarray, dtype: str, backend: str,
+                 features_col: str) -> Any:
     """An Arrow UDF (array of features -> array of outputs), one engine model per task."""
 
     def predict(batches: Iterator[pa.Array]) -> Iterator[pa.Array]:
@@ -228,7 +230,7 @@ def _predict_udf(topology: dict, weights: np.ndarray, dtype: str, backend: str, 
         with threadpool_limits(limits=cpus, user_api="blas"):  # no BLAS oversubscription of the task's cores
             be, _ = task_backend(backend)
             topo = FeedForwardTopology.from_dict(topology)
-            model = FeedForwardModel(topo, weights, dtype=np.dtype(dtype), backend=be)
+            model = FeedForwardModel(topo, weights, dtype=np.dtype(dtype), backend=be, state=state)
             d, k = topo.num_inputs, topo.num_outputs
             for arr in batches:
                 x = features_matrix(arr, d, features_col)
