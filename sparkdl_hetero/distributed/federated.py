@@ -75,6 +75,7 @@ from .config import TrainConfig, TrainResult
 from .data import (
     _HANDLE_SCHEMA,
     Handle,
+    Layout,
     _convert_partition,
     _features_expr,
     _raise_for,
@@ -142,7 +143,7 @@ def _convert_devices(batches: Iterator, fit_id: str, d: int, k: int) -> Iterator
             labels.append(b.column(3))
             yield pa.RecordBatch.from_arrays([b.column(2), b.column(3)], names=["x", "y"])
 
-    for out in _convert_partition(rows(), fit_id, d, k):
+    for out in _convert_partition(rows(), fit_id, Layout(d, k)):
         devices = []
         if keys and not counts["null_device"]:
             key = pa.chunked_array(keys).to_numpy(zero_copy_only=False)
@@ -463,7 +464,7 @@ def prepare_devices(df: Any, features_col: str, label_col: str, device_col: str,
             if dev["bad"]:
                 raise ValueError(f"device {dev['key']!r} has {dev['bad']} labels outside the model's classes "
                                  f"[0, {k}) in label column {label_col!r} (first found: {dev['bad_value']})")
-        _raise_for(handles, features_col, label_col, d, k)
+        _raise_for(handles, features_col, label_col, Layout(d, k), "", "")
         empty = [dev["key"] for _, dev in devices if dev["train"] == 0]
         if empty:
             raise ValueError(f"{len(empty)} devices have no training rows (only rows flagged by "
