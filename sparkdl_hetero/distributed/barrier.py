@@ -28,7 +28,7 @@ import numpy as np
 
 from ..nn.objective import Objective
 from .balancing import split_batch
-from .cluster import check_barrier_slots
+from .cluster import check_barrier_slots, tagged
 from .comm import CommError, Communicator, new_secret
 from .config import TrainConfig, TrainingDivergedError, TrainResult
 from .data import prepare
@@ -141,14 +141,12 @@ def fit_barrier(df: Any, features_col: str, label_col: str, objective: Objective
     topology = objective.topology
     d = topology.num_inputs
     data = prepare(df, features_col, label_col, d, topology.num_outputs)
-    sc = data.handles_rdd.context
     try:
         w0 = np.asarray(initial_weights, dtype=np.float64)
         parts = data.arrow_df.repartition(world)
-        sc.setJobDescription(f"sparkdl-hetero fit {data.fit_id[:8]}: barrier training on {world} workers")
         started = time.perf_counter()
         failures: list[str] = []
-        try:
+        with tagged(df.sparkSession, data.tag, f"barrier training on {world} workers"):
             while True:
                 try:
                     rows = parts.mapInArrow(lambda it: _barrier_task(it, objective, config, w0, d), _OUT_SCHEMA,
@@ -160,8 +158,6 @@ def fit_barrier(df: Any, features_col: str, label_col: str, objective: Objective
                     if len(failures) > DRIVER_RETRIES or is_not_retriable(e):
                         raise RuntimeError(f"barrier training failed after {len(failures)} attempt(s): "
                                            f"{cause}") from e
-        finally:
-            sc.setJobDescription(None)
         seconds = time.perf_counter() - started
     finally:
         data.release()

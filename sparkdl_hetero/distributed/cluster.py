@@ -14,15 +14,20 @@ How the slots are known (``spark.conf`` is readable under Connect):
 
 Every count is divided by ``spark.task.cpus``. Dynamic allocation is reported as an error by
 :func:`check_barrier_slots`, because Spark runs no barrier stage with it.
+
+The jobs of a fit are grouped by a tag (:func:`tagged`): ``spark.interruptTag`` cancels them, in both session kinds.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from pyspark.sql import SparkSession
 
 _LOCAL = re.compile(r"local(?:\[(\*|\d+)(?:,\s*\d+)?\])?$")
+_TAG_UNSAFE = re.compile(r"[^A-Za-z0-9_.-]+")  # Spark refuses tags with commas; keep them plain
 _LOCAL_CLUSTER = re.compile(r"local-cluster\[\s*(\d+)\s*,\s*(\d+)\s*,\s*\d+\s*\]$")
 
 
@@ -92,3 +97,21 @@ def check_barrier_slots(spark: SparkSession, num_workers: int | None) -> int:
                          f"cores / spark.task.cpus), and barrier training needs all its workers at once: set "
                          f"numWorkers <= {slots}, or give the application more executors or cores")
     return num_workers
+
+
+@contextmanager
+def tagged(spark: SparkSession, tag: str, label: str = "") -> Iterator[None]:
+    """Tag every Spark job this thread starts inside the block with ``tag`` and, when given, ``tag-label`` (what the
+    job does, for the UI), in a classic and a Connect session alike; an interrupt of the driver (Ctrl-C) cancels the
+    tagged jobs still running instead of leaving them to run on."""
+    tags = [tag] + ([f"{tag}-{_TAG_UNSAFE.sub('-', label)}"] if label else [])
+    for t in tags:
+        spark.addTag(t)
+    try:
+        yield
+    except KeyboardInterrupt:
+        spark.interruptTag(tag)
+        raise
+    finally:
+        for t in tags:
+            spark.removeTag(t)

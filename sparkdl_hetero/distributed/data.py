@@ -7,12 +7,13 @@ int32 labels, no per-row Python -- to two files in the executor's Spark work dir
 *handle* row per partition (its row count, file paths and validation counters); the driver turns the counters into
 a :class:`ValueError` naming column, expected and actual values before any training starts.
 
-Training jobs then run over the cached handles RDD: the JVM ships a few bytes per partition, and the Python
-worker maps the partition's files (``np.memmap``, shared through the page cache by every worker of the host) and
-keeps them in a module-level cache keyed by fit id and partition. Spark schedules a task where its cached handle
-lives, so the files are found; when a task lands on a host without them (executor lost, locality given up),
-:func:`resident_blocks` returns ``None`` and the trainer recomputes that partition from the persisted Arrow
-DataFrame (:meth:`PartitionedData.rebuild_rdd`), which writes the files on that host again.
+Training jobs then run over the cached handles DataFrame (one DataFrame API for classic and Spark Connect
+sessions): the JVM ships a few bytes per partition, and the Python worker maps the partition's files
+(``np.memmap``, shared through the page cache by every worker of the host) and keeps them in a module-level cache
+keyed by fit id and partition. Spark schedules a task where its cached handle lives, so the files are found; when a
+task lands on a host without them (executor lost, locality given up), :func:`resident_blocks` returns ``None`` and
+the trainer recomputes that partition from the persisted Arrow DataFrame (:meth:`PartitionedData.rebuild`), which
+writes the files on that host again.
 """
 
 from __future__ import annotations
@@ -164,12 +165,37 @@ def release_resident(fit_id: str) -> int:
     return len(keys)
 
 
+def _rebuild_partitions(batches: Iterator, fit_id: str, num_features: int, num_classes: int,
+                        parts: frozenset[int]) -> Iterator:
+    """mapInArrow body of :meth:`PartitionedData.rebuild`: convert the partitions in ``parts`` again (on the host
+    that runs them); any other partition is left alone -- converting its (filtered-out) rows would truncate the
+    files it has on this host."""
+    from pyspark import TaskContext
+
+    if TaskContext.get().partitionId() in parts:
+        yield from _convert_partition(batches, fit_id, num_features, num_classes)
+    else:
+        for _ in batches:
+            pass
+
+
+def _release_task(batches: Iterator, fit_id: str) -> Iterator:
+    """mapInArrow body: release ``fit_id``'s blocks in this worker and host (consuming the input: a worker that
+    leaves input unread is not reused by Spark)."""
+    import pyarrow as pa
+
+    for _ in batches:
+        pass
+    yield pa.RecordBatch.from_pylist([{"released": release_resident(fit_id)}],
+                                     schema=pa.schema([("released", pa.int64())]))
+
+
 @dataclass
 class PartitionedData:
     """A validated DataFrame as resident float32 blocks: what trainers run over."""
 
     fit_id: str
-    handles_rdd: object  # RDD of Handle, cached: one per partition
+    handles_df: object  # DataFrame of handle rows (_HANDLE_SCHEMA), cached: one row per partition
     handles: list[Handle]
     num_features: int
     num_classes: int
@@ -184,29 +210,39 @@ class PartitionedData:
     def num_partitions(self) -> int:
         return len(self.handles)
 
+    @property
+    def tag(self) -> str:
+        """The Spark job tag of this fit's jobs (``spark.interruptTag`` cancels them)."""
+        return f"sparkdl-hetero-fit-{self.fit_id[:8]}"
+
     def partition_sizes(self) -> list[int]:
         return [h.n for h in self.handles]
 
-    def rebuild_rdd(self):  # noqa: ANN201 -- an RDD of Handle
-        """A fresh (uncached) conversion: running a partition of it writes that partition's files on the host
-        that runs it and yields its handle -- the fallback when a task finds no files."""
-        fit_id, d, k = self.fit_id, self.num_features, self.num_classes
-        df = self.arrow_df.mapInArrow(lambda it: _convert_partition(it, fit_id, d, k), _HANDLE_SCHEMA)
-        return df.rdd.map(lambda row: Handle(**row.asDict()))
+    def rebuild(self, parts: list[int]):  # noqa: ANN201 -- a DataFrame of handle rows
+        """A fresh (uncached) conversion of the partitions ``parts`` only: running it writes their files on the host
+        that runs each of them and yields their handles -- the fallback when a task finds no files."""
+        from pyspark.sql import functions as F
+
+        fit_id, d, k, keep = self.fit_id, self.num_features, self.num_classes, frozenset(parts)
+        rows = self.arrow_df.where(F.spark_partition_id().isin(sorted(keep)))  # the others ship no rows
+        return rows.mapInArrow(lambda it: _rebuild_partitions(it, fit_id, d, k, keep), _HANDLE_SCHEMA)
 
     def release(self) -> None:
         """Delete the blocks on every executor (best effort: Spark removes its work directories at exit anyway)
         and unpersist the cached data."""
+        from .cluster import tagged
+
         fit_id = self.fit_id
-        sc = self.handles_rdd.context
+        spark = self.arrow_df.sparkSession
         try:
             n = max(1, self.num_partitions)
-            # consume each partition's input: a worker that leaves input unread is not reused by Spark
-            sc.parallelize(range(n * 2), n * 2).foreachPartition(lambda it: (list(it), release_resident(fit_id)))
-            self.handles_rdd.foreachPartition(lambda it: (list(it), release_resident(fit_id)))
+            with tagged(spark, self.tag):
+                spark.range(0, n * 2, 1, n * 2).mapInArrow(lambda it: _release_task(it, fit_id),
+                                                           "released long").collect()
+                self.handles_df.mapInArrow(lambda it: _release_task(it, fit_id), "released long").collect()
         finally:
             release_resident(fit_id)
-            self.handles_rdd.unpersist()
+            self.handles_df.unpersist()
             if self.extra.get("persistedInput"):
                 self.arrow_df.unpersist()
 
@@ -279,6 +315,8 @@ def prepare(df, features_col: str, label_col: str, num_features: int, num_classe
     from pyspark import StorageLevel
     from pyspark.sql import functions as F
 
+    from .cluster import tagged
+
     check_columns(df, features_col, label_col)
     fit_id = fit_id or uuid.uuid4().hex
     arrow_df = df.select(_features_expr(df, features_col).alias("x"),
@@ -288,18 +326,13 @@ def prepare(df, features_col: str, label_col: str, num_features: int, num_classe
     if persisted:  # as Spark ML does: cache an uncached input so a recomputed partition gets the same rows
         arrow_df.persist(StorageLevel.MEMORY_AND_DISK)
     d, k = num_features, num_classes
-    converted = arrow_df.mapInArrow(lambda it: _convert_partition(it, fit_id, d, k), _HANDLE_SCHEMA)
-    handles_rdd = converted.rdd.map(lambda row: Handle(**row.asDict()))
-    handles_rdd.persist(StorageLevel.MEMORY_AND_DISK)
-    sc = handles_rdd.context
-    sc.setJobDescription(f"sparkdl-hetero fit {fit_id[:8]}: convert and validate input")
+    handles_df = arrow_df.mapInArrow(lambda it: _convert_partition(it, fit_id, d, k), _HANDLE_SCHEMA)
+    handles_df.persist(StorageLevel.MEMORY_AND_DISK)
+    data = PartitionedData(fit_id, handles_df, [], d, k, arrow_df, {"persistedInput": persisted})
+    with tagged(df.sparkSession, data.tag):
+        data.handles = sorted((Handle(**r.asDict()) for r in handles_df.collect()), key=lambda h: h.part)
     try:
-        handles = sorted(handles_rdd.collect(), key=lambda h: h.part)
-    finally:
-        sc.setJobDescription(None)
-    data = PartitionedData(fit_id, handles_rdd, handles, d, k, arrow_df, {"persistedInput": persisted})
-    try:
-        _raise_for(handles, features_col, label_col, d, k)
+        _raise_for(data.handles, features_col, label_col, d, k)
     except ValueError:
         data.release()
         raise

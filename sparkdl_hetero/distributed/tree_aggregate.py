@@ -1,11 +1,12 @@
-"""Training through ``treeAggregate``: the optimizer runs on the driver, executors compute gradient sums.
+"""Training the way Spark ML's ``treeAggregate`` does it: the optimizer runs on the driver, executors compute
+gradient sums -- through DataFrame operations only, so one code path serves classic and Spark Connect sessions.
 
-The objective (with a mentor's weights, for distillation) is broadcast once per fit and destroyed at its end.
-Each evaluation ships the flat weights (float32) in the task closure (no broadcast to create and destroy),
-runs one ``treeAggregate`` over the cached handles RDD of :mod:`.data` -- every task sums gradient (float32),
-loss and count over its partition's resident blocks with a replica built once per Python worker -- and the driver
-sums in float64 and runs the solver of :mod:`sparkdl_hetero.nn.solvers` (one BLAS thread: two made its vector
-operations slower on 2 busy cores). Solvers:
+Each evaluation ships the flat weights (float32) and the objective (pickled once per fit on the driver, with a
+mentor's weights for distillation; unpickled once per Python worker when it builds its replica) in the task
+closure, runs one ``mapInArrow`` job over the cached handles DataFrame of :mod:`.data` -- every task sums gradient
+(float32), loss and count over its partition's resident blocks with a replica built once per Python worker and
+answers one row holding them as bytes -- and the driver sums in float64 and runs the solver of
+:mod:`sparkdl_hetero.nn.solvers` (one BLAS thread: two made its vector operations slower on 2 busy cores). Solvers:
 
 - ``l-bfgs``: Breeze's L-BFGS as Spark runs it (two-loop recursion, strong Wolfe line search, Spark's stopping rules
   and ``objectiveHistory``) on the full-batch mean loss + L2.
@@ -30,7 +31,9 @@ cached float32 blocks JVM -> Python instead of reading the resident blocks would
 from __future__ import annotations
 
 import math
+import pickle
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -41,6 +44,7 @@ from ..nn import solvers
 from ..nn.objective import Objective
 from ..nn.solvers import Hooks, SolverState
 from .checkpoint import Checkpoint, load_compatible, save_checkpoint
+from .cluster import tagged
 from .config import TrainConfig, TrainResult
 from .data import PartitionedData, resident_blocks
 from .executor import accumulate_gradient, blas_limit, peak_rss_bytes
@@ -49,11 +53,11 @@ from .executor import accumulate_gradient, blas_limit, peak_rss_bytes
 # ---- executor side ---------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class _Job:
-    """What a task needs besides the weights: which rows, and how to build the replica. The objective (a mentor's
-    weights included) travels as a broadcast made once per fit, so a task ships only this small record."""
+    """What a task needs besides the weights: which rows, and how to build the replica (the objective, a mentor's
+    weights included, pickled once per fit: a task that already has its replica does not unpickle it)."""
 
     fit_id: str
-    objective: Any  # Broadcast of the Objective
+    objective: bytes  # the pickled Objective
     backend: str
     dtype: str
     seed: int
@@ -80,7 +84,8 @@ def _replica(job: _Job) -> tuple[Any, str]:
         while len(_REPLICAS) >= 4:  # a worker serving several fits (cross-validation) keeps the latest few
             _REPLICAS.pop(next(iter(_REPLICAS)))
         backend, account = task_backend(job.backend)
-        entry = _REPLICAS[key] = (job.objective.value.replica(backend, np.dtype(job.dtype), job.seed), account)
+        objective = pickle.loads(job.objective)
+        entry = _REPLICAS[key] = (objective.replica(backend, np.dtype(job.dtype), job.seed), account)
     return entry
 
 
@@ -119,36 +124,45 @@ def partition_gradient(job: _Job, x: np.ndarray, y: np.ndarray, part: int, weigh
     return rep.get_gradient(), loss, m, account
 
 
-def _task(handles: Any, job: _Job, weights: np.ndarray) -> Any:
-    """mapPartitions body: one (gradient sum, loss sum, count, missing partitions, {backend account: the
-    worker's peak RSS in bytes}, seconds computing) per partition."""
+_PARTIAL_SCHEMA = "part int, grad binary, loss double, n long, missing boolean, account string, rss long, " \
+                  "seconds double"
+
+
+def _task(batches: Iterator, job: _Job, weights: np.ndarray) -> Iterator:
+    """mapInArrow body over handle rows: one row per partition -- its gradient sum (bytes of the replica's dtype),
+    loss sum, count, whether its blocks are missing on this host, the backend account with the worker's peak RSS
+    in bytes, and the seconds spent computing."""
+    import pyarrow as pa
     from pyspark import TaskContext
+
+    from .data import Handle
 
     ctx = TaskContext.get()
     cpus = max(1, int(ctx.cpus())) if ctx is not None else 1
-    for h in handles:
-        blocks = resident_blocks(job.fit_id, h)
-        if blocks is None:
-            yield None, 0.0, 0, (h.part,), {}, 0.0
-            continue
-        t0 = time.perf_counter()
-        g, loss, n, account = partition_gradient(job, blocks[0], blocks[1], h.part, weights, cpus)
-        yield g, loss, n, (), {account: peak_rss_bytes()} if account else {}, time.perf_counter() - t0
+    rows = []
+    for batch in batches:
+        for row in batch.to_pylist():
+            h = Handle(**row)
+            blocks = resident_blocks(job.fit_id, h)
+            if blocks is None:
+                rows.append({"part": h.part, "grad": b"", "loss": 0.0, "n": 0, "missing": True, "account": "",
+                             "rss": 0, "seconds": 0.0})
+                continue
+            t0 = time.perf_counter()
+            g, loss, n, account = partition_gradient(job, blocks[0], blocks[1], h.part, weights, cpus)
+            rows.append({"part": h.part, "grad": b"" if g is None else g.tobytes(), "loss": loss, "n": n,
+                         "missing": False, "account": account, "rss": peak_rss_bytes() if account else 0,
+                         "seconds": time.perf_counter() - t0})
+    if rows:
+        yield pa.RecordBatch.from_pylist(rows, schema=_arrow_partial_schema())
 
 
-def _combine(a: tuple, b: tuple) -> tuple:
-    ga, gb = a[0], b[0]
-    if ga is None:
-        g = gb
-    elif gb is None:
-        g = ga
-    else:
-        g = ga if ga.dtype == np.float64 else ga.astype(np.float64)
-        g += gb
-    workers = dict(a[4])
-    for k, v in b[4].items():
-        workers[k] = max(v, workers.get(k, 0))
-    return g, a[1] + b[1], a[2] + b[2], a[3] + b[3], workers, max(a[5], b[5])
+def _arrow_partial_schema():  # noqa: ANN202 -- pyarrow is imported lazily
+    import pyarrow as pa
+
+    return pa.schema([("part", pa.int32()), ("grad", pa.binary()), ("loss", pa.float64()), ("n", pa.int64()),
+                      ("missing", pa.bool_()), ("account", pa.string()), ("rss", pa.int64()),
+                      ("seconds", pa.float64())])
 
 
 # ---- driver side ------------------------------------------------------------------------------------------
@@ -157,7 +171,6 @@ class TreeAggregateTrainer:
 
     def __init__(self, data: PartitionedData, objective: Objective, config: TrainConfig) -> None:
         self.data, self.objective, self.config = data, objective, config
-        self.sc = data.handles_rdd.context
         self.dtype = np.dtype(config.dtype)
         self.evaluations = 0
         self.samples = 0
@@ -166,43 +179,40 @@ class TreeAggregateTrainer:
         self.compute_seconds = 0.0  # per evaluation, the slowest task's time in forward/backward, summed
         self.started = time.perf_counter()
         self.bar: Any = None
-        self.objective_bc: Any = None  # the objective, broadcast once for the whole fit
+        self.objective_bytes = pickle.dumps(objective)  # once per fit; every task's closure carries these bytes
 
     # -- one distributed evaluation --
     def evaluate(self, w: np.ndarray, job: _Job, label: str) -> tuple[np.ndarray, float, int]:
-        """Gradient sum, loss sum and count over the rows ``job`` selects, at weights ``w``."""
-        sc = self.sc
+        """Gradient sum, loss sum and count over the rows ``job`` selects, at weights ``w``: one Spark job (two when
+        partitions must be recomputed), tagged with the fit's tag and ``label``."""
         with np.errstate(over="ignore"):  # weights beyond float32 become inf: the loss check reports it
             weights = np.ascontiguousarray(w, dtype=self.dtype)
         task = partial(_task, job=job, weights=weights)
-        sc.setJobDescription(f"sparkdl-hetero fit {self.data.fit_id[:8]}: {label}")
-        try:
-            zero: tuple = (None, 0.0, 0, (), {}, 0.0)
-            g, loss, n, missing, accounts, busy = self.data.handles_rdd.mapPartitions(task) \
-                .treeAggregate(zero, _combine, _combine, depth=2)
+        with tagged(self.data.arrow_df.sparkSession, self.data.tag, label):
+            rows = self.data.handles_df.mapInArrow(task, _PARTIAL_SCHEMA).collect()
+            missing = sorted(r["part"] for r in rows if r["missing"])
             if missing:  # partitions whose task ran on a host without their files: recompute them there
                 self.fallbacks += len(missing)
-                rdd = self.data.rebuild_rdd().mapPartitions(task)
-                for part in sc.runJob(rdd, lambda it: [_combine_all(it)], partitions=sorted(missing)):
-                    if part[3]:
-                        raise RuntimeError(f"partitions {list(part[3])} have no blocks even after recomputing "
-                                           f"them on the executor that ran them")
-                    g, loss, n, _, accounts, busy = _combine((g, loss, n, (), accounts, busy), part)
-        finally:
-            sc.setJobDescription(None)
+                again = self.data.rebuild(missing).mapInArrow(task, _PARTIAL_SCHEMA).collect()
+                if sorted(r["part"] for r in again if not r["missing"]) != missing:
+                    raise RuntimeError(f"partitions {missing} have no blocks even after recomputing them on the "
+                                       f"executor that ran them")
+                rows = [r for r in rows if not r["missing"]] + again
+        g = np.zeros(self.objective.num_weights)
+        for r in rows:
+            if r["grad"]:
+                g += np.frombuffer(r["grad"], dtype=self.dtype)
+            if r["account"]:
+                self.backends[r["account"]] = max(r["rss"], self.backends.get(r["account"], 0))
+        n = sum(r["n"] for r in rows)
         self.evaluations += 1
         self.samples += n
-        for k, v in accounts.items():
-            self.backends[k] = max(v, self.backends.get(k, 0))
-        self.compute_seconds += busy
-        g = np.zeros(self.objective.num_weights) if g is None else g.astype(np.float64, copy=g.dtype != np.float64)
-        return g, loss, n
+        self.compute_seconds += max((r["seconds"] for r in rows), default=0.0)
+        return g, sum(r["loss"] for r in rows), n
 
     def job(self, **kw: Any) -> _Job:
         c = self.config
-        if self.objective_bc is None:
-            self.objective_bc = self.sc.broadcast(self.objective)
-        return _Job(self.data.fit_id, self.objective_bc, c.backend, c.dtype, c.seed, **kw)
+        return _Job(self.data.fit_id, self.objective_bytes, c.backend, c.dtype, c.seed, **kw)
 
     # -- bookkeeping --
     def progress(self, total: int, initial: int, unit: str) -> None:
@@ -248,9 +258,6 @@ class TreeAggregateTrainer:
         finally:
             if self.bar is not None:
                 self.bar.close()
-            if self.objective_bc is not None:
-                self.objective_bc.destroy()
-                self.objective_bc = None
 
     def solve(self, state: SolverState) -> str:
         """Run ``config.solver`` from ``state`` over Spark evaluations; returns why it stopped."""
@@ -289,13 +296,6 @@ class TreeAggregateTrainer:
 
         hooks.iteration_end = step_end
         return solvers.minibatch(state, c, steps_per_epoch, step, hooks, keep_last_good=True)
-
-
-def _combine_all(it: Any) -> tuple:
-    acc: tuple = (None, 0.0, 0, (), {}, 0.0)
-    for v in it:
-        acc = _combine(acc, v)
-    return acc
 
 
 def train(data: PartitionedData, objective: Objective, config: TrainConfig,
