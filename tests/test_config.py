@@ -41,7 +41,7 @@ def test_the_table_is_the_dataclass() -> None:
 def test_the_distributed_layer_re_exports_the_same_names() -> None:
     assert distributed_config.TrainConfig is TrainConfig
     assert distributed_config.SOLVERS == ("l-bfgs", "gd", "sgd", "momentum", "adam")
-    assert distributed_config.MODES == ("treeAggregate", "barrier")
+    assert distributed_config.MODES == ("auto", "treeAggregate", "barrier")
     assert distributed_config.DTYPES == ("float32", "float64")
 
 
@@ -75,7 +75,7 @@ CASES = [
     ("seed", -5, "seed must be >= 0, got -5"),
     ("dtype", "float16", "dtype must be one of float32, float64, got 'float16'"),
     ("backend", "tpu", "backend must be one of numpy, opencl, cupy, auto, got 'tpu'"),
-    ("mode", "federated", "mode must be one of treeAggregate, barrier, got 'federated'"),
+    ("mode", "tree", "mode must be one of auto, treeAggregate, barrier, got 'tree'"),
     ("numWorkers", -1, "numWorkers must be >= 0, got -1"),
     ("checkpointDir", None, "checkpointDir must be a string, got None"),
     ("checkpointInterval", 2.5, "checkpointInterval must be an integer, got 2.5"),
@@ -182,3 +182,15 @@ def test_any_other_value_raises_naming_the_knob(k: Knob, data: st.DataObject) ->
         TrainConfig(**{k.name: value})
     assert e.value.name == k.name
     assert str(e.value) == f"{k.name} must be {k.check.expected}, got {value!r}"
+
+
+@pytest.mark.parametrize("solver, mode", [("l-bfgs", "treeAggregate"), ("gd", "treeAggregate"), ("sgd", "barrier"),
+                                          ("momentum", "barrier"), ("adam", "barrier")])
+def test_mode_auto_picks_by_solver_and_says_why(solver: str, mode: str) -> None:
+    assert TrainConfig().mode == "auto"
+    ran, why = TrainConfig(solver=solver).resolved_mode()
+    assert ran == mode and f"mode='auto' with the {'full' if mode == 'treeAggregate' else 'mini'}-batch solver " \
+                           f"{solver!r}" in why
+    assert TrainConfig(solver=solver, mode="treeAggregate").resolved_mode() == ("treeAggregate",
+                                                                               "mode='treeAggregate' was set")
+    assert TrainConfig(solver=solver, mode="barrier").resolved_mode()[0] == "barrier"

@@ -47,6 +47,7 @@ def objective():
 def _cfg(**kw) -> TrainConfig:
     kw.setdefault("verbose", False)
     kw.setdefault("seed", 1234)
+    kw.setdefault("mode", "treeAggregate")  # mini-batch solvers too (mode auto would run them in barrier mode)
     return TrainConfig(**kw)
 
 

@@ -21,7 +21,10 @@ import numpy as np
 from ..backends import BACKENDS
 
 SOLVERS = ("l-bfgs", "gd", "sgd", "momentum", "adam")
-MODES = ("treeAggregate", "barrier")
+MODES = ("auto", "treeAggregate", "barrier")
+#: solvers whose iteration is one pass over all the rows (Spark ML's treeAggregate pattern); the others take steps on
+#: mini-batches
+FULL_BATCH_SOLVERS = ("l-bfgs", "gd")
 DTYPES = ("float32", "float64")
 SCHEDULES = ("constant", "step", "cosine")
 ALL_REDUCE = ("auto", "hub", "ring")
@@ -185,8 +188,9 @@ class TrainConfig:
     seed: int = knob(0, _AT_LEAST_0, "Seed of the initial weights, the row order and the sampling.")
     dtype: str = knob("float32", OneOf(DTYPES), "Floating-point type of training and prediction.")
     backend: str = knob("numpy", OneOf(BACKENDS), "Array backend on executors.")
-    mode: str = knob("treeAggregate", OneOf(MODES), "Distributed training mode.")
-    numWorkers: int = knob(0, _AT_LEAST_0, "Barrier mode: number of workers (0: one per partition).")
+    mode: str = knob("auto", OneOf(MODES), "Distributed training mode; auto: treeAggregate for the full-batch "
+                     "solvers (l-bfgs, gd), barrier for the mini-batch solvers (sgd, momentum, adam).")
+    numWorkers: int = knob(0, _AT_LEAST_0, "Barrier mode: number of workers (0: the cluster's task slots).")
     checkpointDir: str = knob("", None, "Directory for training checkpoints; a fit with the same directory "
                               "resumes from the last checkpoint. Empty: no checkpoints.")
     checkpointInterval: int = knob(10, None, "Iterations between checkpoints (>= 1 when checkpointDir is set).")
@@ -203,6 +207,16 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         self.validate()
+
+    def resolved_mode(self) -> tuple[str, str]:
+        """The mode a fit runs (``treeAggregate`` or ``barrier``) and why, in a sentence for the fit's stats."""
+        if self.mode != "auto":
+            return self.mode, f"mode={self.mode!r} was set"
+        if self.solver in FULL_BATCH_SOLVERS:
+            return "treeAggregate", (f"mode='auto' with the full-batch solver {self.solver!r}: one Spark job per "
+                                     f"evaluation over all the rows, as Spark ML's MLP trains")
+        return "barrier", (f"mode='auto' with the mini-batch solver {self.solver!r}: long-running workers that "
+                           f"all-reduce every step, instead of one Spark job per mini-batch step")
 
     def validate(self) -> None:
         """Check every knob, then the knobs that depend on each other; raise :class:`ConfigError` on the first
