@@ -71,6 +71,11 @@ def _executor_cores(spark: SparkSession) -> int:
     return _running_cores(spark)
 
 
+def is_connect(spark: SparkSession) -> bool:
+    """Whether ``spark`` is a Spark Connect session (no SparkContext, RDD API or JVM gateway in this process)."""
+    return type(spark).__module__.startswith("pyspark.sql.connect")
+
+
 def task_slots(spark: SparkSession) -> int:
     """The number of tasks the cluster can run at once: executors x cores / spark.task.cpus."""
     task_cpus = _conf_int(spark, "spark.task.cpus") or 1

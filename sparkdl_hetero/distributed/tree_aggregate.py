@@ -5,7 +5,8 @@ Each evaluation ships the flat weights (float32) and the objective (pickled once
 mentor's weights for distillation; unpickled once per Python worker when it builds its replica) in the task
 closure, runs one ``mapInArrow`` job over the cached handles DataFrame of :mod:`.data` -- every task sums gradient
 (float32), loss and count over its partition's resident blocks with a replica built once per Python worker and
-answers one row holding them as bytes -- and the driver sums in float64 and runs the solver of
+answers one row holding them as bytes (a classic session runs the same task over the handles DataFrame's RDD,
+whose jobs cost less fixed time than DataFrame jobs) -- and the driver sums in float64 and runs the solver of
 :mod:`sparkdl_hetero.nn.solvers` (one BLAS thread: two made its vector operations slower on 2 busy cores). Solvers:
 
 - ``l-bfgs``: Breeze's L-BFGS as Spark runs it (two-loop recursion, strong Wolfe line search, Spark's stopping rules
@@ -44,9 +45,9 @@ from ..nn import solvers
 from ..nn.objective import Objective
 from ..nn.solvers import Hooks, SolverState
 from .checkpoint import Checkpoint, load_compatible, save_checkpoint
-from .cluster import tagged
+from .cluster import is_connect, tagged
 from .config import TrainConfig, TrainResult
-from .data import PartitionedData, resident_blocks
+from .data import Handle, PartitionedData, resident_blocks
 from .executor import accumulate_gradient, blas_limit, peak_rss_bytes
 
 
@@ -128,33 +129,42 @@ _PARTIAL_SCHEMA = "part int, grad binary, loss double, n long, missing boolean, 
                   "seconds double"
 
 
-def _task(batches: Iterator, job: _Job, weights: np.ndarray) -> Iterator:
-    """mapInArrow body over handle rows: one row per partition -- its gradient sum (bytes of the replica's dtype),
+def _partial(job: _Job, h: Handle, weights: np.ndarray, cpus: int) -> dict:
+    """One partition's answer (a :data:`_PARTIAL_SCHEMA` row): its gradient sum (bytes of the replica's dtype),
     loss sum, count, whether its blocks are missing on this host, the backend account with the worker's peak RSS
     in bytes, and the seconds spent computing."""
-    import pyarrow as pa
+    blocks = resident_blocks(job.fit_id, h)
+    if blocks is None:
+        return {"part": h.part, "grad": b"", "loss": 0.0, "n": 0, "missing": True, "account": "", "rss": 0,
+                "seconds": 0.0}
+    t0 = time.perf_counter()
+    g, loss, n, account = partition_gradient(job, blocks[0], blocks[1], h.part, weights, cpus)
+    return {"part": h.part, "grad": b"" if g is None else g.tobytes(), "loss": loss, "n": n, "missing": False,
+            "account": account, "rss": peak_rss_bytes() if account else 0, "seconds": time.perf_counter() - t0}
+
+
+def _task_cpus() -> int:
     from pyspark import TaskContext
 
-    from .data import Handle
-
     ctx = TaskContext.get()
-    cpus = max(1, int(ctx.cpus())) if ctx is not None else 1
-    rows = []
-    for batch in batches:
-        for row in batch.to_pylist():
-            h = Handle(**row)
-            blocks = resident_blocks(job.fit_id, h)
-            if blocks is None:
-                rows.append({"part": h.part, "grad": b"", "loss": 0.0, "n": 0, "missing": True, "account": "",
-                             "rss": 0, "seconds": 0.0})
-                continue
-            t0 = time.perf_counter()
-            g, loss, n, account = partition_gradient(job, blocks[0], blocks[1], h.part, weights, cpus)
-            rows.append({"part": h.part, "grad": b"" if g is None else g.tobytes(), "loss": loss, "n": n,
-                         "missing": False, "account": account, "rss": peak_rss_bytes() if account else 0,
-                         "seconds": time.perf_counter() - t0})
+    return max(1, int(ctx.cpus())) if ctx is not None else 1
+
+
+def _task(batches: Iterator, job: _Job, weights: np.ndarray) -> Iterator:
+    """mapInArrow body over handle rows: one :func:`_partial` row per partition."""
+    import pyarrow as pa
+
+    cpus = _task_cpus()
+    rows = [_partial(job, Handle(**row), weights, cpus) for batch in batches for row in batch.to_pylist()]
     if rows:
         yield pa.RecordBatch.from_pylist(rows, schema=_arrow_partial_schema())
+
+
+def _rdd_task(handles: Iterator, job: _Job, weights: np.ndarray) -> Iterator:
+    """The same over an RDD of handles (classic sessions, see :meth:`TreeAggregateTrainer.evaluate`)."""
+    cpus = _task_cpus()
+    for h in handles:
+        yield _partial(job, h, weights, cpus)
 
 
 def _arrow_partial_schema():  # noqa: ANN202 -- pyarrow is imported lazily
@@ -180,6 +190,12 @@ class TreeAggregateTrainer:
         self.started = time.perf_counter()
         self.bar: Any = None
         self.objective_bytes = pickle.dumps(objective)  # once per fit; every task's closure carries these bytes
+        self.spark = data.arrow_df.sparkSession
+        # A classic session runs the evaluations over the handles as an RDD: a DataFrame job (planning, SQL
+        # execution, Arrow both ways) costs more fixed time per evaluation than an RDD job (see bench/), and a
+        # Connect session, which has no RDD API, pays it.
+        self.handles_rdd = None if is_connect(self.spark) else \
+            data.handles_df.rdd.map(lambda row: Handle(**row.asDict()))
 
     # -- one distributed evaluation --
     def evaluate(self, w: np.ndarray, job: _Job, label: str) -> tuple[np.ndarray, float, int]:
@@ -188,8 +204,11 @@ class TreeAggregateTrainer:
         with np.errstate(over="ignore"):  # weights beyond float32 become inf: the loss check reports it
             weights = np.ascontiguousarray(w, dtype=self.dtype)
         task = partial(_task, job=job, weights=weights)
-        with tagged(self.data.arrow_df.sparkSession, self.data.tag, label):
-            rows = self.data.handles_df.mapInArrow(task, _PARTIAL_SCHEMA).collect()
+        with tagged(self.spark, self.data.tag, label):
+            if self.handles_rdd is not None:
+                rows = self.handles_rdd.mapPartitions(partial(_rdd_task, job=job, weights=weights)).collect()
+            else:
+                rows = self.data.handles_df.mapInArrow(task, _PARTIAL_SCHEMA).collect()
             missing = sorted(r["part"] for r in rows if r["missing"])
             if missing:  # partitions whose task ran on a host without their files: recompute them there
                 self.fallbacks += len(missing)
