@@ -311,6 +311,65 @@ def test_one_core_cluster_with_default_params(tmp_path):
                                               "tasks at once")
 
 
+def test_training_stage_alone_asks_for_a_gpu_per_task(tmp_path):
+    """Stage-level scheduling on a local-cluster whose worker has one (fake) GPU found by docker/gpu-discovery.sh:
+    with backend auto, the training stage of both modes gets the GPU through its ResourceProfile, an ETL stage gets
+    none; asking for more GPUs than an executor has fails before training, naming the conf."""
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    fake = bindir / "nvidia-smi"
+    fake.write_text("#!/bin/sh\nprintf '0\\n'\n")
+    fake.chmod(0o755)
+    script = tmp_path / "gpus.py"
+    script.write_text(textwrap.dedent(f"""
+        import pyarrow as pa
+        from pyspark import TaskContext
+        from pyspark.ml.linalg import Vectors
+        from pyspark.sql import SparkSession
+        from sparkdl_hetero.ml.classifier import DeepClassifier
+        spark = (SparkSession.builder.master("local-cluster[1,2,1024]").config("spark.ui.enabled", "false")
+                 .config("spark.worker.resource.gpu.amount", "1")
+                 .config("spark.worker.resource.gpu.discoveryScript", {os.path.abspath("docker/gpu-discovery.sh")!r})
+                 .config("spark.executor.resource.gpu.amount", "1").getOrCreate())
+
+        def resources(batches):
+            for _ in batches:
+                pass
+            yield pa.RecordBatch.from_pylist([{{"gpus": ",".join(sorted(TaskContext.get().resources()))}}])
+
+        etl = spark.range(0, 4, 1, 2).mapInArrow(resources, "gpus string").collect()
+        print("ETL", sorted(r["gpus"] for r in etl))
+        df = spark.createDataFrame([(Vectors.dense([i % 3, (i * 7) % 5, 1.0, -1.0]), float(i % 3))
+                                    for i in range(60)], ["features", "label"]).repartition(2)
+        for solver in ("l-bfgs", "adam"):
+            stats = DeepClassifier(layers=[4, 5, 3], solver=solver, maxIter=3, backend="auto",
+                                   verbose=False).fit(df).summary.trainingStats
+            # treeAggregate: each worker's backend account; barrier: the GPU Spark assigned to each rank
+            accounts = stats["backends"] if solver == "l-bfgs" else [f"[Spark assigned GPU {{g}}]"
+                                                                     for g in stats["taskGpus"]]
+            print("FIT", solver, stats["mode"], stats.get("numWorkers"), "|", " ; ".join(accounts))
+        try:
+            DeepClassifier(layers=[4, 5, 3], backend="auto", taskGpus=2, verbose=False).fit(df)
+        except ValueError as e:
+            print("TOOMANY", "|", e)
+        spark.stop()
+    """))
+    env = {**os.environ, "PYTHONPATH": os.getcwd() + os.pathsep + os.environ.get("PYTHONPATH", ""),
+           "PATH": f"{bindir}{os.pathsep}{os.environ['PATH']}"}
+    env.pop("SPARK_CONNECT_MODE_ENABLED", None)
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=600)
+    lines = [ln for ln in out.stdout.splitlines() if ln.split() and ln.split()[0] in ("ETL", "FIT", "TOOMANY")]
+    assert len(lines) == 4, out.stdout[-2000:] + out.stderr[-3000:]
+    assert lines[0] == "ETL ['', '']"  # Spark's default profile: ETL tasks hold no GPU
+    for line, mode, workers in ((lines[1], "treeAggregate", "None"), (lines[2], "barrier", "1")):
+        head, accounts = line.split("|", 1)
+        assert head.split()[2:] == [mode, workers]
+        assert accounts.strip() and all("[Spark assigned GPU 0]" in a for a in accounts.split(" ; "))
+    assert lines[3] == ("TOOMANY | taskGpus=2 but each executor has spark.executor.resource.gpu.amount=1: set "
+                        "taskGpus <= 1 (0: no GPUs), or give the executors GPUs (spark.executor.resource.gpu.amount "
+                        "and a discovery script)")
+
+
 # ---- datasets as Parquet -----------------------------------------------------------------------------------------
 def _write_idx(path: str, a: np.ndarray) -> None:
     import gzip

@@ -28,12 +28,13 @@ import numpy as np
 
 from ..nn.objective import Objective
 from .balancing import split_batch
-from .cluster import check_barrier_slots, tagged
+from .cluster import check_barrier_slots, tagged, training_resources
 from .comm import CommError, Communicator, new_secret
 from .config import TrainConfig, TrainingDivergedError, TrainResult
 from .data import prepare
 from .errors import NOT_RETRIABLE, NotRetriableError, failure_summary, from_peer, is_not_retriable
 from .executor import blas_limit
+from .placement import assigned_gpu
 from .worker import BarrierWorker, train_worker
 
 FAULT_PROPERTY = "sparkdl_hetero.injectFault"
@@ -89,7 +90,7 @@ def _barrier_task(batches: Iterator, objective: Objective, config: TrainConfig, 
     try:
         secret = new_secret().hex() if rank == 0 else ""
         infos = [json.loads(s) for s in ctx.allGather(json.dumps(
-            {"host": comm.address[0], "port": comm.address[1], "secret": secret}))]
+            {"host": comm.address[0], "port": comm.address[1], "secret": secret, "gpu": assigned_gpu()}))]
         comm.connect([(i["host"], i["port"]) for i in infos], bytes.fromhex(infos[0]["secret"]))
         diverged: TrainingDivergedError | None = None
         with blas_limit(max(1, int(ctx.cpus()))):
@@ -112,7 +113,7 @@ def _barrier_task(batches: Iterator, objective: Objective, config: TrainConfig, 
             weights = b""
         else:
             meta = {"history": worker.history, "iterations": worker.iteration, "stop": stop,
-                    "workers": summaries, "extra": worker.extra}
+                    "workers": summaries, "extra": worker.extra, "taskGpus": [i["gpu"] for i in infos]}
             weights = worker.weights.tobytes()
         yield pa.RecordBatch.from_pylist([{"rank": 0, "meta": json.dumps(meta), "weights": weights}],
                                          schema=pa.schema([("rank", pa.int32()), ("meta", pa.string()),
@@ -128,13 +129,16 @@ def _stats(meta: dict, config: TrainConfig, world: int, seconds: float) -> dict:
             "seconds": seconds, "samples": samples, "samplesPerSecond": samples / max(seconds, 1e-9),
             "trainSeconds": max(s["seconds"] for s in workers),
             "trainSamplesPerSecond": samples / max(max(s["seconds"] for s in workers), 1e-9),
-            "straggler": slowest["rank"] if world > 1 else None, "workers": workers, **meta["extra"]}
+            "straggler": slowest["rank"] if world > 1 else None, "workers": workers,
+            "taskGpus": meta["taskGpus"], **meta["extra"]}
 
 
 def fit_barrier(df: Any, features_col: str, label_col: str, objective: Objective, config: TrainConfig,
                 initial_weights: np.ndarray) -> TrainResult:
     """Train ``objective`` on ``df`` in barrier mode (see the module docstring)."""
-    world = check_barrier_slots(df.sparkSession, config.numWorkers)  # fails within seconds, never waits for slots
+    resources = training_resources(df.sparkSession, config.backend, config.taskGpus, config.taskCpus)
+    # fails within seconds, never waits for slots
+    world = check_barrier_slots(df.sparkSession, config.numWorkers, resources)
     for r in dict(config.straggler):
         if not 0 <= int(r) < world:
             raise ValueError(f"straggler rank {r} is not a worker rank (0..{world - 1})")
@@ -150,7 +154,7 @@ def fit_barrier(df: Any, features_col: str, label_col: str, objective: Objective
             while True:
                 try:
                     rows = parts.mapInArrow(lambda it: _barrier_task(it, objective, config, w0, d), _OUT_SCHEMA,
-                                            barrier=True).collect()
+                                            barrier=True, profile=resources.profile).collect()
                     break
                 except Exception as e:  # Spark gave up on the stage: resume from the checkpoint, a few times
                     cause = failure_summary(e)

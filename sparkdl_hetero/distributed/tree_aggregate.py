@@ -45,7 +45,7 @@ from ..nn import solvers
 from ..nn.objective import Objective
 from ..nn.solvers import Hooks, SolverState
 from .checkpoint import Checkpoint, load_compatible, save_checkpoint
-from .cluster import is_connect, tagged
+from .cluster import is_connect, tagged, training_resources
 from .config import TrainConfig, TrainResult
 from .data import Handle, PartitionedData, resident_blocks
 from .executor import accumulate_gradient, blas_limit, peak_rss_bytes
@@ -194,8 +194,13 @@ class TreeAggregateTrainer:
         # A classic session runs the evaluations over the handles as an RDD: a DataFrame job (planning, SQL
         # execution, Arrow both ways) costs more fixed time per evaluation than an RDD job (see bench/), and a
         # Connect session, which has no RDD API, pays it.
-        self.handles_rdd = None if is_connect(self.spark) else \
-            data.handles_df.rdd.map(lambda row: Handle(**row.asDict()))
+        # the training stage's own resources (a GPU per task when training uses GPUs): None, Spark's default
+        self.profile = training_resources(self.spark, config.backend, config.taskGpus, config.taskCpus).profile
+        self.handles_rdd = None
+        if not is_connect(self.spark):
+            self.handles_rdd = data.handles_df.rdd.map(lambda row: Handle(**row.asDict()))
+            if self.profile is not None:
+                self.handles_rdd = self.handles_rdd.withResources(self.profile)
 
     # -- one distributed evaluation --
     def evaluate(self, w: np.ndarray, job: _Job, label: str) -> tuple[np.ndarray, float, int]:
@@ -208,11 +213,11 @@ class TreeAggregateTrainer:
             if self.handles_rdd is not None:
                 rows = self.handles_rdd.mapPartitions(partial(_rdd_task, job=job, weights=weights)).collect()
             else:
-                rows = self.data.handles_df.mapInArrow(task, _PARTIAL_SCHEMA).collect()
+                rows = self.data.handles_df.mapInArrow(task, _PARTIAL_SCHEMA, profile=self.profile).collect()
             missing = sorted(r["part"] for r in rows if r["missing"])
             if missing:  # partitions whose task ran on a host without their files: recompute them there
                 self.fallbacks += len(missing)
-                again = self.data.rebuild(missing).mapInArrow(task, _PARTIAL_SCHEMA).collect()
+                again = self.data.rebuild(missing).mapInArrow(task, _PARTIAL_SCHEMA, profile=self.profile).collect()
                 if sorted(r["part"] for r in again if not r["missing"]) != missing:
                     raise RuntimeError(f"partitions {missing} have no blocks even after recomputing them on the "
                                        f"executor that ran them")

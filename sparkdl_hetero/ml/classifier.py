@@ -164,6 +164,12 @@ class DeepClassifier(ProbabilisticClassifier, _DeepClassifierParams, _MentorPara
     def setNumWorkers(self, value: int) -> DeepClassifier:
         return self._set(numWorkers=value)
 
+    def setTaskGpus(self, value: int) -> DeepClassifier:
+        return self._set(taskGpus=value)
+
+    def setTaskCpus(self, value: int) -> DeepClassifier:
+        return self._set(taskCpus=value)
+
     def setSyncEvery(self, value: int) -> DeepClassifier:
         return self._set(syncEvery=value)
 

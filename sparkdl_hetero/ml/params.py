@@ -83,6 +83,8 @@ class _DeepClassifierParams(HasSeed, HasMaxIter, HasTol, HasStepSize, HasSolver,
     mode: Param[str] = _knob_param("mode")
     dtype: Param[str] = _knob_param("dtype")
     numWorkers: Param[int] = _knob_param("numWorkers")
+    taskGpus: Param[int] = _knob_param("taskGpus")
+    taskCpus: Param[int] = _knob_param("taskCpus")
     checkpointDir: Param[str] = _knob_param("checkpointDir")
     checkpointInterval: Param[int] = _knob_param("checkpointInterval")
     verbose: Param[bool] = _knob_param("verbose")
@@ -165,6 +167,12 @@ class _DeepClassifierParams(HasSeed, HasMaxIter, HasTol, HasStepSize, HasSolver,
 
     def getNumWorkers(self) -> int:
         return self.getOrDefault(self.numWorkers)
+
+    def getTaskGpus(self) -> int:
+        return self.getOrDefault(self.taskGpus)
+
+    def getTaskCpus(self) -> int:
+        return self.getOrDefault(self.taskCpus)
 
     def getSyncEvery(self) -> int:
         return self.getOrDefault(self.syncEvery)

@@ -191,6 +191,13 @@ class TrainConfig:
     mode: str = knob("auto", OneOf(MODES), "Distributed training mode; auto: treeAggregate for the full-batch "
                      "solvers (l-bfgs, gd), barrier for the mini-batch solvers (sgd, momentum, adam).")
     numWorkers: int = knob(0, _AT_LEAST_0, "Barrier mode: number of workers (0: the cluster's task slots).")
+    taskGpus: int = knob(-1, Range(-1), "GPUs each training task asks for through a Spark ResourceProfile, so that "
+                         "only the training stage holds GPUs and the stages before it keep every CPU (-1: one when "
+                         "training uses GPUs -- backend cupy or auto on executors with GPUs "
+                         "(spark.executor.resource.gpu.amount) -- else none; 0: none).")
+    taskCpus: int = knob(0, _AT_LEAST_0, "CPUs each training task asks for through a Spark ResourceProfile (0: "
+                         "spark.task.cpus; with GPUs per task, the executor's cores shared among the tasks its GPUs "
+                         "admit).")
     checkpointDir: str = knob("", None, "Directory for training checkpoints; a fit with the same directory "
                               "resumes from the last checkpoint. Empty: no checkpoints.")
     checkpointInterval: int = knob(10, None, "Iterations between checkpoints (>= 1 when checkpointDir is set).")
