@@ -7,6 +7,11 @@ The validated input is repartitioned into ``numWorkers`` partitions and handed t
 all-reduce, batch balancing by :mod:`.balancing`, validation and stragglers are described there). Rank 0 answers
 with the weights, history and every rank's timings.
 
+A fit's stats hold ``fixedCost``, where the time around training goes (seconds): the slot check, the input's
+conversion and validation (``prepare``), until rank 0's task starts (the repartition's shuffle included), gathering
+its rows, the rendezvous, training, the answer reaching the driver, releasing the converted blocks
+(``bench/fit_overhead.py`` prints them).
+
 Checkpoints (rank 0 writes, every ``checkpointInterval`` steps, to ``checkpointDir`` -- a directory every executor
 can read, as Spark's own checkpoint directory) let a retried barrier stage resume where it was. When Spark gives up
 on the stage (e.g. ``spark.task.maxFailures=1`` in local mode), the driver re-runs the job up to
@@ -74,6 +79,7 @@ def _barrier_task(batches: Iterator, objective: Objective, config: TrainConfig, 
     import pyarrow as pa
     from pyspark import BarrierTaskContext
 
+    timeline = {"taskStart": time.time()}  # wall clock: compared with the driver's (same host on local-cluster)
     ctx = BarrierTaskContext.get()
     rank = ctx.partitionId()
     world = len(ctx.getTaskInfos())
@@ -85,6 +91,7 @@ def _barrier_task(batches: Iterator, objective: Objective, config: TrainConfig, 
     x = np.concatenate(xs).reshape(-1, num_features) if xs else np.zeros((0, num_features), np.float32)
     y = np.concatenate(ys) if ys else np.zeros(0, np.int32)
     del xs, ys
+    timeline["rowsGathered"] = time.time()
     comm = Communicator(rank, world, _task_host(ctx), timeout=config.commTimeout,
                         max_elements=objective.num_weights + world + 8)
     try:
@@ -92,6 +99,7 @@ def _barrier_task(batches: Iterator, objective: Objective, config: TrainConfig, 
         infos = [json.loads(s) for s in ctx.allGather(json.dumps(
             {"host": comm.address[0], "port": comm.address[1], "secret": secret, "gpu": assigned_gpu()}))]
         comm.connect([(i["host"], i["port"]) for i in infos], bytes.fromhex(infos[0]["secret"]))
+        timeline["connected"] = time.time()
         diverged: TrainingDivergedError | None = None
         with blas_limit(max(1, int(ctx.cpus()))):
             try:
@@ -107,13 +115,15 @@ def _barrier_task(batches: Iterator, objective: Objective, config: TrainConfig, 
             raise failure from e
         raise
     comm.close()
+    timeline["trained"] = time.time()
     if rank == 0:
         if diverged is not None:  # answered, not raised: the driver raises the same error type as treeAggregate
             meta: dict = {"diverged": str(diverged), "iterations": diverged.iteration, "history": diverged.history}
             weights = b""
         else:
             meta = {"history": worker.history, "iterations": worker.iteration, "stop": stop,
-                    "workers": summaries, "extra": worker.extra, "taskGpus": [i["gpu"] for i in infos]}
+                    "workers": summaries, "extra": worker.extra, "taskGpus": [i["gpu"] for i in infos],
+                    "timeline": timeline}
             weights = worker.weights.tobytes()
         yield pa.RecordBatch.from_pylist([{"rank": 0, "meta": json.dumps(meta), "weights": weights}],
                                          schema=pa.schema([("rank", pa.int32()), ("meta", pa.string()),
@@ -136,6 +146,7 @@ def _stats(meta: dict, config: TrainConfig, world: int, seconds: float) -> dict:
 def fit_barrier(df: Any, features_col: str, label_col: str, objective: Objective, config: TrainConfig,
                 initial_weights: np.ndarray) -> TrainResult:
     """Train ``objective`` on ``df`` in barrier mode (see the module docstring)."""
+    called = time.time()
     resources = training_resources(df.sparkSession, config.backend, config.taskGpus, config.taskCpus)
     # fails within seconds, never waits for slots
     world = check_barrier_slots(df.sparkSession, config.numWorkers, resources)
@@ -144,7 +155,9 @@ def fit_barrier(df: Any, features_col: str, label_col: str, objective: Objective
             raise ValueError(f"straggler rank {r} is not a worker rank (0..{world - 1})")
     topology = objective.topology
     d = topology.num_inputs
+    checked = time.time()
     data = prepare(df, features_col, label_col, d, topology.num_outputs)
+    prepared = time.time()
     try:
         w0 = np.asarray(initial_weights, dtype=np.float64)
         parts = data.arrow_df.repartition(world)
@@ -163,8 +176,10 @@ def fit_barrier(df: Any, features_col: str, label_col: str, objective: Objective
                         raise RuntimeError(f"barrier training failed after {len(failures)} attempt(s): "
                                            f"{cause}") from e
         seconds = time.perf_counter() - started
+        answered = time.time()
     finally:
         data.release()
+    released = time.time()
     if len(rows) != 1:
         raise RuntimeError(f"barrier training returned {len(rows)} results, expected one from rank 0")
     meta = json.loads(rows[0]["meta"])
@@ -173,6 +188,12 @@ def fit_barrier(df: Any, features_col: str, label_col: str, objective: Objective
     weights = np.frombuffer(rows[0]["weights"], dtype=np.float64).copy()
     stats = _stats(meta, config, world, seconds)
     stats["failedAttempts"] = failures
+    t = meta["timeline"]  # rank 0's (every rank waits for the others at the rendezvous)
+    stats["fixedCost"] = {"slotsCheckSeconds": checked - called, "prepareSeconds": prepared - checked,
+                          "taskStartSeconds": t["taskStart"] - prepared, "rowsSeconds": t["rowsGathered"] -
+                          t["taskStart"], "rendezvousSeconds": t["connected"] - t["rowsGathered"],
+                          "trainingSeconds": t["trained"] - t["connected"], "resultSeconds": answered - t["trained"],
+                          "releaseSeconds": released - answered}
     return TrainResult(weights, meta["history"], meta["iterations"], stats)
 
 
