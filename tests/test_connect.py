@@ -3,6 +3,7 @@ Connect session (both on the test run's one local[2] application, see conftest).
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import io
 import json
@@ -18,12 +19,18 @@ import pyarrow.parquet as pq
 import pytest
 from pyspark.ml.classification import MultilayerPerceptronClassificationModel, MultilayerPerceptronClassifier
 from pyspark.ml.linalg import Vectors
+from pyspark.sql import functions as F
 
 from sparkdl_hetero.data.parquet import fashion_mnist_parquet
 from sparkdl_hetero.distributed.cluster import check_barrier_slots, task_slots
+from sparkdl_hetero.distributed.config import TrainConfig
+from sparkdl_hetero.distributed.data import prepare
 from sparkdl_hetero.distributed.placement import probe_executors
+from sparkdl_hetero.distributed.tree_aggregate import TreeAggregateTrainer
 from sparkdl_hetero.ml.classifier import DeepClassificationModel, DeepClassifier
 from sparkdl_hetero.ml.persistence import DamagedSaveError, MissingSaveFileError
+from sparkdl_hetero.nn.model import FeedForwardModel
+from sparkdl_hetero.nn.objective import Objective
 from sparkdl_hetero.nn.topology import FeedForwardTopology
 
 LAYERS = [4, 5, 3]
@@ -232,6 +239,34 @@ def test_fit_transform_save_load(session, tmp_path, solver, mode):
     assert [r["prediction"] for r in again] == [r["prediction"] for r in rows]
 
 
+def test_gradient_and_the_rebuild_of_missing_blocks(session):
+    """One treeAggregate evaluation equals the single-process gradient, also when every task finds no resident
+    blocks (handles of another host) and recomputes its partition where it runs (classic: over the handles' RDD;
+    Connect: through mapInArrow)."""
+    df, x, y = _blobs(session, 60)
+    objective = Objective(FeedForwardTopology.multilayer_perceptron(LAYERS, softmax_on_top=True))
+    w = objective.initial_weights(1)
+    reference = np.zeros(objective.num_weights)
+    loss = FeedForwardModel(objective.topology, w, dtype=np.float64).compute_gradient(x, y, grad_out=reference)
+    data = prepare(df, "features", "label", LAYERS[0], LAYERS[-1])
+    try:
+        trainer = TreeAggregateTrainer(data, objective, TrainConfig(verbose=False))
+        g, loss_sum, n = trainer.evaluate(w, trainer.job(), "test")
+        assert n == len(y) and trainer.fallbacks == 0
+        np.testing.assert_allclose(g / n, reference, rtol=1e-4, atol=1e-6)  # float32 sums vs float64
+        assert loss_sum / n == pytest.approx(loss, rel=1e-5)
+        moved = dataclasses.replace(data, fit_id=data.fit_id + "-moved",
+                                    handles_df=data.handles_df.withColumn("host", F.lit("elsewhere")))
+        other = TreeAggregateTrainer(moved, objective, TrainConfig(verbose=False))
+        g2, loss2, n2 = other.evaluate(w, other.job(), "fallback")
+        assert other.fallbacks == 2 and n2 == n
+        np.testing.assert_allclose(g2, g, rtol=1e-6, atol=1e-7)
+        assert loss2 == pytest.approx(loss_sum, rel=1e-6)
+        moved.release()
+    finally:
+        data.release()
+
+
 def test_pipeline_fit_save_load(session, tmp_path):
     from pyspark.ml import Pipeline, PipelineModel
     from pyspark.ml.feature import StandardScaler
@@ -274,6 +309,8 @@ def test_one_core_cluster_with_default_params(tmp_path):
         from pyspark.ml.linalg import Vectors
         from pyspark.sql import SparkSession
         from sparkdl_hetero.distributed.cluster import check_barrier_slots, task_slots
+from sparkdl_hetero.distributed.config import TrainConfig
+from sparkdl_hetero.distributed.data import prepare
         from sparkdl_hetero.ml.classifier import DeepClassifier
         spark = (SparkSession.builder.master("local-cluster[1,1,1024]").config("spark.ui.enabled", "false")
                  .getOrCreate())

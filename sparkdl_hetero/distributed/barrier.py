@@ -156,7 +156,7 @@ def fit_barrier(df: Any, features_col: str, label_col: str, objective: Objective
     topology = objective.topology
     d = topology.num_inputs
     checked = time.time()
-    data = prepare(df, features_col, label_col, d, topology.num_outputs)
+    data = prepare(df, features_col, label_col, d, topology.num_outputs, resident=False)  # the tasks read arrow_df
     prepared = time.time()
     try:
         w0 = np.asarray(initial_weights, dtype=np.float64)

@@ -72,8 +72,10 @@ def _blocks_dir(fit_id: str) -> str:
     return os.path.join(root, _SUBDIR, fit_id)
 
 
-def _convert_partition(batches: Iterator, fit_id: str, num_features: int, num_classes: int) -> Iterator:
-    """mapInArrow body: validate and append every batch to this partition's files; yield one handle row."""
+def _convert_partition(batches: Iterator, fit_id: str, num_features: int, num_classes: int,
+                       resident: bool = True) -> Iterator:
+    """mapInArrow body: validate and append every batch to this partition's files (``resident=False``: validate
+    only); yield one handle row."""
     import pyarrow as pa
     import pyarrow.compute as pc
     from pyspark import TaskContext
@@ -81,11 +83,12 @@ def _convert_partition(batches: Iterator, fit_id: str, num_features: int, num_cl
     part = TaskContext.get().partitionId()
     d = num_features
     h = Handle(part, 0, socket.gethostname(), "", "")
-    directory = _blocks_dir(fit_id)
-    os.makedirs(directory, exist_ok=True)
-    h.xpath = os.path.join(directory, f"x-{part}.f32")
-    h.ypath = os.path.join(directory, f"y-{part}.i32")
-    with open(h.xpath, "wb") as fx, open(h.ypath, "wb") as fy:
+    if resident:
+        directory = _blocks_dir(fit_id)
+        os.makedirs(directory, exist_ok=True)
+        h.xpath = os.path.join(directory, f"x-{part}.f32")
+        h.ypath = os.path.join(directory, f"y-{part}.i32")
+    with open(h.xpath or os.devnull, "wb") as fx, open(h.ypath or os.devnull, "wb") as fy:
         for batch in batches:
             if batch.num_rows == 0:
                 continue
@@ -123,7 +126,7 @@ def _convert_partition(batches: Iterator, fit_id: str, num_features: int, num_cl
             fx.write(x.data)
             fy.write(yi.astype(np.int32).data)
             h.n += len(y)
-    if h.n == 0:
+    if h.n == 0 and resident:
         for p in (h.xpath, h.ypath):
             os.remove(p)
         h.xpath = h.ypath = ""
@@ -236,10 +239,11 @@ class PartitionedData:
         spark = self.arrow_df.sparkSession
         try:
             n = max(1, self.num_partitions)
-            with tagged(spark, self.tag):
-                spark.range(0, n * 2, 1, n * 2).mapInArrow(lambda it: _release_task(it, fit_id),
-                                                           "released long").collect()
-                self.handles_df.mapInArrow(lambda it: _release_task(it, fit_id), "released long").collect()
+            if self.extra.get("resident", True):  # validated only: nothing was written
+                with tagged(spark, self.tag):
+                    spark.range(0, n * 2, 1, n * 2).mapInArrow(lambda it: _release_task(it, fit_id),
+                                                               "released long").collect()
+                    self.handles_df.mapInArrow(lambda it: _release_task(it, fit_id), "released long").collect()
         finally:
             release_resident(fit_id)
             self.handles_df.unpersist()
@@ -309,9 +313,10 @@ def _raise_for(handles: list[Handle], features_col: str, label_col: str, d: int,
 
 
 def prepare(df, features_col: str, label_col: str, num_features: int, num_classes: int,  # noqa: ANN001
-            fit_id: str | None = None) -> PartitionedData:
+            fit_id: str | None = None, resident: bool = True) -> PartitionedData:
     """Validate ``df`` and convert it to resident blocks in one Spark job; ValueError (naming column, expected
-    and actual values) on any bad input, before training."""
+    and actual values) on any bad input, before training. ``resident=False`` validates only (barrier mode reads
+    the Arrow DataFrame itself): no files to write, none to release."""
     from pyspark import StorageLevel
     from pyspark.sql import functions as F
 
@@ -326,9 +331,10 @@ def prepare(df, features_col: str, label_col: str, num_features: int, num_classe
     if persisted:  # as Spark ML does: cache an uncached input so a recomputed partition gets the same rows
         arrow_df.persist(StorageLevel.MEMORY_AND_DISK)
     d, k = num_features, num_classes
-    handles_df = arrow_df.mapInArrow(lambda it: _convert_partition(it, fit_id, d, k), _HANDLE_SCHEMA)
+    handles_df = arrow_df.mapInArrow(lambda it: _convert_partition(it, fit_id, d, k, resident), _HANDLE_SCHEMA)
     handles_df.persist(StorageLevel.MEMORY_AND_DISK)
-    data = PartitionedData(fit_id, handles_df, [], d, k, arrow_df, {"persistedInput": persisted})
+    data = PartitionedData(fit_id, handles_df, [], d, k, arrow_df,
+                           {"persistedInput": persisted, "resident": resident})
     with tagged(df.sparkSession, data.tag):
         data.handles = sorted((Handle(**r.asDict()) for r in handles_df.collect()), key=lambda h: h.part)
     try:
