@@ -24,8 +24,8 @@ from sparkdl_hetero.nn.config import (
 
 # every knob of the TrainConfig that the distributed layer and the estimator always knew
 KNOWN = ("solver maxIter tol stepSize regParam blockSize batchSize epochs miniBatchFraction momentum nesterov beta1 "
-         "beta2 epsilon lrSchedule lrDecay lrDecaySteps seed dtype backend mode numWorkers checkpointDir "
-         "checkpointInterval verbose syncEvery allReduce balance validationFraction patience commTimeout "
+         "beta2 epsilon lrSchedule lrDecay lrDecaySteps seed dtype backend mode numWorkers taskGpus taskCpus "
+         "checkpointDir checkpointInterval verbose syncEvery allReduce balance validationFraction patience commTimeout "
          "straggler").split()
 
 
@@ -77,6 +77,8 @@ CASES = [
     ("backend", "tpu", "backend must be one of numpy, opencl, cupy, auto, got 'tpu'"),
     ("mode", "tree", "mode must be one of auto, treeAggregate, barrier, got 'tree'"),
     ("numWorkers", -1, "numWorkers must be >= 0, got -1"),
+    ("taskGpus", -2, "taskGpus must be >= -1, got -2"),
+    ("taskCpus", 1.5, "taskCpus must be an integer, got 1.5"),
     ("checkpointDir", None, "checkpointDir must be a string, got None"),
     ("checkpointInterval", 2.5, "checkpointInterval must be an integer, got 2.5"),
     ("verbose", 1, "verbose must be true or false, got 1"),
