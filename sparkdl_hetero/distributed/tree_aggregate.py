@@ -1,5 +1,5 @@
 """Training the way Spark ML's ``treeAggregate`` does it: the optimizer runs on the driver, executors compute
-gradient sums -- through DataFrame operations only, so one code path serves classic and Spark Connect sessions.
+gradient sums -- from a classic and from a Spark Connect session (which has no SparkContext, RDD API or broadcast).
 
 Each evaluation ships the flat weights (float32) and the objective (pickled once per fit on the driver, with a
 mentor's weights for distillation; unpickled once per Python worker when it builds its replica) in the task
