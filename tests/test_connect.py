@@ -309,8 +309,6 @@ def test_one_core_cluster_with_default_params(tmp_path):
         from pyspark.ml.linalg import Vectors
         from pyspark.sql import SparkSession
         from sparkdl_hetero.distributed.cluster import check_barrier_slots, task_slots
-from sparkdl_hetero.distributed.config import TrainConfig
-from sparkdl_hetero.distributed.data import prepare
         from sparkdl_hetero.ml.classifier import DeepClassifier
         spark = (SparkSession.builder.master("local-cluster[1,1,1024]").config("spark.ui.enabled", "false")
                  .getOrCreate())
