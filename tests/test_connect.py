@@ -299,6 +299,8 @@ def test_task_slots_local(session):
         check_barrier_slots(session, 3)
 
 
+@pytest.mark.spark  # starts its own local-cluster in a subprocess
+@pytest.mark.slow
 def test_one_core_cluster_with_default_params(tmp_path):
     """A one-executor, one-core cluster (where Spark's defaultParallelism says 2) has one slot: the estimator with
     default params fits there in both modes mode='auto' picks (l-bfgs: treeAggregate; adam: barrier on the one
@@ -346,6 +348,8 @@ def test_one_core_cluster_with_default_params(tmp_path):
                                               "tasks at once")
 
 
+@pytest.mark.spark  # starts its own local-cluster in a subprocess
+@pytest.mark.slow
 def test_training_stage_alone_asks_for_a_gpu_per_task(tmp_path):
     """Stage-level scheduling on a local-cluster whose worker has one (fake) GPU found by docker/gpu-discovery.sh:
     with backend auto, the training stage of both modes gets the GPU through its ResourceProfile, an ETL stage gets
