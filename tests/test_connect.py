@@ -267,6 +267,79 @@ def test_gradient_and_the_rebuild_of_missing_blocks(session):
         data.release()
 
 
+def _weighted_blobs(session, n: int = 80):
+    """Blobs with a weight column ``w`` and a validation indicator ``v``, in 2 partitions; the rows as arrays with
+    the partition each is in (the features rounded to float32, as training reads them)."""
+    rng = np.random.default_rng(4)
+    centers = rng.normal(scale=3.0, size=(3, LAYERS[0]))
+    y = rng.integers(0, 3, n)
+    x = centers[y] + rng.normal(size=(n, LAYERS[0]))
+    w = rng.uniform(0.5, 2.0, n)
+    v = rng.random(n) < 0.25
+    df = session.createDataFrame([(Vectors.dense(r), float(c), float(wi), bool(vi))
+                                  for r, c, wi, vi in zip(x, y, w, v, strict=True)],
+                                 ["features", "label", "w", "v"]).repartition(2)
+    rows = df.withColumn("pid", F.spark_partition_id()).collect()
+    x = np.array([r["features"].toArray() for r in rows]).astype(np.float32).astype(np.float64)
+    return (df, x, np.array([int(r["label"]) for r in rows]), np.array([r["w"] for r in rows]),
+            np.array([r["v"] for r in rows]), np.array([r["pid"] for r in rows]))
+
+
+def test_weighted_sums_and_validation_rows(session):
+    """With a weight column and a validation indicator, one evaluation answers the weighted gradient and loss sums
+    of the training rows with the weights' sum as the count, and a validation the weighted mean loss and accuracy
+    of the validation rows, as a single process computes them (classic: the handles' RDD; Connect: mapInArrow)."""
+    df, x, y, w, v, _ = _weighted_blobs(session)
+    objective = Objective(FeedForwardTopology.multilayer_perceptron(LAYERS, softmax_on_top=True))
+    w0 = objective.initial_weights(2)
+    model = FeedForwardModel(objective.topology, w0, dtype=np.float64)
+    t = ~v
+    reference = np.zeros(objective.num_weights)
+    loss = model.compute_gradient(x[t], y[t], grad_out=reference, scale=t.sum(), sample_weight=w[t]) * t.sum()
+    vloss = model.compute_gradient(x[v], y[v], sample_weight=w[v]) * v.sum() / w[v].sum()
+    accuracy = float(w[v] @ (np.argmax(model.predict(x[v]), axis=1) == y[v])) / w[v].sum()
+    data = prepare(df, "features", "label", LAYERS[0], LAYERS[-1], weight_col="w", validation_col="v")
+    try:
+        assert data.count == t.sum() and data.validation_count == v.sum()
+        trainer = TreeAggregateTrainer(data, objective, TrainConfig(verbose=False, dtype="float64"))
+        g, loss_sum, count = trainer.evaluate(w0, trainer.job(), "weighted")
+        assert count == pytest.approx(w[t].sum(), rel=1e-12)
+        np.testing.assert_allclose(g, reference, rtol=1e-9, atol=1e-12)
+        assert loss_sum == pytest.approx(loss, rel=1e-9)
+        got_loss, got_accuracy = trainer.validate(w0, 0)
+        assert got_loss == pytest.approx(vloss, rel=1e-9)
+        assert got_accuracy == pytest.approx(accuracy, rel=1e-12)
+    finally:
+        data.release()
+
+
+def test_batchnorm_state_is_the_row_weighted_mean_of_the_partitions(session):
+    """After one evaluation the model state (batch normalization's running statistics) is the row-weighted mean
+    of the states each partition's pass leaves, starting from the initial state."""
+    df, x, y, w, v, pid = _weighted_blobs(session)
+    topology = FeedForwardTopology.from_spec("affine(5)-batchnorm-tanh-affine(3)", LAYERS[0])
+    objective = Objective(topology)
+    w0 = objective.initial_weights(3)
+    initial = FeedForwardModel.initial_state(topology)
+    expected = np.zeros_like(initial)
+    for p in np.unique(pid[~v]):
+        rows = (pid == p) & ~v
+        model = FeedForwardModel(topology, w0, dtype=np.float64)
+        model.set_state(initial)
+        model.compute_gradient(x[rows], y[rows], sample_weight=w[rows])
+        expected += model.get_state() * rows.sum()
+    expected /= (~v).sum()
+    data = prepare(df, "features", "label", LAYERS[0], LAYERS[-1], weight_col="w", validation_col="v")
+    try:
+        trainer = TreeAggregateTrainer(data, objective, TrainConfig(verbose=False, dtype="float64"))
+        np.testing.assert_array_equal(trainer.model_state, initial)
+        trainer.evaluate(w0, trainer.job(), "state")
+        assert not np.allclose(trainer.model_state, initial)
+        np.testing.assert_allclose(trainer.model_state, expected, rtol=1e-9, atol=1e-12)
+    finally:
+        data.release()
+
+
 def test_pipeline_fit_save_load(session, tmp_path):
     from pyspark.ml import Pipeline, PipelineModel
     from pyspark.ml.feature import StandardScaler
