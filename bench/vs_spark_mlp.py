@@ -8,7 +8,11 @@ the goal (2x its partition's data as float32 + 300 MB). Optionally (--shipping) 
 only ships and decodes the cached float32 blocks JVM -> Python, i.e. what every iteration would pay without the
 resident blocks.
 
+With --connect both fit through a Spark Connect session (``SparkSession.builder.remote(master)`` starts a local
+Connect server in this process's application), the session kind the Spark 4 users without a SparkContext have.
+
     flock /tmp/bench.lock .venv/bin/python bench/vs_spark_mlp.py [--iters 100] [--partitions 2] [--shipping]
+    flock /tmp/bench.lock .venv/bin/python bench/vs_spark_mlp.py --connect [--iters 100]
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
 
 def _python_workers(root: int) -> dict[int, tuple[int, int]]:
     """pid -> (peak RSS, current RSS) in bytes of every PySpark daemon/worker process descending from ``root``
-    (this run's JVM; other Spark applications on the machine are left out)."""
+    (this process, which launched the JVM; other Spark applications on the machine are left out)."""
     parents, info = {}, {}
     for d in glob.glob("/proc/[0-9]*"):
         try:
@@ -80,9 +84,13 @@ def main() -> None:
     ap.add_argument("--no-warmup", action="store_true",
                     help="time the first fit of the application (default: one untimed 2-iteration fit of each side "
                          "first, so neither pays the JVM's and the Python workers' one-time start-up)")
+    ap.add_argument("--connect", action="store_true",
+                    help="both sides fit through a Spark Connect session on --master (a local Connect server)")
     ap.add_argument("--barrier", action="store_true",
                     help="also fit in barrier mode (same l-bfgs, no Spark job per iteration)")
     args = ap.parse_args()
+    if args.connect and args.shipping:
+        ap.error("--shipping times an RDD job, which a Connect session does not have")
 
     from pyspark.ml.classification import MultilayerPerceptronClassifier
     from pyspark.ml.evaluation import MulticlassClassificationEvaluator
@@ -95,16 +103,18 @@ def main() -> None:
     from sparkdl_hetero.nn.objective import Objective
     from sparkdl_hetero.nn.topology import FeedForwardTopology
 
-    spark = (SparkSession.builder.master(args.master).appName("bench-vs-spark-mlp")
+    builder = SparkSession.builder.remote(args.master) if args.connect else SparkSession.builder.master(args.master)
+    spark = (builder.appName("bench-vs-spark-mlp")
              .config("spark.driver.memory", "6g").config("spark.ui.showConsoleProgress", "false")
              .config("spark.sql.execution.arrow.pyspark.enabled", "true")
              .config("spark.python.worker.reuse", "true").getOrCreate())
-    spark.sparkContext.setLogLevel("ERROR")
+    if not args.connect:
+        spark.sparkContext.setLogLevel("ERROR")
     x_train, y_train, x_test, y_test = fashion_mnist()
     df = _dataframe(spark, x_train, y_train, args.partitions).cache()
     n = df.count()
-    print(f"Fashion-MNIST: {n} train rows in {df.rdd.getNumPartitions()} partitions, {len(y_test)} test rows; "
-          f"master {args.master}; maxIter {args.iters}")
+    print(f"Fashion-MNIST: {n} train rows in {args.partitions} partitions, {len(y_test)} test rows; "
+          f"master {args.master} ({'Spark Connect' if args.connect else 'classic'} session); maxIter {args.iters}")
     layers = [784, 100, 10]
 
     topology = FeedForwardTopology.multilayer_perceptron(layers, softmax_on_top=True)
@@ -118,11 +128,10 @@ def main() -> None:
 
     # ---- ours ----
     config = TrainConfig(solver="l-bfgs", maxIter=args.iters, tol=1e-6, seed=args.seed, verbose=False)
-    jvm = spark.sparkContext._gateway.proc.pid  # the driver JVM this script launched
     t0 = time.perf_counter()
     result = fit(df, "features", "label", Objective(topology), config)
     ours_wall = time.perf_counter() - t0
-    workers = _python_workers(jvm)
+    workers = _python_workers(os.getpid())  # the JVM this script launched (either session kind) and its workers
     ours_acc = float((FeedForwardModel(topology, result.weights).predict(x_test).argmax(1) == y_test).mean())
     ours_iters = max(result.iterations, 1)
     st = result.stats

@@ -26,13 +26,16 @@ CONNECT_PORT = _free_port()
 
 # test modules that start Spark themselves (spark-submit, a local-cluster driver in a subprocess)
 _SPARK_MODULES = {"test_barrier_cluster", "test_speedup_job", "test_train_job"}
+# fixtures that start (or pick) a Spark session
+_SPARK_FIXTURES = {"spark", "connect", "session"}
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Tier the suite: every test that needs a JVM (the ``spark`` fixture, or a module that starts Spark itself)
-    is marked ``spark``, so ``pytest -m "not spark"`` runs the engine, backend and transport tests alone."""
+    """Tier the suite: every test that needs a JVM (the ``spark`` or ``connect`` fixture, ``session`` -- either of
+    them, by parameter --, or a module that starts Spark itself) is marked ``spark``, so ``pytest -m "not spark"``
+    runs the engine, backend and transport tests alone."""
     for item in items:
-        if "spark" in getattr(item, "fixturenames", ()) or item.module.__name__ in _SPARK_MODULES:
+        if _SPARK_FIXTURES & set(getattr(item, "fixturenames", ())) or item.module.__name__ in _SPARK_MODULES:
             item.add_marker(pytest.mark.spark)
 
 

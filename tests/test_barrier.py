@@ -421,6 +421,10 @@ def test_the_driver_tells_deterministic_failures_by_class_name_not_by_message() 
     transient = ("org.apache.spark.SparkException: Job aborted\nTraceback (most recent call last):\n"
                  "sparkdl_hetero.distributed.comm.CommError: peer 1 aborted: ValueError while reading\n")
     assert not is_not_retriable(RuntimeError(transient))
+    # Spark's own refusal of a barrier stage (more tasks than slots, after its minutes of re-checking) repeats too
+    refusal = ("org.apache.spark.SparkException: [SPARK-24819]: Barrier execution mode does not allow run a barrier "
+               "stage that requires more slots than the total number of slots in the cluster currently.")
+    assert is_not_retriable(RuntimeError(refusal))
 
 
 def test_a_deterministic_task_failure_is_not_retried(blob_df, tmp_path) -> None:  # noqa: ANN001

@@ -25,10 +25,10 @@ from sparkdl_hetero.nn.config import (
 
 # every knob of the TrainConfig that the distributed layer and the estimator always knew
 KNOWN = ("solver maxIter tol stepSize regParam blockSize batchSize epochs miniBatchFraction momentum nesterov beta1 "
-         "beta2 epsilon lrSchedule lrDecay lrDecaySteps seed dtype backend mode numWorkers checkpointDir "
-         "checkpointInterval verbose syncEvery allReduce balance validationFraction patience validationInterval "
-         "commTimeout straggler rounds clientFraction localEpochs federatedAlgorithm cadKeep cadLayers "
-         "cadWarmupRounds").split()
+         "beta2 epsilon lrSchedule lrDecay lrDecaySteps seed dtype backend mode numWorkers taskGpus taskCpus "
+         "checkpointDir checkpointInterval verbose syncEvery allReduce balance validationFraction patience "
+         "validationInterval commTimeout straggler rounds clientFraction localEpochs federatedAlgorithm cadKeep "
+         "cadLayers cadWarmupRounds").split()
 
 
 def test_the_table_is_the_dataclass() -> None:
@@ -43,7 +43,7 @@ def test_the_table_is_the_dataclass() -> None:
 def test_the_distributed_layer_re_exports_the_same_names() -> None:
     assert distributed_config.TrainConfig is TrainConfig
     assert distributed_config.SOLVERS == ("l-bfgs", "gd", "sgd", "momentum", "adam")
-    assert distributed_config.MODES == ("treeAggregate", "barrier", "federated")
+    assert distributed_config.MODES == ("auto", "treeAggregate", "barrier", "federated")
     assert distributed_config.DTYPES == ("float32", "float64")
 
 
@@ -77,8 +77,10 @@ CASES = [
     ("seed", -5, "seed must be >= 0, got -5"),
     ("dtype", "float16", "dtype must be one of float32, float64, got 'float16'"),
     ("backend", "tpu", "backend must be one of numpy, opencl, cupy, auto, got 'tpu'"),
-    ("mode", "gossip", "mode must be one of treeAggregate, barrier, federated, got 'gossip'"),
+    ("mode", "gossip", "mode must be one of auto, treeAggregate, barrier, federated, got 'gossip'"),
     ("numWorkers", -1, "numWorkers must be >= 0, got -1"),
+    ("taskGpus", -2, "taskGpus must be >= -1, got -2"),
+    ("taskCpus", 1.5, "taskCpus must be an integer, got 1.5"),
     ("checkpointDir", None, "checkpointDir must be a string, got None"),
     ("checkpointInterval", 2.5, "checkpointInterval must be an integer, got 2.5"),
     ("verbose", 1, "verbose must be true or false, got 1"),
@@ -199,3 +201,16 @@ def test_any_other_value_raises_naming_the_knob(k: Knob, data: st.DataObject) ->
         TrainConfig(**{k.name: value})
     assert e.value.name == k.name
     assert str(e.value) == f"{k.name} must be {k.check.expected}, got {value!r}"
+
+
+@pytest.mark.parametrize("solver, mode", [("l-bfgs", "treeAggregate"), ("gd", "treeAggregate"), ("sgd", "barrier"),
+                                          ("momentum", "barrier"), ("adam", "barrier")])
+def test_mode_auto_picks_by_solver_and_says_why(solver: str, mode: str) -> None:
+    assert TrainConfig().mode == "auto"
+    ran, why = TrainConfig(solver=solver).resolved_mode()
+    assert ran == mode and f"mode='auto' with the {'full' if mode == 'treeAggregate' else 'mini'}-batch solver " \
+                           f"{solver!r}" in why
+    assert TrainConfig(solver=solver, mode="treeAggregate").resolved_mode() == ("treeAggregate",
+                                                                               "mode='treeAggregate' was set")
+    assert TrainConfig(solver=solver, mode="barrier").resolved_mode()[0] == "barrier"
+    assert TrainConfig(solver=solver, mode="federated").resolved_mode() == ("federated", "mode='federated' was set")

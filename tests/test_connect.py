@@ -3,6 +3,7 @@ Connect session (both on the test run's one local[2] application, see conftest).
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import io
 import json
@@ -18,12 +19,18 @@ import pyarrow.parquet as pq
 import pytest
 from pyspark.ml.classification import MultilayerPerceptronClassificationModel, MultilayerPerceptronClassifier
 from pyspark.ml.linalg import Vectors
+from pyspark.sql import functions as F
 
 from sparkdl_hetero.data.parquet import fashion_mnist_parquet
 from sparkdl_hetero.distributed.cluster import check_barrier_slots, task_slots
+from sparkdl_hetero.distributed.config import TrainConfig
+from sparkdl_hetero.distributed.data import prepare
 from sparkdl_hetero.distributed.placement import probe_executors
+from sparkdl_hetero.distributed.tree_aggregate import TreeAggregateTrainer
 from sparkdl_hetero.ml.classifier import DeepClassificationModel, DeepClassifier
 from sparkdl_hetero.ml.persistence import DamagedSaveError, MissingSaveFileError
+from sparkdl_hetero.nn.model import FeedForwardModel
+from sparkdl_hetero.nn.objective import Objective
 from sparkdl_hetero.nn.topology import FeedForwardTopology
 
 LAYERS = [4, 5, 3]
@@ -197,6 +204,160 @@ def test_interop_with_spark_mlp_both_ways(session):
         assert mine.predict(Vectors.dense(r)) == s[2]
 
 
+# ---- training in both session kinds ---------------------------------------------------------------------------------
+def _blobs(session, n: int = 90):
+    """Three learnable Gaussian blobs in 4 dimensions, in 2 partitions."""
+    rng = np.random.default_rng(0)
+    centers = rng.normal(scale=3.0, size=(3, LAYERS[0]))
+    y = rng.integers(0, 3, n)
+    x = centers[y] + rng.normal(size=(n, LAYERS[0]))
+    return session.createDataFrame([(Vectors.dense(r), float(c)) for r, c in zip(x, y, strict=True)],
+                                   ["features", "label"]).repartition(2), x, y
+
+
+@pytest.mark.parametrize("solver, mode", [("l-bfgs", "treeAggregate"), ("adam", "barrier")])
+def test_fit_transform_save_load(session, tmp_path, solver, mode):
+    df, x, y = _blobs(session)
+    clf = DeepClassifier(layers=LAYERS, solver=solver, maxIter=20, epochs=10, batchSize=16, stepSize=0.05, seed=3,
+                         verbose=False)
+    model = clf.fit(df)
+    stats = model.summary.trainingStats
+    assert stats["mode"] == mode and stats["modeReason"].startswith("mode='auto'")
+    assert stats.get("fallbackPartitions", 0) == 0
+    history = model.summary.objectiveHistory
+    assert history[-1] < history[0]
+    rows = model.transform(df).select("features", "probability", "prediction").collect()
+    for r in rows:
+        np.testing.assert_allclose(r["probability"].toArray(),
+                                   model.predictProbability(r["features"]).toArray(), rtol=1e-5, atol=1e-6)
+    assert np.mean([r["prediction"] == model.predict(r["features"]) for r in rows]) == 1.0
+    path = str(tmp_path / "model")
+    model.write().session(session).save(path)
+    loaded = _load(session, path)
+    np.testing.assert_array_equal(loaded.weights.toArray(), model.weights.toArray())
+    again = loaded.transform(df).select("prediction").collect()
+    assert [r["prediction"] for r in again] == [r["prediction"] for r in rows]
+
+
+def test_gradient_and_the_rebuild_of_missing_blocks(session):
+    """One treeAggregate evaluation equals the single-process gradient, also when every task finds no resident
+    blocks (handles of another host) and recomputes its partition where it runs (classic: over the handles' RDD;
+    Connect: through mapInArrow)."""
+    df, x, y = _blobs(session, 60)
+    objective = Objective(FeedForwardTopology.multilayer_perceptron(LAYERS, softmax_on_top=True))
+    w = objective.initial_weights(1)
+    reference = np.zeros(objective.num_weights)
+    loss = FeedForwardModel(objective.topology, w, dtype=np.float64).compute_gradient(x, y, grad_out=reference)
+    data = prepare(df, "features", "label", LAYERS[0], LAYERS[-1])
+    try:
+        trainer = TreeAggregateTrainer(data, objective, TrainConfig(verbose=False))
+        g, loss_sum, n = trainer.evaluate(w, trainer.job(), "test")
+        assert n == len(y) and trainer.fallbacks == 0
+        np.testing.assert_allclose(g / n, reference, rtol=1e-4, atol=1e-6)  # float32 sums vs float64
+        assert loss_sum / n == pytest.approx(loss, rel=1e-5)
+        moved = dataclasses.replace(data, fit_id=data.fit_id + "-moved",
+                                    handles_df=data.handles_df.withColumn("host", F.lit("elsewhere")))
+        other = TreeAggregateTrainer(moved, objective, TrainConfig(verbose=False))
+        g2, loss2, n2 = other.evaluate(w, other.job(), "fallback")
+        assert other.fallbacks == 2 and n2 == n
+        np.testing.assert_allclose(g2, g, rtol=1e-6, atol=1e-7)
+        assert loss2 == pytest.approx(loss_sum, rel=1e-6)
+        moved.release()
+    finally:
+        data.release()
+
+
+def _weighted_blobs(session, n: int = 80):
+    """Blobs with a weight column ``w`` and a validation indicator ``v``, in 2 partitions; the rows as arrays with
+    the partition each is in (the features rounded to float32, as training reads them)."""
+    rng = np.random.default_rng(4)
+    centers = rng.normal(scale=3.0, size=(3, LAYERS[0]))
+    y = rng.integers(0, 3, n)
+    x = centers[y] + rng.normal(size=(n, LAYERS[0]))
+    w = rng.uniform(0.5, 2.0, n)
+    v = rng.random(n) < 0.25
+    df = session.createDataFrame([(Vectors.dense(r), float(c), float(wi), bool(vi))
+                                  for r, c, wi, vi in zip(x, y, w, v, strict=True)],
+                                 ["features", "label", "w", "v"]).repartition(2)
+    rows = df.withColumn("pid", F.spark_partition_id()).collect()
+    x = np.array([r["features"].toArray() for r in rows]).astype(np.float32).astype(np.float64)
+    return (df, x, np.array([int(r["label"]) for r in rows]), np.array([r["w"] for r in rows]),
+            np.array([r["v"] for r in rows]), np.array([r["pid"] for r in rows]))
+
+
+def test_weighted_sums_and_validation_rows(session):
+    """With a weight column and a validation indicator, one evaluation answers the weighted gradient and loss sums
+    of the training rows with the weights' sum as the count, and a validation the weighted mean loss and accuracy
+    of the validation rows, as a single process computes them (classic: the handles' RDD; Connect: mapInArrow)."""
+    df, x, y, w, v, _ = _weighted_blobs(session)
+    objective = Objective(FeedForwardTopology.multilayer_perceptron(LAYERS, softmax_on_top=True))
+    w0 = objective.initial_weights(2)
+    model = FeedForwardModel(objective.topology, w0, dtype=np.float64)
+    t = ~v
+    reference = np.zeros(objective.num_weights)
+    loss = model.compute_gradient(x[t], y[t], grad_out=reference, scale=t.sum(), sample_weight=w[t]) * t.sum()
+    vloss = model.compute_gradient(x[v], y[v], sample_weight=w[v]) * v.sum() / w[v].sum()
+    accuracy = float(w[v] @ (np.argmax(model.predict(x[v]), axis=1) == y[v])) / w[v].sum()
+    data = prepare(df, "features", "label", LAYERS[0], LAYERS[-1], weight_col="w", validation_col="v")
+    try:
+        assert data.count == t.sum() and data.validation_count == v.sum()
+        trainer = TreeAggregateTrainer(data, objective, TrainConfig(verbose=False, dtype="float64"))
+        g, loss_sum, count = trainer.evaluate(w0, trainer.job(), "weighted")
+        assert count == pytest.approx(w[t].sum(), rel=1e-12)
+        np.testing.assert_allclose(g, reference, rtol=1e-9, atol=1e-12)
+        assert loss_sum == pytest.approx(loss, rel=1e-9)
+        got_loss, got_accuracy = trainer.validate(w0, 0)
+        assert got_loss == pytest.approx(vloss, rel=1e-9)
+        assert got_accuracy == pytest.approx(accuracy, rel=1e-12)
+    finally:
+        data.release()
+
+
+def test_batchnorm_state_is_the_row_weighted_mean_of_the_partitions(session):
+    """After one evaluation the model state (batch normalization's running statistics) is the row-weighted mean
+    of the states each partition's pass leaves, starting from the initial state."""
+    df, x, y, w, v, pid = _weighted_blobs(session)
+    topology = FeedForwardTopology.from_spec("affine(5)-batchnorm-tanh-affine(3)", LAYERS[0])
+    objective = Objective(topology)
+    w0 = objective.initial_weights(3)
+    initial = FeedForwardModel.initial_state(topology)
+    expected = np.zeros_like(initial)
+    for p in np.unique(pid[~v]):
+        rows = (pid == p) & ~v
+        model = FeedForwardModel(topology, w0, dtype=np.float64)
+        model.set_state(initial)
+        model.compute_gradient(x[rows], y[rows], sample_weight=w[rows])
+        expected += model.get_state() * rows.sum()
+    expected /= (~v).sum()
+    data = prepare(df, "features", "label", LAYERS[0], LAYERS[-1], weight_col="w", validation_col="v")
+    try:
+        trainer = TreeAggregateTrainer(data, objective, TrainConfig(verbose=False, dtype="float64"))
+        np.testing.assert_array_equal(trainer.model_state, initial)
+        trainer.evaluate(w0, trainer.job(), "state")
+        assert not np.allclose(trainer.model_state, initial)
+        np.testing.assert_allclose(trainer.model_state, expected, rtol=1e-9, atol=1e-12)
+    finally:
+        data.release()
+
+
+def test_pipeline_fit_save_load(session, tmp_path):
+    from pyspark.ml import Pipeline, PipelineModel
+    from pyspark.ml.feature import StandardScaler
+
+    df, _, _ = _blobs(session)
+    pipeline = Pipeline(stages=[StandardScaler(inputCol="features", outputCol="scaled"),
+                                DeepClassifier(layers=LAYERS, featuresCol="scaled", maxIter=10, seed=1,
+                                               verbose=False)])
+    model = pipeline.fit(df)
+    expected = [r["prediction"] for r in model.transform(df).select("prediction").collect()]
+    path = str(tmp_path / "pipeline")
+    model.write().save(path)
+    loaded = PipelineModel.load(path)
+    assert isinstance(loaded.stages[1], DeepClassificationModel)
+    np.testing.assert_array_equal(loaded.stages[1].weights.toArray(), model.stages[1].weights.toArray())
+    assert [r["prediction"] for r in loaded.transform(df).select("prediction").collect()] == expected
+
+
 # ---- executors and slots -----------------------------------------------------------------------------------------
 def test_probe_executors_from_a_session(session):
     accounts = probe_executors(session, "numpy", 2)
@@ -211,13 +372,19 @@ def test_task_slots_local(session):
         check_barrier_slots(session, 3)
 
 
-def test_task_slots_local_cluster_one_core(tmp_path):
-    """A one-executor, one-core cluster (where Spark's defaultParallelism says 2) has one slot."""
+@pytest.mark.spark  # starts its own local-cluster in a subprocess
+@pytest.mark.slow
+def test_one_core_cluster_with_default_params(tmp_path):
+    """A one-executor, one-core cluster (where Spark's defaultParallelism says 2) has one slot: the estimator with
+    default params fits there in both modes mode='auto' picks (l-bfgs: treeAggregate; adam: barrier on the one
+    slot), and asking for more workers than slots is a ValueError naming both numbers before any training job."""
     script = tmp_path / "slots.py"
     script.write_text(textwrap.dedent("""
         import sys
+        from pyspark.ml.linalg import Vectors
         from pyspark.sql import SparkSession
         from sparkdl_hetero.distributed.cluster import check_barrier_slots, task_slots
+        from sparkdl_hetero.ml.classifier import DeepClassifier
         spark = (SparkSession.builder.master("local-cluster[1,1,1024]").config("spark.ui.enabled", "false")
                  .getOrCreate())
         try:
@@ -226,16 +393,93 @@ def test_task_slots_local_cluster_one_core(tmp_path):
             message = str(e)
         print("RESULT", task_slots(spark), check_barrier_slots(spark, 0), spark.sparkContext.defaultParallelism,
               "|", message)
+        df = spark.createDataFrame([(Vectors.dense([i % 3, (i * 7) % 5, 1.0, -1.0]), float(i % 3))
+                                    for i in range(60)], ["features", "label"]).repartition(2)
+        for solver in ("l-bfgs", "adam"):
+            model = DeepClassifier(layers=[4, 5, 3], solver=solver, maxIter=3, verbose=False).fit(df)
+            stats = model.summary.trainingStats
+            print("FIT", solver, stats["mode"], stats.get("numWorkers"), "|", stats["modeReason"])
+        try:
+            DeepClassifier(layers=[4, 5, 3], solver="adam", numWorkers=2, verbose=False).fit(df)
+        except ValueError as e:
+            print("OVERSUBSCRIBED", type(e).__name__, "|", e)
         spark.stop()
     """))
     env = {**os.environ, "PYTHONPATH": os.getcwd() + os.pathsep + os.environ.get("PYTHONPATH", "")}
     env.pop("SPARK_CONNECT_MODE_ENABLED", None)
-    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=300)
-    line = next((ln for ln in out.stdout.splitlines() if ln.startswith("RESULT")), None)
-    assert line is not None, out.stderr[-3000:]
-    counts, message = line.split("|", 1)
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=600)
+    lines = {ln.split()[0]: ln for ln in out.stdout.splitlines() if ln.split() and ln.split()[0].isupper()}
+    assert "OVERSUBSCRIBED" in lines, out.stderr[-3000:]
+    counts, message = lines["RESULT"].split("|", 1)
     assert counts.split()[1:] == ["1", "1", "2"]
     assert "numWorkers=2 but the cluster runs only 1 tasks at once" in message
+    fits = [ln for ln in out.stdout.splitlines() if ln.startswith("FIT")]
+    assert fits[0].split("|")[0].split() == ["FIT", "l-bfgs", "treeAggregate", "None"]
+    assert fits[1].split("|")[0].split() == ["FIT", "adam", "barrier", "1"]
+    assert "mode='auto' with the mini-batch solver 'adam'" in fits[1]
+    assert lines["OVERSUBSCRIBED"].startswith("OVERSUBSCRIBED ValueError | numWorkers=2 but the cluster runs only 1 "
+                                              "tasks at once")
+
+
+@pytest.mark.spark  # starts its own local-cluster in a subprocess
+@pytest.mark.slow
+def test_training_stage_alone_asks_for_a_gpu_per_task(tmp_path):
+    """Stage-level scheduling on a local-cluster whose worker has one (fake) GPU found by docker/gpu-discovery.sh:
+    with backend auto, the training stage of both modes gets the GPU through its ResourceProfile, an ETL stage gets
+    none; asking for more GPUs than an executor has fails before training, naming the conf."""
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    fake = bindir / "nvidia-smi"
+    fake.write_text("#!/bin/sh\nprintf '0\\n'\n")
+    fake.chmod(0o755)
+    script = tmp_path / "gpus.py"
+    script.write_text(textwrap.dedent(f"""
+        import pyarrow as pa
+        from pyspark import TaskContext
+        from pyspark.ml.linalg import Vectors
+        from pyspark.sql import SparkSession
+        from sparkdl_hetero.ml.classifier import DeepClassifier
+        spark = (SparkSession.builder.master("local-cluster[1,2,1024]").config("spark.ui.enabled", "false")
+                 .config("spark.worker.resource.gpu.amount", "1")
+                 .config("spark.worker.resource.gpu.discoveryScript", {os.path.abspath("docker/gpu-discovery.sh")!r})
+                 .config("spark.executor.resource.gpu.amount", "1").getOrCreate())
+
+        def resources(batches):
+            for _ in batches:
+                pass
+            yield pa.RecordBatch.from_pylist([{{"gpus": ",".join(sorted(TaskContext.get().resources()))}}])
+
+        etl = spark.range(0, 4, 1, 2).mapInArrow(resources, "gpus string").collect()
+        print("ETL", sorted(r["gpus"] for r in etl))
+        df = spark.createDataFrame([(Vectors.dense([i % 3, (i * 7) % 5, 1.0, -1.0]), float(i % 3))
+                                    for i in range(60)], ["features", "label"]).repartition(2)
+        for solver in ("l-bfgs", "adam"):
+            stats = DeepClassifier(layers=[4, 5, 3], solver=solver, maxIter=3, backend="auto",
+                                   verbose=False).fit(df).summary.trainingStats
+            # treeAggregate: each worker's backend account; barrier: the GPU Spark assigned to each rank
+            accounts = stats["backends"] if solver == "l-bfgs" else [f"[Spark assigned GPU {{g}}]"
+                                                                     for g in stats["taskGpus"]]
+            print("FIT", solver, stats["mode"], stats.get("numWorkers"), "|", " ; ".join(accounts))
+        try:
+            DeepClassifier(layers=[4, 5, 3], backend="auto", taskGpus=2, verbose=False).fit(df)
+        except ValueError as e:
+            print("TOOMANY", "|", e)
+        spark.stop()
+    """))
+    env = {**os.environ, "PYTHONPATH": os.getcwd() + os.pathsep + os.environ.get("PYTHONPATH", ""),
+           "PATH": f"{bindir}{os.pathsep}{os.environ['PATH']}"}
+    env.pop("SPARK_CONNECT_MODE_ENABLED", None)
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=600)
+    lines = [ln for ln in out.stdout.splitlines() if ln.split() and ln.split()[0] in ("ETL", "FIT", "TOOMANY")]
+    assert len(lines) == 4, out.stdout[-2000:] + out.stderr[-3000:]
+    assert lines[0] == "ETL ['', '']"  # Spark's default profile: ETL tasks hold no GPU
+    for line, mode, workers in ((lines[1], "treeAggregate", "None"), (lines[2], "barrier", "1")):
+        head, accounts = line.split("|", 1)
+        assert head.split()[2:] == [mode, workers]
+        assert accounts.strip() and all("[Spark assigned GPU 0]" in a for a in accounts.split(" ; "))
+    assert lines[3] == ("TOOMANY | taskGpus=2 but each executor has spark.executor.resource.gpu.amount=1: set "
+                        "taskGpus <= 1 (0: no GPUs), or give the executors GPUs (spark.executor.resource.gpu.amount "
+                        "and a discovery script)")
 
 
 # ---- datasets as Parquet -----------------------------------------------------------------------------------------

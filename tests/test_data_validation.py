@@ -4,10 +4,11 @@ intact (dense, sparse and array features, empty partitions)."""
 from __future__ import annotations
 
 import numpy as np
+import pyarrow as pa
 import pytest
 
 from sparkdl_hetero.distributed.config import TrainConfig
-from sparkdl_hetero.distributed.data import prepare, resident_blocks
+from sparkdl_hetero.distributed.data import Handle, prepare, resident_blocks
 from sparkdl_hetero.distributed.fit import fit
 from sparkdl_hetero.nn.objective import Objective
 from sparkdl_hetero.nn.topology import FeedForwardTopology
@@ -38,13 +39,17 @@ def _blocks(data) -> tuple[np.ndarray, np.ndarray]:
     """Every partition's resident blocks, fetched through a Spark job (what the trainer's tasks see)."""
     fit_id = data.fit_id
 
-    def fetch(handles):
-        for h in handles:
-            b = resident_blocks(fit_id, h)
-            yield (np.array(b[0]), np.array(b[1])) if h.n else None
+    def fetch(batches):
+        for batch in batches:
+            for row in batch.to_pylist():
+                h = Handle(**row)
+                if h.n:
+                    x, y = resident_blocks(fit_id, h)
+                    yield pa.RecordBatch.from_pylist([{"x": x.tobytes(), "y": y.tobytes()}])
 
-    parts = [p for p in data.handles_rdd.mapPartitions(fetch).collect() if p is not None]
-    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+    rows = data.handles_df.mapInArrow(fetch, "x binary, y binary").collect()
+    x = np.concatenate([np.frombuffer(r["x"], np.float32) for r in rows]).reshape(-1, data.num_features)
+    return x, np.concatenate([np.frombuffer(r["y"], np.int32) for r in rows])
 
 
 def _sorted_rows(x: np.ndarray, y: np.ndarray) -> np.ndarray:

@@ -404,7 +404,9 @@ def test_initial_weights_are_used(iris):
 def test_resume_from_checkpoint(iris, tmp_path):
     _, train, _ = iris
     ckpt = str(tmp_path / "ckpt")
-    common = dict(layers=LAYERS, solver="adam", stepSize=0.05, batchSize=16, seed=5, verbose=False)
+    # treeAggregate resumes exactly (barrier mode, auto's choice for adam, balances batch shares by measured speed)
+    common = dict(layers=LAYERS, solver="adam", mode="treeAggregate", stepSize=0.05, batchSize=16, seed=5,
+                  verbose=False)
     straight = DeepClassifier(epochs=4, **common).fit(train)
     first = DeepClassifier(epochs=2, checkpointDir=ckpt, checkpointInterval=1, **common).fit(train)
     assert os.listdir(ckpt)

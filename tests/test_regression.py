@@ -201,7 +201,7 @@ def test_weighted_losses_on_opencl() -> None:
 # ---- Spark: the input conversion ----------------------------------------------------------------------------
 def _resident(data) -> dict[str, np.ndarray]:
     """Every partition's resident training and validation rows (what the trainer's tasks see), concatenated."""
-    from sparkdl_hetero.distributed.data import resident_blocks, resident_validation, resident_weights
+    from sparkdl_hetero.distributed.data import Handle, resident_blocks, resident_validation, resident_weights
 
     fit_id = data.fit_id
 
@@ -213,7 +213,7 @@ def _resident(data) -> dict[str, np.ndarray]:
             yield {"x": np.array(x), "y": np.array(y), "w": None if w is None else np.array(w),
                    "vx": np.array(vx), "vy": np.array(vy), "vw": None if vw is None else np.array(vw)}
 
-    parts = data.handles_rdd.mapPartitions(fetch).collect()
+    parts = data.handles_df.rdd.map(lambda row: Handle(**row.asDict())).mapPartitions(fetch).collect()
     return {k: None if parts[0][k] is None else np.concatenate([p[k] for p in parts if len(p[k])] or [parts[0][k]])
             for k in parts[0]}
 

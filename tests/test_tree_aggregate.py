@@ -8,6 +8,7 @@ import os
 
 import numpy as np
 import pytest
+from pyspark.sql import functions as F
 
 from sparkdl_hetero.distributed.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from sparkdl_hetero.distributed.config import TrainConfig, TrainingDivergedError
@@ -46,6 +47,7 @@ def objective():
 def _cfg(**kw) -> TrainConfig:
     kw.setdefault("verbose", False)
     kw.setdefault("seed", 1234)
+    kw.setdefault("mode", "treeAggregate")  # mini-batch solvers too (mode auto would run them in barrier mode)
     return TrainConfig(**kw)
 
 
@@ -78,8 +80,8 @@ def test_distributed_gradient_equals_single_process(mc, objective):
         assert trainer.fallbacks == 0
         # tasks that find no resident blocks (handles of another host, a fit id no worker has seen) recompute
         # their partitions on the executor that runs them: same gradient
-        moved = dataclasses.replace(data, fit_id=data.fit_id + "-moved", handles_rdd=data.handles_rdd.map(
-            lambda h: dataclasses.replace(h, host="elsewhere")))
+        moved = dataclasses.replace(data, fit_id=data.fit_id + "-moved",
+                                    handles_df=data.handles_df.withColumn("host", F.lit("elsewhere")))
         other = TreeAggregateTrainer(moved, objective, _cfg())
         g2, loss2, n2 = other.evaluate(w, other.job(), "fallback")
         assert other.fallbacks == 3 and n2 == n

@@ -7,6 +7,11 @@ The validated input is repartitioned into ``numWorkers`` partitions and handed t
 all-reduce, batch balancing by :mod:`.balancing`, validation and stragglers are described there). Rank 0 answers
 with the weights, history and every rank's timings.
 
+A fit's stats hold ``fixedCost``, where the time around training goes (seconds): the slot check, the input's
+conversion and validation (``prepare``), until rank 0's task starts (the repartition's shuffle included), gathering
+its rows, the rendezvous, training, the answer reaching the driver, releasing the converted blocks
+(``bench/fit_overhead.py`` prints them).
+
 Checkpoints (rank 0 writes, every ``checkpointInterval`` steps, to ``checkpointDir`` -- a directory every executor
 can read, as Spark's own checkpoint directory) let a retried barrier stage resume where it was. When Spark gives up
 on the stage (e.g. ``spark.task.maxFailures=1`` in local mode), the driver re-runs the job up to
@@ -28,12 +33,13 @@ import numpy as np
 
 from ..nn.objective import Objective
 from .balancing import split_batch
-from .cluster import check_barrier_slots
+from .cluster import check_barrier_slots, tagged, training_resources
 from .comm import CommError, Communicator, new_secret
 from .config import TrainConfig, TrainingDivergedError, TrainResult
 from .data import Layout, arrow_blocks, prepare
 from .errors import NOT_RETRIABLE, NotRetriableError, failure_summary, from_peer, is_not_retriable
 from .executor import blas_limit
+from .placement import assigned_gpu
 from .worker import BarrierWorker, train_worker
 
 FAULT_PROPERTY = "sparkdl_hetero.injectFault"
@@ -73,6 +79,7 @@ def _barrier_task(batches: Iterator, objective: Objective, config: TrainConfig, 
     import pyarrow as pa
     from pyspark import BarrierTaskContext
 
+    timeline = {"taskStart": time.time()}  # wall clock: compared with the driver's (same host on local-cluster)
     ctx = BarrierTaskContext.get()
     rank = ctx.partitionId()
     world = len(ctx.getTaskInfos())
@@ -84,13 +91,15 @@ def _barrier_task(batches: Iterator, objective: Objective, config: TrainConfig, 
         validation = (x[v], y[v], None if w is None else w[v])
         x, y, w = x[~v], y[~v], None if w is None else w[~v]
     del rows
+    timeline["rowsGathered"] = time.time()
     comm = Communicator(rank, world, _task_host(ctx), timeout=config.commTimeout,
                         max_elements=objective.num_weights + objective.topology.num_state + world + 8)
     try:
         secret = new_secret().hex() if rank == 0 else ""
         infos = [json.loads(s) for s in ctx.allGather(json.dumps(
-            {"host": comm.address[0], "port": comm.address[1], "secret": secret}))]
+            {"host": comm.address[0], "port": comm.address[1], "secret": secret, "gpu": assigned_gpu()}))]
         comm.connect([(i["host"], i["port"]) for i in infos], bytes.fromhex(infos[0]["secret"]))
+        timeline["connected"] = time.time()
         diverged: TrainingDivergedError | None = None
         with blas_limit(max(1, int(ctx.cpus()))):
             try:
@@ -106,13 +115,15 @@ def _barrier_task(batches: Iterator, objective: Objective, config: TrainConfig, 
             raise failure from e
         raise
     comm.close()
+    timeline["trained"] = time.time()
     if rank == 0:
         if diverged is not None:  # answered, not raised: the driver raises the same error type as treeAggregate
             meta: dict = {"diverged": str(diverged), "iterations": diverged.iteration, "history": diverged.history}
             weights = b""
         else:
             meta = {"history": worker.history, "iterations": worker.iteration, "stop": stop,
-                    "workers": summaries, "extra": worker.extra, "state": worker.model_state().tolist()}
+                    "workers": summaries, "extra": worker.extra, "state": worker.model_state().tolist(),
+                    "taskGpus": [i["gpu"] for i in infos], "timeline": timeline}
             weights = worker.weights.tobytes()
         yield pa.RecordBatch.from_pylist([{"rank": 0, "meta": json.dumps(meta), "weights": weights}],
                                          schema=pa.schema([("rank", pa.int32()), ("meta", pa.string()),
@@ -128,33 +139,38 @@ def _stats(meta: dict, config: TrainConfig, world: int, seconds: float) -> dict:
             "seconds": seconds, "samples": samples, "samplesPerSecond": samples / max(seconds, 1e-9),
             "trainSeconds": max(s["seconds"] for s in workers),
             "trainSamplesPerSecond": samples / max(max(s["seconds"] for s in workers), 1e-9),
-            "straggler": slowest["rank"] if world > 1 else None, "workers": workers, **meta["extra"]}
+            "straggler": slowest["rank"] if world > 1 else None, "workers": workers,
+            "taskGpus": meta["taskGpus"], **meta["extra"]}
 
 
 def fit_barrier(df: Any, features_col: str, label_col: str, objective: Objective, config: TrainConfig,
                 initial_weights: np.ndarray, **inputs: Any) -> TrainResult:
     """Train ``objective`` on ``df`` in barrier mode (see the module docstring); ``inputs``: the regression,
     weight and validation column options of :func:`.data.prepare`."""
-    world = check_barrier_slots(df.sparkSession, config.numWorkers)  # fails within seconds, never waits for slots
+    called = time.time()
+    resources = training_resources(df.sparkSession, config.backend, config.taskGpus, config.taskCpus)
+    # fails within seconds, never waits for slots
+    world = check_barrier_slots(df.sparkSession, config.numWorkers, resources)
     for r in dict(config.straggler):
         if not 0 <= int(r) < world:
             raise ValueError(f"straggler rank {r} is not a worker rank (0..{world - 1})")
     topology = objective.topology
     d = topology.num_inputs
-    data = prepare(df, features_col, label_col, d, topology.num_outputs, **inputs)
+    checked = time.time()
+    # the tasks read arrow_df: validated only, no resident files
+    data = prepare(df, features_col, label_col, d, topology.num_outputs, resident=False, **inputs)
     layout = data.layout
-    sc = data.handles_rdd.context
+    prepared = time.time()
     try:
         w0 = np.asarray(initial_weights, dtype=np.float64)
         parts = data.arrow_df.repartition(world)
-        sc.setJobDescription(f"sparkdl-hetero fit {data.fit_id[:8]}: barrier training on {world} workers")
         started = time.perf_counter()
         failures: list[str] = []
-        try:
+        with tagged(df.sparkSession, data.tag, f"barrier training on {world} workers"):
             while True:
                 try:
                     rows = parts.mapInArrow(lambda it: _barrier_task(it, objective, config, w0, layout), _OUT_SCHEMA,
-                                            barrier=True).collect()
+                                            barrier=True, profile=resources.profile).collect()
                     break
                 except Exception as e:  # Spark gave up on the stage: resume from the checkpoint, a few times
                     cause = failure_summary(e)
@@ -162,11 +178,11 @@ def fit_barrier(df: Any, features_col: str, label_col: str, objective: Objective
                     if len(failures) > DRIVER_RETRIES or is_not_retriable(e):
                         raise RuntimeError(f"barrier training failed after {len(failures)} attempt(s): "
                                            f"{cause}") from e
-        finally:
-            sc.setJobDescription(None)
         seconds = time.perf_counter() - started
+        answered = time.time()
     finally:
         data.release()
+    released = time.time()
     if len(rows) != 1:
         raise RuntimeError(f"barrier training returned {len(rows)} results, expected one from rank 0")
     meta = json.loads(rows[0]["meta"])
@@ -175,6 +191,12 @@ def fit_barrier(df: Any, features_col: str, label_col: str, objective: Objective
     weights = np.frombuffer(rows[0]["weights"], dtype=np.float64).copy()
     stats = _stats(meta, config, world, seconds)
     stats["failedAttempts"] = failures
+    t = meta["timeline"]  # rank 0's (every rank waits for the others at the rendezvous)
+    stats["fixedCost"] = {"slotsCheckSeconds": checked - called, "prepareSeconds": prepared - checked,
+                          "taskStartSeconds": t["taskStart"] - prepared, "rowsSeconds": t["rowsGathered"] -
+                          t["taskStart"], "rendezvousSeconds": t["connected"] - t["rowsGathered"],
+                          "trainingSeconds": t["trained"] - t["connected"], "resultSeconds": answered - t["trained"],
+                          "releaseSeconds": released - answered}
     return TrainResult(weights, meta["history"], meta["iterations"], stats, np.asarray(meta["state"], np.float64))
 
 

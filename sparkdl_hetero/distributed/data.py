@@ -9,12 +9,13 @@ their own: they never train). The job returns one small
 *handle* row per partition (its row count, file paths and validation counters); the driver turns the counters into
 a :class:`ValueError` naming column, expected and actual values before any training starts.
 
-Training jobs then run over the cached handles RDD: the JVM ships a few bytes per partition, and the Python
-worker maps the partition's files (``np.memmap``, shared through the page cache by every worker of the host) and
-keeps them in a module-level cache keyed by fit id and partition. Spark schedules a task where its cached handle
-lives, so the files are found; when a task lands on a host without them (executor lost, locality given up),
-:func:`resident_blocks` returns ``None`` and the trainer recomputes that partition from the persisted Arrow
-DataFrame (:meth:`PartitionedData.rebuild_rdd`), which writes the files on that host again.
+Training jobs then run over the cached handles DataFrame (one DataFrame API for classic and Spark Connect
+sessions): the JVM ships a few bytes per partition, and the Python worker maps the partition's files
+(``np.memmap``, shared through the page cache by every worker of the host) and keeps them in a module-level cache
+keyed by fit id and partition. Spark schedules a task where its cached handle lives, so the files are found; when a
+task lands on a host without them (executor lost, locality given up), :func:`resident_blocks` returns ``None`` and
+the trainer recomputes that partition from the persisted Arrow DataFrame (:meth:`PartitionedData.rebuild`), which
+writes the files on that host again.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ _SUBDIR = "sparkdl-hetero-blocks"
 _RESIDENT: dict[tuple[str, int], tuple[dict[str, np.ndarray | None], str]] = {}
 
 _NUMERIC = ("byte", "short", "int", "long", "float", "double", "decimal")
-_HANDLE_SCHEMA = (
+HANDLE_SCHEMA = (
     "part int, n long, nv long, regression boolean, weighted boolean, host string, xpath string, ypath string, "
     "wpath string, vxpath string, "
     "vypath string, vwpath string, null_x long, null_y long, null_elem long, bad_len long, bad_len_value long, "
@@ -186,23 +187,25 @@ def _check_batch(batch, layout: Layout, h: Handle) -> dict[str, np.ndarray] | No
     return None if h.failed else out
 
 
-def _convert_partition(batches: Iterator, fit_id: str, layout: Layout) -> Iterator:
+def convert_partition(batches: Iterator, fit_id: str, layout: Layout, resident: bool = True) -> Iterator:
     """mapInArrow body: validate and append every batch to this partition's files (training rows and validation
-    rows apart); yield one handle row."""
+    rows apart; ``resident=False``: validate and count only, no files); yield one handle row."""
     import pyarrow as pa
     from pyspark import TaskContext
 
     part = TaskContext.get().partitionId()
     h = Handle(part, 0, 0, layout.regression, layout.weighted, socket.gethostname(), "", "")
-    directory = _blocks_dir(fit_id)
-    os.makedirs(directory, exist_ok=True)
-    ext = "f64" if layout.regression else "i32"
-    paths = {"x": f"x-{part}.f32", "y": f"y-{part}.{ext}", "vx": f"vx-{part}.f32", "vy": f"vy-{part}.{ext}"}
-    if layout.weighted:
-        paths.update(w=f"w-{part}.f64", vw=f"vw-{part}.f64")
-    if not layout.indicated:
-        paths = {k: v for k, v in paths.items() if not k.startswith("v")}
-    paths = {k: os.path.join(directory, v) for k, v in paths.items()}
+    paths: dict[str, str] = {}
+    if resident:
+        directory = _blocks_dir(fit_id)
+        os.makedirs(directory, exist_ok=True)
+        ext = "f64" if layout.regression else "i32"
+        paths = {"x": f"x-{part}.f32", "y": f"y-{part}.{ext}", "vx": f"vx-{part}.f32", "vy": f"vy-{part}.{ext}"}
+        if layout.weighted:
+            paths.update(w=f"w-{part}.f64", vw=f"vw-{part}.f64")
+        if not layout.indicated:
+            paths = {k: v for k, v in paths.items() if not k.startswith("v")}
+        paths = {k: os.path.join(directory, v) for k, v in paths.items()}
     files = {k: open(p, "wb") for k, p in paths.items()}  # noqa: SIM115 -- closed in the finally below
     try:
         for batch in batches:
@@ -212,7 +215,7 @@ def _convert_partition(batches: Iterator, fit_id: str, layout: Layout) -> Iterat
             if arrays is None:
                 continue  # the fit will fail: keep counting, stop writing
             val = arrays.pop("v", None)
-            for name, a in arrays.items():
+            for name, a in arrays.items() if files else ():
                 if val is None:
                     files[name].write(np.ascontiguousarray(a).data)
                 else:
@@ -230,7 +233,7 @@ def _convert_partition(batches: Iterator, fit_id: str, layout: Layout) -> Iterat
             os.remove(p)
         else:
             setattr(h, {"x": "xpath", "y": "ypath", "w": "wpath"}.get(key, key + "path"), p)
-    yield pa.RecordBatch.from_pylist([vars(h)], schema=_arrow_handle_schema())
+    yield pa.RecordBatch.from_pylist([vars(h)], schema=arrow_schema(HANDLE_SCHEMA))
 
 
 def arrow_blocks(batches: Iterator, layout: Layout) -> dict[str, np.ndarray]:
@@ -253,12 +256,13 @@ def arrow_blocks(batches: Iterator, layout: Layout) -> dict[str, np.ndarray]:
     return {name: np.concatenate(parts[name]) if name in parts else a for name, a in empty.items()}
 
 
-def _arrow_handle_schema():  # noqa: ANN202 -- pyarrow is imported lazily
+def arrow_schema(ddl: str):  # noqa: ANN201 -- pyarrow is imported lazily
+    """The Arrow schema of a flat Spark DDL schema string (``"name type, ..."``) of the types used here."""
     import pyarrow as pa
 
     types = {"int": pa.int32(), "long": pa.int64(), "string": pa.string(), "double": pa.float64(),
-             "boolean": pa.bool_()}
-    return pa.schema([(name, types[t]) for name, t in (f.split() for f in _HANDLE_SCHEMA.split(", "))])
+             "boolean": pa.bool_(), "binary": pa.binary()}
+    return pa.schema([(name, types[t]) for name, t in (f.split() for f in ddl.split(", "))])
 
 
 def _map_blocks(handle: Handle) -> dict[str, np.ndarray | None]:
@@ -329,12 +333,36 @@ def release_resident(fit_id: str) -> int:
     return len(keys)
 
 
+def _rebuild_partitions(batches: Iterator, fit_id: str, layout: Layout, parts: frozenset[int]) -> Iterator:
+    """mapInArrow body of :meth:`PartitionedData.rebuild`: convert the partitions in ``parts`` again (on the host
+    that runs them); any other partition is left alone -- converting its (filtered-out) rows would truncate the
+    files it has on this host."""
+    from pyspark import TaskContext
+
+    if TaskContext.get().partitionId() in parts:
+        yield from convert_partition(batches, fit_id, layout)
+    else:
+        for _ in batches:
+            pass
+
+
+def _release_task(batches: Iterator, fit_id: str) -> Iterator:
+    """mapInArrow body: release ``fit_id``'s blocks in this worker and host (consuming the input: a worker that
+    leaves input unread is not reused by Spark)."""
+    import pyarrow as pa
+
+    for _ in batches:
+        pass
+    yield pa.RecordBatch.from_pylist([{"released": release_resident(fit_id)}],
+                                     schema=pa.schema([("released", pa.int64())]))
+
+
 @dataclass
 class PartitionedData:
     """A validated DataFrame as resident float32 blocks: what trainers run over."""
 
     fit_id: str
-    handles_rdd: object  # RDD of Handle, cached: one per partition
+    handles_df: object  # DataFrame of handle rows (HANDLE_SCHEMA), cached: one row per partition
     handles: list[Handle]
     layout: Layout
     arrow_df: object  # the (x array<float>, y[, w][, v]) DataFrame (cached unless the input is), to rebuild
@@ -362,29 +390,40 @@ class PartitionedData:
     def num_partitions(self) -> int:
         return len(self.handles)
 
+    @property
+    def tag(self) -> str:
+        """The Spark job tag of this fit's jobs (``spark.interruptTag`` cancels them)."""
+        return f"sparkdl-hetero-fit-{self.fit_id[:8]}"
+
     def partition_sizes(self) -> list[int]:
         return [h.n for h in self.handles]
 
-    def rebuild_rdd(self):  # noqa: ANN201 -- an RDD of Handle
-        """A fresh (uncached) conversion: running a partition of it writes that partition's files on the host
-        that runs it and yields its handle -- the fallback when a task finds no files."""
-        fit_id, layout = self.fit_id, self.layout
-        df = self.arrow_df.mapInArrow(lambda it: _convert_partition(it, fit_id, layout), _HANDLE_SCHEMA)
-        return df.rdd.map(lambda row: Handle(**row.asDict()))
+    def rebuild(self, parts: list[int]):  # noqa: ANN201 -- a DataFrame of handle rows
+        """A fresh (uncached) conversion of the partitions ``parts`` only: running it writes their files on the host
+        that runs each of them and yields their handles -- the fallback when a task finds no files."""
+        from pyspark.sql import functions as F
+
+        fit_id, layout, keep = self.fit_id, self.layout, frozenset(parts)
+        rows = self.arrow_df.where(F.spark_partition_id().isin(sorted(keep)))  # the others ship no rows
+        return rows.mapInArrow(lambda it: _rebuild_partitions(it, fit_id, layout, keep), HANDLE_SCHEMA)
 
     def release(self) -> None:
         """Delete the blocks on every executor (best effort: Spark removes its work directories at exit anyway)
         and unpersist the cached data."""
+        from .cluster import tagged
+
         fit_id = self.fit_id
-        sc = self.handles_rdd.context
+        spark = self.arrow_df.sparkSession
         try:
             n = max(1, self.num_partitions)
-            # consume each partition's input: a worker that leaves input unread is not reused by Spark
-            sc.parallelize(range(n * 2), n * 2).foreachPartition(lambda it: (list(it), release_resident(fit_id)))
-            self.handles_rdd.foreachPartition(lambda it: (list(it), release_resident(fit_id)))
+            if self.extra.get("resident", True):  # validated only: nothing was written
+                with tagged(spark, self.tag):
+                    spark.range(0, n * 2, 1, n * 2).mapInArrow(lambda it: _release_task(it, fit_id),
+                                                               "released long").collect()
+                    self.handles_df.mapInArrow(lambda it: _release_task(it, fit_id), "released long").collect()
         finally:
             release_resident(fit_id)
-            self.handles_rdd.unpersist()
+            self.handles_df.unpersist()
             if self.extra.get("persistedInput"):
                 self.arrow_df.unpersist()
 
@@ -407,7 +446,7 @@ def _numeric_array_expr(df, col: str, element: str, role: str, expected: str):  
     raise ValueError(f"{role} column {col!r} must be {expected}, got {dtype.simpleString()}")
 
 
-def _features_expr(df, features_col: str):  # noqa: ANN001, ANN202 -- pyspark objects
+def features_expr(df, features_col: str):  # noqa: ANN001, ANN202 -- pyspark objects
     """The features column as ``array<float>``; ValueError when it is neither a Vector nor a numeric array."""
     return _numeric_array_expr(df, features_col, "float", "features", "a Vector (VectorUDT) or an array of numbers")
 
@@ -440,7 +479,7 @@ def check_columns(df, features_col: str, label_col: str, *, regression: bool = F
                       ("validation indicator", validation_col)):
         if col and col not in names:
             raise ValueError(f"{role} column {col!r} not found in the DataFrame; it has columns {names}")
-    _features_expr(df, features_col)
+    features_expr(df, features_col)
     _label_expr(df, label_col, regression)
     if weight_col and not isinstance(df.schema[weight_col].dataType, NumericType):
         raise ValueError(f"weight column {weight_col!r} must be numeric (weights >= 0), "
@@ -450,8 +489,10 @@ def check_columns(df, features_col: str, label_col: str, *, regression: bool = F
                          f"got {df.schema[validation_col].dataType.simpleString()}")
 
 
-def _raise_for(handles: list[Handle], features_col: str, label_col: str, layout: Layout, weight_col: str,
-               validation_col: str) -> None:
+def raise_for_bad_input(handles: list[Handle], features_col: str, label_col: str, layout: Layout,
+                        weight_col: str, validation_col: str) -> None:
+    """ValueError naming the column, the expected and the actual value for the first kind of bad input that the
+    conversion counted in ``handles``; nothing when all is well."""
     def total(name: str) -> int:
         return sum(getattr(h, name) for h in handles)
 
@@ -502,19 +543,22 @@ def _raise_for(handles: list[Handle], features_col: str, label_col: str, layout:
 
 def prepare(df, features_col: str, label_col: str, num_features: int, num_classes: int,  # noqa: ANN001
             fit_id: str | None = None, *, regression: bool = False, weight_col: str = "",
-            validation_col: str = "") -> PartitionedData:
+            validation_col: str = "", resident: bool = True) -> PartitionedData:
     """Validate ``df`` and convert it to resident blocks in one Spark job; ValueError (naming column, expected
     and actual values) on any bad input, before training. ``regression``: the labels are ``num_classes`` target
     values per row (a number when 1, else a Vector or array) instead of class indices. ``weight_col``: per-row
     weights (finite, >= 0); ``validation_col``: a boolean column whose true rows are kept apart for validation
-    (:func:`resident_validation`) and never train."""
+    (:func:`resident_validation`) and never train. ``resident=False`` validates only (barrier mode reads the
+    Arrow DataFrame itself): no files to write, none to release."""
     from pyspark import StorageLevel
     from pyspark.sql import functions as F
+
+    from .cluster import tagged
 
     check_columns(df, features_col, label_col, regression=regression, weight_col=weight_col,
                   validation_col=validation_col)
     fit_id = fit_id or uuid.uuid4().hex
-    cols = [_features_expr(df, features_col).alias("x"), _label_expr(df, label_col, regression).alias("y")]
+    cols = [features_expr(df, features_col).alias("x"), _label_expr(df, label_col, regression).alias("y")]
     if weight_col:
         cols.append(F.col(weight_col).cast("double").alias("w"))
     if validation_col:
@@ -525,18 +569,14 @@ def prepare(df, features_col: str, label_col: str, num_features: int, num_classe
     if persisted:  # as Spark ML does: cache an uncached input so a recomputed partition gets the same rows
         arrow_df.persist(StorageLevel.MEMORY_AND_DISK)
     layout = Layout(num_features, num_classes, regression, bool(weight_col), bool(validation_col))
-    converted = arrow_df.mapInArrow(lambda it: _convert_partition(it, fit_id, layout), _HANDLE_SCHEMA)
-    handles_rdd = converted.rdd.map(lambda row: Handle(**row.asDict()))
-    handles_rdd.persist(StorageLevel.MEMORY_AND_DISK)
-    sc = handles_rdd.context
-    sc.setJobDescription(f"sparkdl-hetero fit {fit_id[:8]}: convert and validate input")
+    handles_df = arrow_df.mapInArrow(lambda it: convert_partition(it, fit_id, layout, resident), HANDLE_SCHEMA)
+    handles_df.persist(StorageLevel.MEMORY_AND_DISK)
+    data = PartitionedData(fit_id, handles_df, [], layout, arrow_df,
+                           {"persistedInput": persisted, "resident": resident})
+    with tagged(df.sparkSession, data.tag):
+        data.handles = sorted((Handle(**r.asDict()) for r in handles_df.collect()), key=lambda h: h.part)
     try:
-        handles = sorted(handles_rdd.collect(), key=lambda h: h.part)
-    finally:
-        sc.setJobDescription(None)
-    data = PartitionedData(fit_id, handles_rdd, handles, layout, arrow_df, {"persistedInput": persisted})
-    try:
-        _raise_for(handles, features_col, label_col, layout, weight_col, validation_col)
+        raise_for_bad_input(data.handles, features_col, label_col, layout, weight_col, validation_col)
     except ValueError:
         data.release()
         raise

@@ -1,8 +1,10 @@
 """Typed failures of distributed training, and how the barrier driver tells a retriable one from a deterministic one.
 
-Deterministic failures fail again when retried: bad input (``ValueError``), a diverging loss
-(:class:`TrainingDivergedError`, a ``FloatingPointError``) and replicas that disagree
-(:class:`ReplicasDivergedError`). Transient ones (a lost executor, a peer's :class:`~.comm.CommError`, an
+Deterministic failures fail again when retried: bad input and bad params (``ValueError``, raised on the driver
+before any job, or in a task), more workers than the cluster's slots (a ``ValueError`` of
+:func:`.cluster.check_barrier_slots` before the job; Spark's own refusal of a barrier stage if the cluster shrank
+after that check), a diverging loss (:class:`TrainingDivergedError`, a ``FloatingPointError``) and replicas that
+disagree (:class:`ReplicasDivergedError`). Transient ones (a lost executor, a peer's :class:`~.comm.CommError`, an
 :class:`InjectedFault`) are worth a retry from the checkpoint.
 
 Why a wrapper class: Spark hands the driver a Python exception raised in a task only as the text of the task's
@@ -48,13 +50,17 @@ NOT_RETRIABLE: tuple[type[BaseException], ...] = (ValueError, TrainingDivergedEr
                                                   ReplicasDivergedError)
 NOT_RETRIABLE_MARK = f"{NotRetriableError.__module__}.{NotRetriableError.__qualname__}"
 _MARK_LINE = re.compile(r"^\s*" + re.escape(NOT_RETRIABLE_MARK) + r": ", re.MULTILINE)
+# Spark's own refusals of a barrier stage, by the issue ids its messages start with: more tasks than slots after its
+# minutes of re-checking (SPARK-24819), dynamic allocation (SPARK-24942). A re-run meets the same cluster.
+_SPARK_BARRIER_REFUSALS = re.compile(r"\[SPARK-24819\]|\[SPARK-24942\]")
 
 
 def is_not_retriable(spark_failure: BaseException) -> bool:
     """Whether the failure Spark reports carries a :class:`NotRetriableError` raised by a task (or is one)."""
     if isinstance(spark_failure, (NotRetriableError, *NOT_RETRIABLE)):
         return True
-    return bool(_MARK_LINE.search(str(spark_failure)))
+    text = str(spark_failure)
+    return bool(_MARK_LINE.search(text) or _SPARK_BARRIER_REFUSALS.search(text))
 
 
 def failure_summary(spark_failure: BaseException) -> str:

@@ -73,13 +73,14 @@ from .checkpoint import Checkpoint, load_compatible, save_checkpoint
 from .cluster import task_slots
 from .config import TrainConfig, TrainResult
 from .data import (
-    _HANDLE_SCHEMA,
+    HANDLE_SCHEMA,
     Handle,
     Layout,
-    _convert_partition,
-    _features_expr,
-    _raise_for,
+    arrow_schema,
     check_columns,
+    convert_partition,
+    features_expr,
+    raise_for_bad_input,
     release_resident,
     resident_blocks,
 )
@@ -88,7 +89,7 @@ from .executor import CHUNK_ROWS, blas_limit
 FAULT_PROPERTY = "sparkdl_hetero.injectDeviceFault"
 STATS_DECAY = 0.5  # CAD: factor on the server's statistics before a round's are added (see the module docstring)
 LOCAL_SOLVERS = ("gd", "sgd", "momentum", "adam")
-_DEVICES_SCHEMA = _HANDLE_SCHEMA + ", devices string, null_device long, null_valid long"
+_DEVICES_SCHEMA = HANDLE_SCHEMA + ", devices string, null_device long, null_valid long"
 _OUT_SCHEMA = ("kind string, part int, device string, rows long, bytes_down long, bytes_up long, seconds double, "
                "loss double, error string, val_loss double, val_correct double, val_count long, payload binary")
 
@@ -143,7 +144,7 @@ def _convert_devices(batches: Iterator, fit_id: str, d: int, k: int) -> Iterator
             labels.append(b.column(3))
             yield pa.RecordBatch.from_arrays([b.column(2), b.column(3)], names=["x", "y"])
 
-    for out in _convert_partition(rows(), fit_id, Layout(d, k)):
+    for out in convert_partition(rows(), fit_id, Layout(d, k)):
         devices = []
         if keys and not counts["null_device"]:
             key = pa.chunked_array(keys).to_numpy(zero_copy_only=False)
@@ -315,7 +316,7 @@ def _round_task(rows: Iterator, job: _RoundJob) -> Iterator:
             out.append(_row(kind="partial", part=handle.part, val_loss=val_loss, val_correct=val_correct,
                             val_count=val_count, payload=payload))
     if out:
-        yield pa.RecordBatch.from_pylist(out, schema=_arrow_schema())
+        yield pa.RecordBatch.from_pylist(out, schema=arrow_schema(_OUT_SCHEMA))
 
 
 def _row(**kw: Any) -> dict:
@@ -323,14 +324,6 @@ def _row(**kw: Any) -> dict:
            "loss": float("nan"), "error": "", "val_loss": 0.0, "val_correct": 0.0, "val_count": 0, "payload": b""}
     row.update(kw)
     return row
-
-
-def _arrow_schema() -> Any:  # noqa: ANN401 -- pyarrow is imported lazily
-    import pyarrow as pa
-
-    types = {"string": pa.string(), "int": pa.int32(), "long": pa.int64(), "double": pa.float64(),
-             "binary": pa.binary()}
-    return pa.schema([(n, types[t]) for n, t in (f.split() for f in _OUT_SCHEMA.split(", "))])
 
 
 def _fallback_task(batches: Iterator, job: _RoundJob, d: int, k: int, missing: list[int]) -> Iterator:
@@ -437,7 +430,7 @@ def prepare_devices(df: Any, features_col: str, label_col: str, device_col: str,
     fit_id = uuid.uuid4().hex
     valid = F.col(validation_col) if validation_col else F.lit(False)
     rows_df = (df.select(F.col(device_col).cast("string").alias("device"), valid.alias("valid"),
-                         _features_expr(df, features_col).alias("x"), F.col(label_col).cast("double").alias("y"))
+                         features_expr(df, features_col).alias("x"), F.col(label_col).cast("double").alias("y"))
                .repartition(parts, "device").sortWithinPartitions("device", "valid"))
     rows_df.persist(StorageLevel.MEMORY_AND_DISK)  # a recomputed partition gets the same rows in the same order
     d, k = num_features, num_classes
@@ -464,7 +457,7 @@ def prepare_devices(df: Any, features_col: str, label_col: str, device_col: str,
             if dev["bad"]:
                 raise ValueError(f"device {dev['key']!r} has {dev['bad']} labels outside the model's classes "
                                  f"[0, {k}) in label column {label_col!r} (first found: {dev['bad_value']})")
-        _raise_for(handles, features_col, label_col, Layout(d, k), "", "")
+        raise_for_bad_input(handles, features_col, label_col, Layout(d, k), "", "")
         empty = [dev["key"] for _, dev in devices if dev["train"] == 0]
         if empty:
             raise ValueError(f"{len(empty)} devices have no training rows (only rows flagged by "
@@ -714,7 +707,7 @@ def filter_preferences_df(df: Any, features_col: str, label_col: str, topology: 
     check_columns(df, features_col, label_col)
     stats = ActivationStats(topology, [layer])  # checks the layer before any job
     spec, w = topology.to_dict(), np.asarray(weights)
-    rows = df.select(_features_expr(df, features_col).alias("x"), F.col(label_col).cast("double").alias("y")) \
+    rows = df.select(features_expr(df, features_col).alias("x"), F.col(label_col).cast("double").alias("y")) \
         .mapInArrow(lambda it: _preferences_task(it, spec, w, layer, dtype, backend), "payload binary").collect()
     for row in rows:
         part = ActivationStats(topology, [layer])

@@ -1,4 +1,6 @@
-"""The one entry point of distributed training: validate, convert, dispatch on ``config.mode``."""
+"""The one entry point of distributed training: validate, convert, dispatch on the mode
+(:meth:`~sparkdl_hetero.nn.config.TrainConfig.resolved_mode`: ``auto`` picks by solver); the fit's stats say which
+mode ran (``mode``) and why (``modeReason``)."""
 
 from __future__ import annotations
 
@@ -44,21 +46,25 @@ def fit(df, features_col: str, label_col: str, objective: Objective, config: Tra
         check_federated(objective, config)
     if config.backend in ("opencl", "cupy"):  # asked for by name: an executor that cannot run it fails the fit now
         probe_executors(df.sparkSession, config.backend, task_slots(df.sparkSession))
-    if config.mode == "barrier":
+    mode, why = config.resolved_mode()
+    if mode == "barrier":
         try:
             from .barrier import fit_barrier
         except ImportError as e:
             raise ValueError(f"mode='barrier' is not available in this installation ({e}); "
                              f"use mode='treeAggregate'") from e
-        return fit_barrier(df, features_col, label_col, objective, config, w0, **inputs)
-    if config.mode == "federated":
+        result = fit_barrier(df, features_col, label_col, objective, config, w0, **inputs)
+    elif mode == "federated":
         from .federated import fit_federated
 
-        return fit_federated(df, features_col, label_col, device_col, validation_col, objective, config, w0)
-    data = prepare(df, features_col, label_col, topology.num_inputs, topology.num_outputs, **inputs)
-    try:
-        from .tree_aggregate import train
+        result = fit_federated(df, features_col, label_col, device_col, validation_col, objective, config, w0)
+    else:
+        data = prepare(df, features_col, label_col, topology.num_inputs, topology.num_outputs, **inputs)
+        try:
+            from .tree_aggregate import train
 
-        return train(data, objective, config, w0)
-    finally:
-        data.release()
+            result = train(data, objective, config, w0)
+        finally:
+            data.release()
+    result.stats["modeReason"] = why
+    return result

@@ -1,12 +1,16 @@
-"""Training through ``treeAggregate``: the optimizer runs on the driver, executors compute gradient sums.
+"""Training the way Spark ML's ``treeAggregate`` does it: the optimizer runs on the driver, executors compute
+gradient sums -- from a classic and from a Spark Connect session (which has no SparkContext, RDD API or broadcast).
 
-The objective (with a mentor's weights, for distillation) is broadcast once per fit and destroyed at its end.
-Each evaluation ships the flat weights (float32) in the task closure (no broadcast to create and destroy),
-runs one ``treeAggregate`` over the cached handles RDD of :mod:`.data` -- every task sums gradient (float32),
-loss and count (with ``weightCol``: weighted sums, and the weights' sum as the count) over its partition's
-resident blocks with a replica built once per Python worker -- and the driver
-sums in float64 and runs the solver of :mod:`sparkdl_hetero.nn.solvers` (one BLAS thread: two made its vector
-operations slower on 2 busy cores). Solvers:
+Each evaluation ships the flat weights (float32), the model state (batch normalization's statistics, when the
+topology has any) and the objective (pickled once per fit on the driver, with a mentor's weights for distillation;
+unpickled once per Python worker when it builds its replica) in the task closure, runs one ``mapInArrow`` job over
+the cached handles DataFrame of :mod:`.data` -- every task sums gradient (float32), loss and count (with
+``weightCol``: weighted sums, and the weights' sum as the count) and the state after its pass times its rows over
+its partition's resident blocks with a replica built once per Python worker and answers one row holding them as
+bytes (a classic session runs the same task over the handles DataFrame's RDD, whose jobs cost less fixed time than
+DataFrame jobs) -- and the driver sums in float64 (the next state: the row-weighted mean of the tasks' states) and
+runs the solver of :mod:`sparkdl_hetero.nn.solvers` (one BLAS thread: two made its vector operations slower on 2
+busy cores). Solvers:
 
 - ``l-bfgs``: Breeze's L-BFGS as Spark runs it (two-loop recursion, strong Wolfe line search, Spark's stopping rules
   and ``objectiveHistory``) on the full-batch mean loss + L2.
@@ -37,7 +41,9 @@ cached float32 blocks JVM -> Python instead of reading the resident blocks would
 from __future__ import annotations
 
 import math
+import pickle
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -49,19 +55,20 @@ from ..nn.model import FeedForwardModel
 from ..nn.objective import Objective
 from ..nn.solvers import Hooks, SolverState
 from .checkpoint import Checkpoint, load_compatible, save_checkpoint
+from .cluster import is_connect, tagged, training_resources
 from .config import TrainConfig, TrainResult
-from .data import PartitionedData, resident_blocks, resident_validation, resident_weights
+from .data import Handle, PartitionedData, arrow_schema, resident_blocks, resident_validation, resident_weights
 from .executor import accumulate_gradient, blas_limit, peak_rss_bytes, validation_metrics, validation_sums
 
 
 # ---- executor side ---------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class _Job:
-    """What a task needs besides the weights: which rows, and how to build the replica. The objective (a mentor's
-    weights included) travels as a broadcast made once per fit, so a task ships only this small record."""
+    """What a task needs besides the weights: which rows, and how to build the replica (the objective, a mentor's
+    weights included, pickled once per fit: a task that already has its replica does not unpickle it)."""
 
     fit_id: str
-    objective: Any  # Broadcast of the Objective
+    objective: bytes  # the pickled Objective
     backend: str
     dtype: str
     seed: int
@@ -88,7 +95,8 @@ def _replica(job: _Job) -> tuple[Any, str]:
         while len(_REPLICAS) >= 4:  # a worker serving several fits (cross-validation) keeps the latest few
             _REPLICAS.pop(next(iter(_REPLICAS)))
         backend, account = task_backend(job.backend)
-        entry = _REPLICAS[key] = (job.objective.value.replica(backend, np.dtype(job.dtype), job.seed), account)
+        objective = pickle.loads(job.objective)
+        entry = _REPLICAS[key] = (objective.replica(backend, np.dtype(job.dtype), job.seed), account)
     return entry
 
 
@@ -134,59 +142,68 @@ def partition_gradient(job: _Job, x: np.ndarray, y: np.ndarray, part: int, weigh
     return rep.get_gradient(), loss, m, count, account, state_sum
 
 
-def _task(handles: Any, job: _Job, weights: np.ndarray, state: np.ndarray | None = None) -> Any:
-    """mapPartitions body: one (gradient sum, loss sum, rows, missing partitions, {backend account: the
-    worker's peak RSS in bytes}, seconds computing, count: the rows' weights summed, model state sum) per
-    partition (see :func:`partition_gradient` for ``state``)."""
-    from pyspark import TaskContext
-
-    ctx = TaskContext.get()
-    cpus = max(1, int(ctx.cpus())) if ctx is not None else 1
-    for h in handles:
-        blocks = resident_blocks(job.fit_id, h)
-        if blocks is None:
-            yield None, 0.0, 0, (h.part,), {}, 0.0, 0.0, None
-            continue
-        t0 = time.perf_counter()
-        g, loss, n, count, account, s = partition_gradient(job, blocks[0], blocks[1], h.part, weights, cpus,
-                                                           resident_weights(job.fit_id, h), state)
-        yield g, loss, n, (), {account: peak_rss_bytes()} if account else {}, time.perf_counter() - t0, count, s
+_PARTIAL_SCHEMA = ("part int, missing boolean, grad binary, loss double, n long, count double, state binary, "
+                   "account string, rss long, seconds double")
+_VALIDATION_SCHEMA = "part int, missing boolean, loss double, metric double, count double"
 
 
-def _validation_task(handles: Any, job: _Job, weights: np.ndarray) -> Any:
-    """mapPartitions body: the (loss, metric, count) sums of :func:`.executor.validation_sums` over each
-    partition's validation rows, or the partition's number when its files are not on this host."""
-    from pyspark import TaskContext
+def _partial(h: Handle, cpus: int, job: _Job, weights: np.ndarray, state: np.ndarray | None = None) -> dict:
+    """One partition's answer to an evaluation (a :data:`_PARTIAL_SCHEMA` row): whether its blocks are missing on
+    this host, its gradient sum (bytes of the replica's dtype), loss sum, rows, count (the weights' sum with a
+    weight column), model state sum (float64 bytes, empty without state; see :func:`partition_gradient`), the
+    backend account with the worker's peak RSS in bytes, and the seconds spent computing."""
+    blocks = resident_blocks(job.fit_id, h)
+    if blocks is None:
+        return {"part": h.part, "missing": True, "grad": b"", "loss": 0.0, "n": 0, "count": 0.0, "state": b"",
+                "account": "", "rss": 0, "seconds": 0.0}
+    t0 = time.perf_counter()
+    g, loss, n, count, account, s = partition_gradient(job, blocks[0], blocks[1], h.part, weights, cpus,
+                                                       resident_weights(job.fit_id, h), state)
+    return {"part": h.part, "missing": False, "grad": b"" if g is None else g.tobytes(), "loss": loss, "n": n,
+            "count": count, "state": b"" if s is None else s.tobytes(), "account": account,
+            "rss": peak_rss_bytes() if account else 0, "seconds": time.perf_counter() - t0}
 
-    ctx = TaskContext.get()
-    cpus = max(1, int(ctx.cpus())) if ctx is not None else 1
-    for h in handles:
-        if h.nv == 0:
-            continue
+
+def _validation_partial(h: Handle, cpus: int, job: _Job, weights: np.ndarray) -> dict:
+    """One partition's answer to a validation (a :data:`_VALIDATION_SCHEMA` row): the (loss, metric, count) sums of
+    :func:`.executor.validation_sums` over its validation rows, or ``missing`` when their files are not on this
+    host."""
+    sums = np.zeros(3)
+    if h.nv:
         rows = resident_validation(job.fit_id, h)
         if rows is None:
-            yield h.part
-            continue
+            return {"part": h.part, "missing": True, "loss": 0.0, "metric": 0.0, "count": 0.0}
         rep, _ = _replica(job)
         rep.set_weights(weights)
         with blas_limit(cpus):
-            yield validation_sums(rep, *rows)
+            sums = validation_sums(rep, *rows)
+    return {"part": h.part, "missing": False, "loss": float(sums[0]), "metric": float(sums[1]),
+            "count": float(sums[2])}
 
 
-def _combine(a: tuple, b: tuple) -> tuple:
-    ga, gb = a[0], b[0]
-    if ga is None:
-        g = gb
-    elif gb is None:
-        g = ga
-    else:
-        g = ga if ga.dtype == np.float64 else ga.astype(np.float64)
-        g += gb
-    workers = dict(a[4])
-    for k, v in b[4].items():
-        workers[k] = max(v, workers.get(k, 0))
-    s = b[7] if a[7] is None else a[7] if b[7] is None else a[7] + b[7]
-    return g, a[1] + b[1], a[2] + b[2], a[3] + b[3], workers, max(a[5], b[5]), a[6] + b[6], s
+def _task_cpus() -> int:
+    from pyspark import TaskContext
+
+    ctx = TaskContext.get()
+    return max(1, int(ctx.cpus())) if ctx is not None else 1
+
+
+def _task(batches: Iterator, answer: Callable[[Handle, int], dict], schema: str) -> Iterator:
+    """mapInArrow body over handle rows: one ``answer(handle, task cpus)`` row (of the DDL ``schema``) per
+    partition."""
+    import pyarrow as pa
+
+    cpus = _task_cpus()
+    rows = [answer(Handle(**row), cpus) for batch in batches for row in batch.to_pylist()]
+    if rows:
+        yield pa.RecordBatch.from_pylist(rows, schema=arrow_schema(schema))
+
+
+def _rdd_task(handles: Iterator, answer: Callable[[Handle, int], dict]) -> Iterator:
+    """The same over an RDD of handles (classic sessions, see :meth:`TreeAggregateTrainer.run_job`)."""
+    cpus = _task_cpus()
+    for h in handles:
+        yield answer(h, cpus)
 
 
 # ---- driver side ------------------------------------------------------------------------------------------
@@ -195,7 +212,6 @@ class TreeAggregateTrainer:
 
     def __init__(self, data: PartitionedData, objective: Objective, config: TrainConfig) -> None:
         self.data, self.objective, self.config = data, objective, config
-        self.sc = data.handles_rdd.context
         self.dtype = np.dtype(config.dtype)
         self.evaluations = 0
         self.samples = 0
@@ -204,7 +220,18 @@ class TreeAggregateTrainer:
         self.compute_seconds = 0.0  # per evaluation, the slowest task's time in forward/backward, summed
         self.started = time.perf_counter()
         self.bar: Any = None
-        self.objective_bc: Any = None  # the objective, broadcast once for the whole fit
+        self.objective_bytes = pickle.dumps(objective)  # once per fit; every task's closure carries these bytes
+        self.spark = data.arrow_df.sparkSession
+        # A classic session runs the evaluations over the handles as an RDD: a DataFrame job (planning, SQL
+        # execution, Arrow both ways) costs more fixed time per evaluation than an RDD job (see bench/), and a
+        # Connect session, which has no RDD API, pays it.
+        # the training stage's own resources (a GPU per task when training uses GPUs): None, Spark's default
+        self.profile = training_resources(self.spark, config.backend, config.taskGpus, config.taskCpus).profile
+        self.handles_rdd = None
+        if not is_connect(self.spark):
+            self.handles_rdd = data.handles_df.rdd.map(lambda row: Handle(**row.asDict()))
+            if self.profile is not None:
+                self.handles_rdd = self.handles_rdd.withResources(self.profile)
         self.validation: list[list[float]] = []  # [loss, metric] after each epoch (validation rows only)
         self.steps_per_epoch = 0  # mini-batch solvers
         # the model's non-trained state (batch normalization's statistics): the row-weighted mean of the tasks'
@@ -212,67 +239,62 @@ class TreeAggregateTrainer:
         self.model_state = FeedForwardModel.initial_state(objective.topology)
 
     # -- one distributed evaluation --
+    def run_job(self, answer: Callable[[Handle, int], dict], schema: str, label: str) -> list:
+        """Every partition's ``answer`` row (``schema``: its DDL, with ``part`` and ``missing``): one Spark job (two
+        when partitions must be recomputed), tagged with the fit's tag and ``label``."""
+        task = partial(_task, answer=answer, schema=schema)
+        with tagged(self.spark, self.data.tag, label):
+            if self.handles_rdd is not None:
+                rows = self.handles_rdd.mapPartitions(partial(_rdd_task, answer=answer)).collect()
+            else:
+                rows = self.data.handles_df.mapInArrow(task, schema, profile=self.profile).collect()
+            missing = sorted(r["part"] for r in rows if r["missing"])
+            if missing:  # partitions whose task ran on a host without their files: recompute them there
+                self.fallbacks += len(missing)
+                again = self.data.rebuild(missing).mapInArrow(task, schema, profile=self.profile).collect()
+                if sorted(r["part"] for r in again if not r["missing"]) != missing:
+                    raise RuntimeError(f"partitions {missing} have no blocks even after recomputing them on the "
+                                       f"executor that ran them")
+                rows = [r for r in rows if not r["missing"]] + again
+        return rows
+
     def evaluate(self, w: np.ndarray, job: _Job, label: str) -> tuple[np.ndarray, float, float]:
         """Gradient sum, loss sum and count over the rows ``job`` selects, at weights ``w`` (weighted sums and the
-        weights' sum with a weight column)."""
-        sc = self.sc
+        weights' sum with a weight column); the model state moves to the row-weighted mean of the tasks' states."""
         with np.errstate(over="ignore"):  # weights beyond float32 become inf: the loss check reports it
             weights = np.ascontiguousarray(w, dtype=self.dtype)
         state = np.asarray(self.model_state, dtype=self.dtype) if self.model_state.size else None
-        task = partial(_task, job=job, weights=weights, state=state)
-        sc.setJobDescription(f"sparkdl-hetero fit {self.data.fit_id[:8]}: {label}")
-        try:
-            zero: tuple = (None, 0.0, 0, (), {}, 0.0, 0.0, None)
-            g, loss, n, missing, accounts, busy, count, s = self.data.handles_rdd.mapPartitions(task) \
-                .treeAggregate(zero, _combine, _combine, depth=2)
-            if missing:  # partitions whose task ran on a host without their files: recompute them there
-                self.fallbacks += len(missing)
-                rdd = self.data.rebuild_rdd().mapPartitions(task)
-                for part in sc.runJob(rdd, lambda it: [_combine_all(it)], partitions=sorted(missing)):
-                    if part[3]:
-                        raise RuntimeError(f"partitions {list(part[3])} have no blocks even after recomputing "
-                                           f"them on the executor that ran them")
-                    g, loss, n, _, accounts, busy, count, s = _combine((g, loss, n, (), accounts, busy, count, s),
-                                                                       part)
-        finally:
-            sc.setJobDescription(None)
+        rows = self.run_job(partial(_partial, job=job, weights=weights, state=state), _PARTIAL_SCHEMA, label)
+        g = np.zeros(self.objective.num_weights)
+        state_sum = None
+        for r in rows:
+            if r["grad"]:
+                g += np.frombuffer(r["grad"], dtype=self.dtype)
+            if r["state"]:
+                s = np.frombuffer(r["state"], dtype=np.float64)
+                state_sum = s.copy() if state_sum is None else state_sum + s
+            if r["account"]:
+                self.backends[r["account"]] = max(r["rss"], self.backends.get(r["account"], 0))
+        n = sum(r["n"] for r in rows)
         self.evaluations += 1
         self.samples += n
-        for k, v in accounts.items():
-            self.backends[k] = max(v, self.backends.get(k, 0))
-        self.compute_seconds += busy
-        if s is not None and n:
-            self.model_state = s / n
-        g = np.zeros(self.objective.num_weights) if g is None else g.astype(np.float64, copy=g.dtype != np.float64)
-        return g, loss, count
+        self.compute_seconds += max((r["seconds"] for r in rows), default=0.0)
+        if state_sum is not None and n:
+            self.model_state = state_sum / n
+        return g, sum(r["loss"] for r in rows), sum(r["count"] for r in rows)
 
     def validate(self, w: np.ndarray, epoch: int, unit: str = "epoch") -> tuple[float, float]:
         """The global (mean loss, accuracy or RMSE) over every partition's validation rows at weights ``w``, after
         ``epoch`` (a 0-based epoch, or iteration of a full-batch solver: ``unit``)."""
-        job = self.job()
         weights = np.ascontiguousarray(w, dtype=self.dtype)
-        task = partial(_validation_task, job=job, weights=weights)
-        self.sc.setJobDescription(f"sparkdl-hetero fit {self.data.fit_id[:8]}: validation after {unit} {epoch + 1}")
-        try:
-            parts = self.data.handles_rdd.mapPartitions(task).collect()
-            missing = sorted(p for p in parts if isinstance(p, int))
-            if missing:  # recompute the partitions whose files are gone, where their task runs
-                self.fallbacks += len(missing)
-                rdd = self.data.rebuild_rdd().mapPartitions(task)
-                parts = [p for p in parts if not isinstance(p, int)] + [
-                    q for q in self.sc.runJob(rdd, lambda it: list(it), partitions=missing)]
-                if any(isinstance(p, int) for p in parts):
-                    raise RuntimeError("validation partitions have no blocks even after recomputing them")
-        finally:
-            self.sc.setJobDescription(None)
-        sums = np.sum(parts, axis=0) if parts else np.zeros(3)
+        rows = self.run_job(partial(_validation_partial, job=self.job(), weights=weights), _VALIDATION_SCHEMA,
+                            f"validation after {unit} {epoch + 1}")
+        sums = np.array([sum(r[k] for r in rows) for k in ("loss", "metric", "count")], dtype=np.float64)
         return validation_metrics(sums, not self.objective.topology.loss_layer.class_labels)
 
     def job(self, **kw: Any) -> _Job:
         c = self.config
-        if self.objective_bc is None:
-            self.objective_bc = self.sc.broadcast(self.objective)
-        return _Job(self.data.fit_id, self.objective_bc, c.backend, c.dtype, c.seed, **kw)
+        return _Job(self.data.fit_id, self.objective_bytes, c.backend, c.dtype, c.seed, **kw)
 
     # -- bookkeeping --
     def progress(self, total: int, initial: int, unit: str) -> None:
@@ -326,9 +348,6 @@ class TreeAggregateTrainer:
         finally:
             if self.bar is not None:
                 self.bar.close()
-            if self.objective_bc is not None:
-                self.objective_bc.destroy()
-                self.objective_bc = None
 
     def solve(self, state: SolverState) -> str:
         """Run ``config.solver`` from ``state`` over Spark evaluations; returns why it stopped."""
@@ -395,13 +414,6 @@ class TreeAggregateTrainer:
         if best[2] is not None and best[1] > 0:  # the best validated weights, not the last ones
             state.weights, self.model_state = best[2], best[3]
         return stop
-
-
-def _combine_all(it: Any) -> tuple:
-    acc: tuple = (None, 0.0, 0, (), {}, 0.0, 0.0, None)
-    for v in it:
-        acc = _combine(acc, v)
-    return acc
 
 
 def train(data: PartitionedData, objective: Objective, config: TrainConfig,

@@ -144,6 +144,12 @@ class NetworkSetters:
     def setNumWorkers(self, value: int) -> Any:
         return self._set(numWorkers=value)
 
+    def setTaskGpus(self, value: int) -> Any:
+        return self._set(taskGpus=value)
+
+    def setTaskCpus(self, value: int) -> Any:
+        return self._set(taskCpus=value)
+
     def setSyncEvery(self, value: int) -> Any:
         return self._set(syncEvery=value)
 

@@ -89,6 +89,8 @@ class _DeepNetworkParams(HasSeed, HasMaxIter, HasTol, HasStepSize, HasSolver, Ha
     mode: Param[str] = _knob_param("mode")
     dtype: Param[str] = _knob_param("dtype")
     numWorkers: Param[int] = _knob_param("numWorkers")
+    taskGpus: Param[int] = _knob_param("taskGpus")
+    taskCpus: Param[int] = _knob_param("taskCpus")
     checkpointDir: Param[str] = _knob_param("checkpointDir")
     checkpointInterval: Param[int] = _knob_param("checkpointInterval")
     verbose: Param[bool] = _knob_param("verbose")
@@ -183,6 +185,12 @@ class _DeepNetworkParams(HasSeed, HasMaxIter, HasTol, HasStepSize, HasSolver, Ha
 
     def getNumWorkers(self) -> int:
         return self.getOrDefault(self.numWorkers)
+
+    def getTaskGpus(self) -> int:
+        return self.getOrDefault(self.taskGpus)
+
+    def getTaskCpus(self) -> int:
+        return self.getOrDefault(self.taskCpus)
 
     def getSyncEvery(self) -> int:
         return self.getOrDefault(self.syncEvery)

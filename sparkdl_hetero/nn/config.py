@@ -21,7 +21,10 @@ import numpy as np
 from ..backends import BACKENDS
 
 SOLVERS = ("l-bfgs", "gd", "sgd", "momentum", "adam")
-MODES = ("treeAggregate", "barrier", "federated")
+MODES = ("auto", "treeAggregate", "barrier", "federated")
+#: solvers whose iteration is one pass over all the rows (Spark ML's treeAggregate pattern); the others take steps on
+#: mini-batches
+FULL_BATCH_SOLVERS = ("l-bfgs", "gd")
 DTYPES = ("float32", "float64")
 SCHEDULES = ("constant", "step", "cosine")
 ALL_REDUCE = ("auto", "hub", "ring")
@@ -202,9 +205,18 @@ class TrainConfig:
     seed: int = knob(0, _AT_LEAST_0, "Seed of the initial weights, the row order and the sampling.")
     dtype: str = knob("float32", OneOf(DTYPES), "Floating-point type of training and prediction.")
     backend: str = knob("numpy", OneOf(BACKENDS), "Array backend on executors.")
-    mode: str = knob("treeAggregate", OneOf(MODES), "Distributed training mode.")
-    numWorkers: int = knob(0, _AT_LEAST_0, "Barrier mode: number of workers (0: one per partition); federated "
-                           "mode: partitions the devices are spread over (0: the cluster's task slots).")
+    mode: str = knob("auto", OneOf(MODES), "Distributed training mode; auto: treeAggregate for the full-batch "
+                     "solvers (l-bfgs, gd), barrier for the mini-batch solvers (sgd, momentum, adam); federated only "
+                     "when set.")
+    numWorkers: int = knob(0, _AT_LEAST_0, "Barrier mode: number of workers (0: the cluster's task slots); "
+                           "federated mode: partitions the devices are spread over (0: the cluster's task slots).")
+    taskGpus: int = knob(-1, Range(-1), "GPUs each training task asks for through a Spark ResourceProfile, so that "
+                         "only the training stage holds GPUs and the stages before it keep every CPU (-1: one when "
+                         "training uses GPUs -- backend cupy or auto on executors with GPUs "
+                         "(spark.executor.resource.gpu.amount) -- else none; 0: none).")
+    taskCpus: int = knob(0, _AT_LEAST_0, "CPUs each training task asks for through a Spark ResourceProfile (0: "
+                         "spark.task.cpus; with GPUs per task, the executor's cores shared among the tasks its GPUs "
+                         "admit).")
     checkpointDir: str = knob("", None, "Directory for training checkpoints; a fit with the same directory "
                               "resumes from the last checkpoint. Empty: no checkpoints.")
     checkpointInterval: int = knob(10, None, "Iterations (federated mode: rounds) between checkpoints (>= 1 when "
@@ -234,6 +246,17 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         self.validate()
+
+    def resolved_mode(self) -> tuple[str, str]:
+        """The mode a fit runs (``treeAggregate``, ``barrier`` or ``federated``) and why, in a sentence for the fit's
+        stats; ``auto`` never picks federated (a different algorithm, not a different way to run the same one)."""
+        if self.mode != "auto":
+            return self.mode, f"mode={self.mode!r} was set"
+        if self.solver in FULL_BATCH_SOLVERS:
+            return "treeAggregate", (f"mode='auto' with the full-batch solver {self.solver!r}: one Spark job per "
+                                     f"evaluation over all the rows, as Spark ML's MLP trains")
+        return "barrier", (f"mode='auto' with the mini-batch solver {self.solver!r}: long-running workers that "
+                           f"all-reduce every step, instead of one Spark job per mini-batch step")
 
     def validate(self) -> None:
         """Check every knob, then the knobs that depend on each other; raise :class:`ConfigError` on the first
