@@ -33,7 +33,7 @@ from .persistence import PersistentParams
 from .summary import DeepClassificationSummary, DeepClassificationTrainingSummary
 
 
-class DeepClassifier(ProbabilisticClassifier, _DeepClassifierParams, _MentorParams, NetworkSetters,
+class DeepClassifier(NetworkSetters, ProbabilisticClassifier, _DeepClassifierParams, _MentorParams,
                      PersistentParams):
     """Trains a feed-forward network (Spark's MLP, or any topology spec incl. CNNs) on Spark.
 
@@ -62,12 +62,6 @@ class DeepClassifier(ProbabilisticClassifier, _DeepClassifierParams, _MentorPara
     def setParams(self, **kwargs: Any) -> DeepClassifier:
         """Sets params by name (any param of this class)."""
         return self._set(**self._input_kwargs)
-
-    def _set(self, **kwargs: Any) -> Any:
-        unknown = [k for k in kwargs if not self.hasParam(k)]
-        if unknown:
-            raise TypeError(f"{type(self).__name__} has no param {', '.join(map(repr, unknown))}")
-        return super()._set(**kwargs)
 
     def _fit(self, dataset: DataFrame) -> DeepClassificationModel:
         if self._has_mentor() and self.isDefined(self.weightCol) and self.getWeightCol():

@@ -56,9 +56,14 @@ def features_matrix(arr: Any, d: int, features_col: str) -> np.ndarray:
 
 
 class NetworkSetters:
-    """The setters of the training params every network estimator has (Spark MLP's, then ours)."""
+    """The setters of the training params every network estimator has (Spark MLP's, then ours); setting a param
+    the estimator does not have is a TypeError naming it. Listed first among an estimator's bases."""
 
-    _set: Any
+    def _set(self, **kwargs: Any) -> Any:
+        unknown = [k for k in kwargs if not self.hasParam(k)]  # type: ignore[attr-defined]
+        if unknown:
+            raise TypeError(f"{type(self).__name__} has no param {', '.join(map(repr, unknown))}")
+        return super()._set(**kwargs)  # type: ignore[misc]
 
     def setLayers(self, value: list[int]) -> Any:
         return self._set(layers=value)

@@ -101,7 +101,7 @@ def _label_size(dataset: DataFrame, col: str) -> int | None:
     return int(row[0].size) if isinstance(row[0], Vector) else len(row[0])
 
 
-class DeepRegressor(Predictor, _DeepRegressorParams, NetworkSetters, PersistentParams):
+class DeepRegressor(NetworkSetters, Predictor, _DeepRegressorParams, PersistentParams):
     """Trains a feed-forward network (an MLP given by ``layers``, or any topology spec incl. CNNs) for regression
     on Spark: one output per label value (``labelCol`` a number, or a Vector / array for several outputs).
 
@@ -125,12 +125,6 @@ class DeepRegressor(Predictor, _DeepRegressorParams, NetworkSetters, PersistentP
     def setParams(self, **kwargs: Any) -> DeepRegressor:
         """Sets params by name (any param of this class)."""
         return self._set(**self._input_kwargs)
-
-    def _set(self, **kwargs: Any) -> Any:
-        unknown = [k for k in kwargs if not self.hasParam(k)]
-        if unknown:
-            raise TypeError(f"{type(self).__name__} has no param {', '.join(map(repr, unknown))}")
-        return super()._set(**kwargs)
 
     def setLoss(self, value: str) -> DeepRegressor:
         return self._set(loss=value)
