@@ -19,7 +19,7 @@ from pyspark.sql.functions import arrow_udf
 from ..nn.config import check_knob
 from ..nn.model import FeedForwardModel
 from ..nn.topology import FeedForwardTopology
-from .mentor import _MentorParams
+from .mentor import _mentor_network, _MentorParams
 from .network import (
     NetworkModel,
     NetworkSetters,
@@ -67,8 +67,9 @@ class DeepClassifier(NetworkSetters, ProbabilisticClassifier, _DeepClassifierPar
         if self._has_mentor() and self.isDefined(self.weightCol) and self.getWeightCol():
             raise ValueError(f"weightCol ({self.getWeightCol()!r}) cannot be combined with a mentor: distillation "
                              f"weighs every row alike; unset one of them")
-        if self._has_mentor() and self.getMentor().network.num_state:
-            raise ValueError(f"the mentor's topology {self.getMentor().network.spec!r} has batch normalization, whose "
+        mentor_topology = _mentor_network(self.getMentor())[0] if self._has_mentor() else None
+        if mentor_topology is not None and mentor_topology.num_state:
+            raise ValueError(f"the mentor's topology {mentor_topology.spec!r} has batch normalization, whose "
                              f"running statistics distillation does not use yet; use a mentor without batchnorm")
         topology, objective, result = fit_network(self, dataset, self._objective)  # plain, or distillation
         model = DeepClassificationModel(topology, objective.model_weights(result.weights), state=result.state,
