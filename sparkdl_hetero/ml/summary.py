@@ -11,7 +11,7 @@ the outputs.
 from __future__ import annotations
 
 from functools import cached_property
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from pyspark.sql import DataFrame
@@ -21,10 +21,10 @@ if TYPE_CHECKING:
     from .regressor import DeepRegressionModel
 
 
-class DeepClassificationSummary:
-    """Metrics of a model on a labeled DataFrame (what ``model.evaluate(df)`` returns)."""
+class _ModelSummary:
+    """A model's predictions on a labeled DataFrame, computed on first use, and its column names."""
 
-    def __init__(self, model: DeepClassificationModel, dataset: DataFrame | None) -> None:
+    def __init__(self, model: Any, dataset: DataFrame | None) -> None:
         self._model = model
         self._dataset = dataset
 
@@ -43,6 +43,12 @@ class DeepClassificationSummary:
     @property
     def labelCol(self) -> str:
         return self._model.getLabelCol()
+
+
+class DeepClassificationSummary(_ModelSummary):
+    """Metrics of a model on a labeled DataFrame (what ``model.evaluate(df)`` returns)."""
+
+    _model: DeepClassificationModel
 
     @property
     def weightCol(self) -> str:
@@ -199,28 +205,10 @@ class DeepClassificationTrainingSummary(TrainingInfo, DeepClassificationSummary)
         self._init_training(objective_history, total_iterations, stats)
 
 
-class DeepRegressionSummary:
+class DeepRegressionSummary(_ModelSummary):
     """Regression metrics of a model on a labeled DataFrame (what ``model.evaluate(df)`` returns)."""
 
-    def __init__(self, model: DeepRegressionModel, dataset: DataFrame | None) -> None:
-        self._model = model
-        self._dataset = dataset
-
-    @cached_property
-    def predictions(self) -> DataFrame:
-        """The dataset with the model's prediction column."""
-        if self._dataset is None:
-            raise RuntimeError("training predictions are not kept with a saved model; use model.evaluate(df) "
-                               "for metrics")
-        return self._model.transform(self._dataset)
-
-    @property
-    def predictionCol(self) -> str:
-        return self._model.getPredictionCol()
-
-    @property
-    def labelCol(self) -> str:
-        return self._model.getLabelCol()
+    _model: DeepRegressionModel
 
     @property
     def featuresCol(self) -> str:
