@@ -9,6 +9,8 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
+
 from sparkdl_hetero.distributed.comm import Communicator, new_secret
 from sparkdl_hetero.distributed.comm.auth import authenticate_to
 
@@ -120,3 +122,15 @@ def wait_until_closed(socks: dict[int, socket.socket]) -> None:
         except OSError:
             pass
         sock.close()
+
+
+def numeric_grad(f: Callable[[np.ndarray], float], w: np.ndarray, eps: float = 1e-6) -> np.ndarray:
+    """Central finite differences of ``f`` at ``w``, one coordinate at a time (the reference of the gradient
+    checks)."""
+    g = np.empty_like(w)
+    for i in range(w.size):
+        wp, wm = w.copy(), w.copy()
+        wp[i] += eps
+        wm[i] -= eps
+        g[i] = (f(wp) - f(wm)) / (2 * eps)
+    return g

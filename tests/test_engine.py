@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from _helpers import numeric_grad
 
 from sparkdl_hetero.backends import NumpyBackend, get_backend
 from sparkdl_hetero.data import fashion_mnist, read_libsvm
@@ -30,21 +31,11 @@ def _objective(model: FeedForwardModel, x, y, extra_dirs=None):
     return f, state
 
 
-def _numeric_grad(f, w, eps=1e-6):
-    g = np.empty_like(w)
-    for i in range(w.size):
-        wp, wm = w.copy(), w.copy()
-        wp[i] += eps
-        wm[i] -= eps
-        g[i] = (f(wp) - f(wm)) / (2 * eps)
-    return g
-
-
 def _check_gradient(topology, x, y, seed=0, extra=None):
     model = FeedForwardModel(topology, seed=seed, dtype=np.float64)
     w0 = model.get_weights()
     f, state = _objective(model, x, y, extra)
-    numeric = _numeric_grad(f, w0)
+    numeric = numeric_grad(f, w0)
     model.set_weights(w0)
     model.rng.bit_generator.state = state
     model.zero_grad()
@@ -141,7 +132,7 @@ def test_gradient_extra_deltas():
         model.set_weights(w)
         return float(np.sum(c * model.forward(x)[1]))
 
-    numeric = _numeric_grad(f, w0)
+    numeric = numeric_grad(f, w0)
     model.set_weights(w0)
     model.zero_grad()
     model.forward(x, training=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from _helpers import numeric_grad
 
 from sparkdl_hetero.backends import Backend, get_backend
 from sparkdl_hetero.nn import PRESETS, FeedForwardModel, FeedForwardTopology, SpecError
@@ -25,13 +26,7 @@ def _check_gradient(topology: FeedForwardTopology, x: np.ndarray, y: np.ndarray,
         out = model.forward(x, training=True)[-1]
         return topology.loss_layer.loss(model.backend, out, model.target(y), 1.0)[0] / len(x)
 
-    eps = 1e-6
-    numeric = np.empty_like(w0)
-    for i in range(w0.size):
-        wp, wm = w0.copy(), w0.copy()
-        wp[i] += eps
-        wm[i] -= eps
-        numeric[i] = (f(wp) - f(wm)) / (2 * eps)
+    numeric = numeric_grad(f, w0)
     model.set_weights(w0)
     model.zero_grad()
     model.compute_gradient(x, y)

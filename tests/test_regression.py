@@ -7,6 +7,7 @@ import math
 
 import numpy as np
 import pytest
+from _helpers import numeric_grad
 
 from sparkdl_hetero.backends import BackendUnavailable, get_backend
 from sparkdl_hetero.backends.base import Backend
@@ -16,16 +17,6 @@ from sparkdl_hetero.nn.topology import FeedForwardTopology
 
 NP = get_backend("numpy")
 REF = get_backend("numpy", reference=True)
-
-
-def _numeric_grad(f, w: np.ndarray, eps: float = 1e-6) -> np.ndarray:
-    g = np.empty_like(w)
-    for i in range(w.size):
-        wp, wm = w.copy(), w.copy()
-        wp[i] += eps
-        wm[i] -= eps
-        g[i] = (f(wp) - f(wm)) / (2 * eps)
-    return g
 
 
 def _weighted_objective(model: FeedForwardModel, x, y, w):
@@ -57,7 +48,7 @@ def test_regression_gradient_matches_finite_differences(loss: str, outputs: int)
     model = FeedForwardModel(top, seed=1, dtype=np.float64)
     w0 = model.get_weights()
     f = _weighted_objective(model, x, y, w)
-    numeric = _numeric_grad(f, w0)
+    numeric = numeric_grad(f, w0)
     model.set_weights(w0)
     model.zero_grad()
     loss_value = model.compute_gradient(x, y, sample_weight=w)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from _helpers import numeric_grad
 
 from sparkdl_hetero.nn import FeedForwardModel, FeedForwardTopology
 from sparkdl_hetero.nn.cad import ActivationStats, filter_activations
@@ -31,14 +32,7 @@ def test_input_gradient_against_finite_differences(layer):
     def f(v):
         return float(np.sum(direction * model.forward(v)[layer]))
 
-    eps = 1e-6
-    numeric = np.empty_like(x)
-    for r in range(x.shape[0]):
-        for i in range(x.shape[1]):
-            xp, xm = x.copy(), x.copy()
-            xp[r, i] += eps
-            xm[r, i] -= eps
-            numeric[r, i] = (f(xp) - f(xm)) / (2 * eps)
+    numeric = numeric_grad(lambda v: f(v.reshape(x.shape)), x.ravel()).reshape(x.shape)
     assert g.shape == x.shape and np.abs(g).max() > 1e-4
     np.testing.assert_allclose(g, numeric, rtol=1e-6, atol=1e-8)
 
