@@ -55,6 +55,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "default parallelism)")
     o = p.add_argument_group("output")
     o.add_argument("--output", default="federated-output", help="directory for federated.png and result.json")
+    o.add_argument("--parquet-dir", help="directory (local, or a URI every node reaches, e.g. hdfs://...) for the "
+                   "devices' data as Parquet (default: OUTPUT/data)")
     o.add_argument("--log-level", default="WARN", help="Spark's log level")
     o.add_argument("--quiet", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
@@ -69,15 +71,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def device_frame(spark, x: np.ndarray, y: np.ndarray, device: np.ndarray, valid: np.ndarray):  # noqa: ANN001, ANN201
-    """A DataFrame (features array<float>, label, device, valid) built through Arrow, no per-row Python."""
-    import pyarrow as pa
+def device_frame(spark, args: argparse.Namespace, seed: int, x: np.ndarray, y: np.ndarray,  # noqa: ANN001, ANN201
+                 device: np.ndarray, valid: np.ndarray):
+    """The DataFrame (features array<float>, label, device, valid) of one seed's split, written once as Parquet
+    under ``--parquet-dir`` and read back by the executors (no task carries the images from driver memory)."""
+    from sparkdl_hetero.data.parquet import write_parquet
 
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    feats = pa.FixedSizeListArray.from_arrays(pa.array(x.ravel()), x.shape[1]).cast(pa.list_(pa.float32()))
-    return spark.createDataFrame(pa.table({"features": feats, "label": pa.array(y.astype(np.float64)),
-                                           "device": pa.array(device.astype(np.int64)),
-                                           "valid": pa.array(valid.astype(bool))}))
+    directory = args.parquet_dir or os.path.join(args.output, "data")
+    path = write_parquet(x, y, f"{directory.rstrip('/')}/devices-seed-{seed}",
+                         {"device": device.astype(np.int64), "valid": valid.astype(bool)})
+    return spark.read.parquet(path)
 
 
 def run(spark, args: argparse.Namespace, seed: int, data: tuple) -> dict[str, list[dict]]:  # noqa: ANN001
@@ -89,7 +92,7 @@ def run(spark, args: argparse.Namespace, seed: int, data: tuple) -> dict[str, li
     split = assign_devices(ytr, args.devices, classes_per_device=None if args.dirichlet else args.classes_per_device,
                            dirichlet_alpha=args.dirichlet, seed=seed)
     test_device = np.arange(len(yte)) % args.devices  # validation rows: spread over the devices, never trained
-    df = device_frame(spark, np.concatenate([xtr, xte]), np.concatenate([ytr, yte]),
+    df = device_frame(spark, args, seed, np.concatenate([xtr, xte]), np.concatenate([ytr, yte]),
                       np.concatenate([split.device, test_device]),
                       np.r_[np.zeros(len(ytr), bool), np.ones(len(yte), bool)]).cache()
     df.count()

@@ -366,3 +366,17 @@ def test_bad_local_updates():
         local_update(topo, w, np.zeros((0, 2)), np.zeros(0, dtype=int), _config(), 1)
     with pytest.raises(ValueError, match="solver 'l-bfgs' has no step updater"):
         local_update(topo, w, np.zeros((2, 2)), np.zeros(2, dtype=int), _config(solver="l-bfgs"), 1)
+
+
+def test_stats_rows_samples_at_most_per_class_rows_of_every_label() -> None:
+    from sparkdl_hetero.nn.cad import stats_rows
+
+    y = np.r_[np.zeros(200), np.ones(30), np.full(70, 7)].astype(np.int64)
+    np.random.default_rng(3).shuffle(y)
+    rows = stats_rows(y, 64, seed=5)
+    assert np.all(np.diff(rows) > 0)  # sorted, no repeats
+    counts = {int(c): int(n) for c, n in zip(*np.unique(y[rows], return_counts=True))}
+    assert counts == {0: 64, 1: 30, 7: 64}  # a class with fewer rows gives all of them
+    np.testing.assert_array_equal(rows, stats_rows(y, 64, seed=5))
+    assert not np.array_equal(rows, stats_rows(y, 64, seed=6))
+    np.testing.assert_array_equal(stats_rows(y, 1000, seed=5), np.arange(len(y)))

@@ -204,6 +204,7 @@ def test_federated_job_through_spark_submit(tmp_path) -> None:  # noqa: ANN001
     with open(os.path.join(out, "federated.png"), "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     assert "bytes per round CAD/FedAvg" in proc.stdout
+    assert os.path.isfile(os.path.join(out, "data", "devices-seed-0", "part-00000.parquet"))  # executors read it
 
 
 

@@ -5,6 +5,7 @@ the same job runs on a cluster given a path every node reaches (HDFS, S3, a shar
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 
 import numpy as np
 
@@ -15,9 +16,10 @@ ROW_GROUP_ROWS = 4096
 _DONE = "_SUCCESS"
 
 
-def write_parquet(x: np.ndarray, y: np.ndarray, path: str) -> str:
+def write_parquet(x: np.ndarray, y: np.ndarray, path: str, extra: Mapping[str, np.ndarray] | None = None) -> str:
     """Write samples ``x`` (n, d) and labels ``y`` (n,) to the Parquet directory ``path`` (replacing it) through
-    pyarrow's file systems (a local path or a URI such as ``hdfs://`` or ``s3://``); returns ``path``."""
+    pyarrow's file systems (a local path or a URI such as ``hdfs://`` or ``s3://``); returns ``path``. ``extra``:
+    more columns by name, one value per sample (e.g. a device id or a validation indicator)."""
     import pyarrow as pa
     import pyarrow.fs as pafs
     import pyarrow.parquet as pq
@@ -27,7 +29,12 @@ def write_parquet(x: np.ndarray, y: np.ndarray, path: str) -> str:
     if len(x) != len(y):
         raise ValueError(f"write_parquet: {len(x)} samples but {len(y)} labels")
     feats = pa.FixedSizeListArray.from_arrays(pa.array(x.ravel()), x.shape[1]).cast(pa.list_(pa.float32()))
-    table = pa.table({"features": feats, "label": pa.array(y.astype(np.float64))})
+    columns = {"features": feats, "label": pa.array(y.astype(np.float64))}
+    for name, values in (extra or {}).items():
+        if len(values) != len(y):
+            raise ValueError(f"write_parquet: column {name!r} has {len(values)} values for {len(y)} samples")
+        columns[name] = pa.array(np.asarray(values))
+    table = pa.table(columns)
     fs, root = pafs.FileSystem.from_uri(path) if "://" in path else (pafs.LocalFileSystem(), os.path.abspath(path))
     if fs.get_file_info(root).type != pafs.FileType.NotFound:
         fs.delete_dir(root)

@@ -24,7 +24,8 @@ CAD's server statistics (classes x filters per decoupled layer) *decay*: before 
 the kept sums and counts are multiplied by :data:`STATS_DECAY`. The devices measure the model they received, which
 changes every round, so old measurements fade; a class no selected device held this round keeps its (older)
 preferences instead of losing them, which a per-round reset would do. Devices measure before training (the
-model the server will decouple next is the merged one, not a device's own overfit copy). The first
+model the server will decouple next is the merged one, not a device's own overfit copy), on a random sample of
+at most :data:`~sparkdl_hetero.nn.cad.STATS_ROWS_PER_CLASS` rows of each of its classes. The first
 ``cadWarmupRounds`` rounds run FedAvg and gather statistics; with no statistics yet (``cadWarmupRounds=0``), one
 forward-only job over every device's training rows measures the initial model first.
 
@@ -62,7 +63,7 @@ from typing import Any
 
 import numpy as np
 
-from ..nn.cad import ActivationStats, check_cad_layers, critical_paths, submodel
+from ..nn.cad import STATS_ROWS_PER_CLASS, ActivationStats, check_cad_layers, critical_paths, stats_rows, submodel
 from ..nn.config import ConfigError
 from ..nn.distill import DistillationObjective
 from ..nn.federated import RoundAggregator, local_update
@@ -208,7 +209,8 @@ def _train_device(job: _RoundJob, dev: _Device, x: np.ndarray, y: np.ndarray) ->
     if job.stats_layers:
         stats = ActivationStats(topo, job.stats_layers)  # CAD refuses mentors: the model is a FeedForwardModel
         model.set_weights(w.astype(model.dtype))
-        stats.add(model, x, y, sub)
+        rows = stats_rows(y, STATS_ROWS_PER_CLASS, seed)
+        stats.add(model, x[rows], y[rows], sub)
         cls = np.asarray(classes)
         for i in job.stats_layers:
             kept = sub.filters[i] if sub else np.arange(stats.sums[i].shape[1])

@@ -278,6 +278,22 @@ class ActivationStats:
             return np.where(self.counts[layer] > 0, self.sums[layer] / self.counts[layer], np.nan)
 
 
+#: rows of each class a device measures its activation statistics on: a class's mean activation per filter only
+#: ranks filters, and the server adds the statistics over devices and rounds, so a sample ranks them as every row
+#: would, for a fraction of a forward pass over the device's data
+STATS_ROWS_PER_CLASS = 64
+
+
+def stats_rows(y: np.ndarray, per_class: int, seed: int) -> np.ndarray:
+    """Sorted indices of at most ``per_class`` rows of each label in ``y``, drawn at random with ``seed``."""
+    order = np.random.default_rng(seed).permutation(len(y))
+    labels = np.asarray(y)[order]
+    keep = np.zeros(len(y), bool)
+    for c in np.unique(labels):
+        keep[np.flatnonzero(labels == c)[:per_class]] = True
+    return np.sort(order[keep])
+
+
 def _classes_of(y: np.ndarray, k: int) -> np.ndarray:
     idx = y.astype(np.int64) if y.ndim == 1 and np.issubdtype(y.dtype, np.number) else None
     bad = y if idx is None else y[(idx != y) | (idx < 0) | (idx >= k)]
