@@ -188,8 +188,9 @@ def main(argv: list[str] | None = None) -> int:
         xtr, ytr = xtr[:args.train_limit], ytr[:args.train_limit]
     if args.test_limit:
         xte, yte = xte[:args.test_limit], yte[:args.test_limit]
-    spark = SparkSession.builder.appName("sparkdl-hetero federated").getOrCreate()
-    spark.sparkContext.setLogLevel(args.log_level)
+    # spark.log.level: as in jobs/train.py (works from a classic and a Spark Connect session)
+    spark = SparkSession.builder.appName("sparkdl-hetero federated").config("spark.log.level",
+                                                                            args.log_level).getOrCreate()
     split = f"Dirichlet({args.dirichlet})" if args.dirichlet else f"{args.classes_per_device} classes each"
     print(f"train: {len(xtr)} images over {args.devices} devices ({split}), validation: {len(xte)} images; "
           f"C={args.client_fraction}, E={args.local_epochs}, B={args.batch_size}, {args.solver} "

@@ -82,16 +82,25 @@ def session(args: argparse.Namespace, n: int):  # noqa: ANN201 -- a SparkSession
 
     master = args.master or f"local-cluster[{n},1,{args.executor_memory}]"
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
-    spark = (SparkSession.builder.master(master).appName(f"sparkdl-hetero speedup n={n}")
-             .config("spark.ui.enabled", "false").config("spark.task.maxFailures", "1")
-             .config("spark.executorEnv.PYSPARK_PYTHON", sys.executable).getOrCreate())
-    spark.sparkContext.setLogLevel("ERROR")
-    if not args.master:  # local-cluster starts its executors asynchronously: wait for all n
-        deadline = time.monotonic() + 120
-        sc = spark.sparkContext
-        while sc._jsc.sc().getExecutorMemoryStatus().size() < n + 1 and time.monotonic() < deadline:
-            time.sleep(0.2)
+    builder = (SparkSession.builder.master(master).appName(f"sparkdl-hetero speedup n={n}")
+               .config("spark.ui.enabled", "false").config("spark.task.maxFailures", "1")
+               .config("spark.executorEnv.PYSPARK_PYTHON", sys.executable).config("spark.log.level", "ERROR"))
+    if args.master:
+        return builder.getOrCreate()
+    # local-cluster starts its executors asynchronously: wait for all n (one core each) before the first timed fit.
+    # A barrier stage of n tasks starts only when n task slots are registered; Spark re-checks every interval, up to
+    # maxFailures times (two minutes), then fails the job.
+    spark = (builder.config("spark.scheduler.barrier.maxConcurrentTasksCheck.interval", "1s")
+             .config("spark.scheduler.barrier.maxConcurrentTasksCheck.maxFailures", "120").getOrCreate())
+    spark.range(0, n, 1, n).mapInArrow(_drain, "id long", barrier=True).collect()
     return spark
+
+
+def _drain(batches):  # noqa: ANN001, ANN202 -- mapInArrow's iterators of Arrow batches
+    """A task that reads its input and answers nothing."""
+    for _ in batches:
+        pass
+    yield from ()
 
 
 def dataframe(spark, x: np.ndarray, y: np.ndarray, partitions: int):  # noqa: ANN001, ANN201

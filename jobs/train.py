@@ -221,8 +221,9 @@ def main(argv: list[str] | None = None) -> int:
     from sparkdl_hetero.distributed.cluster import task_slots
 
     train_path, test_path, shape = load_data(args)
-    spark = SparkSession.builder.appName("sparkdl-hetero train").getOrCreate()
-    spark.sparkContext.setLogLevel(args.log_level)
+    # spark.log.level: applied when this builder starts the SparkContext (spark-submit); a Spark Connect client has
+    # no JVM of its own to quiet, and the server keeps the log level its operator chose
+    spark = SparkSession.builder.appName("sparkdl-hetero train").config("spark.log.level", args.log_level).getOrCreate()
     partitions = args.partitions or task_slots(spark)
     train_df = read_dataframe(spark, train_path, args.train_limit, partitions).cache()
     test_df = read_dataframe(spark, test_path, args.test_limit, partitions).cache()

@@ -296,6 +296,8 @@ def test_barrier_fit_on_spark(blob_df) -> None:  # noqa: ANN001
     st = res.stats
     assert st["mode"] == "barrier" and st["numWorkers"] == 2 and st["straggler"] in (0, 1)
     assert sorted(w["rank"] for w in st["workers"]) == [0, 1]
+    # each rank's backend, resolved in its task as treeAggregate's tasks do: "host pid N partition RANK: numpy"
+    assert [a.split(" partition ", 1)[1] for a in st["backends"]] == ["0: numpy", "1: numpy"]
     assert sum(w["rows"] for w in st["workers"]) == 1200
     for w in st["workers"]:
         assert w["steps"] == 190 and 0 < w["stepMean"] <= w["stepP95"] + 1e-9

@@ -375,7 +375,7 @@ def test_stats_rows_samples_at_most_per_class_rows_of_every_label() -> None:
     np.random.default_rng(3).shuffle(y)
     rows = stats_rows(y, 64, seed=5)
     assert np.all(np.diff(rows) > 0)  # sorted, no repeats
-    counts = {int(c): int(n) for c, n in zip(*np.unique(y[rows], return_counts=True))}
+    counts = {int(c): int(n) for c, n in zip(*np.unique(y[rows], return_counts=True), strict=True)}
     assert counts == {0: 64, 1: 30, 7: 64}  # a class with fewer rows gives all of them
     np.testing.assert_array_equal(rows, stats_rows(y, 64, seed=5))
     assert not np.array_equal(rows, stats_rows(y, 64, seed=6))

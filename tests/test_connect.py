@@ -425,8 +425,14 @@ def test_one_core_cluster_with_default_params(tmp_path):
 @pytest.mark.slow
 def test_training_stage_alone_asks_for_a_gpu_per_task(tmp_path):
     """Stage-level scheduling on a local-cluster whose worker has one (fake) GPU found by docker/gpu-discovery.sh:
-    with backend auto, the training stage of both modes gets the GPU through its ResourceProfile, an ETL stage gets
-    none; asking for more GPUs than an executor has fails before training, naming the conf."""
+    with backend auto, the training stage of every mode gets the GPU through its ResourceProfile and each task
+    computes on what auto makes of that GPU (its account in the stats), an ETL stage gets none; asking for more GPUs
+    than an executor has fails before training, naming the conf."""
+    from sparkdl_hetero.distributed.placement import backend_for
+
+    # what auto makes of GPU 0 on this machine (the executors run here): numpy, saying why cupy was passed over,
+    # where cupy has no GPU
+    auto_gpu0 = backend_for("auto", "0")[1]
     bindir = tmp_path / "bin"
     bindir.mkdir()
     fake = bindir / "nvidia-smi"
@@ -451,15 +457,14 @@ def test_training_stage_alone_asks_for_a_gpu_per_task(tmp_path):
 
         etl = spark.range(0, 4, 1, 2).mapInArrow(resources, "gpus string").collect()
         print("ETL", sorted(r["gpus"] for r in etl))
-        df = spark.createDataFrame([(Vectors.dense([i % 3, (i * 7) % 5, 1.0, -1.0]), float(i % 3))
-                                    for i in range(60)], ["features", "label"]).repartition(2)
-        for solver in ("l-bfgs", "adam"):
-            stats = DeepClassifier(layers=[4, 5, 3], solver=solver, maxIter=3, backend="auto",
-                                   verbose=False).fit(df).summary.trainingStats
-            # treeAggregate: each worker's backend account; barrier: the GPU Spark assigned to each rank
-            accounts = stats["backends"] if solver == "l-bfgs" else [f"[Spark assigned GPU {{g}}]"
-                                                                     for g in stats["taskGpus"]]
-            print("FIT", solver, stats["mode"], stats.get("numWorkers"), "|", " ; ".join(accounts))
+        df = spark.createDataFrame([(Vectors.dense([i % 3, (i * 7) % 5, 1.0, -1.0]), float(i % 3), i % 2)
+                                    for i in range(60)], ["features", "label", "device"]).repartition(2)
+        for solver, extra in (("l-bfgs", {{}}), ("adam", {{}}),
+                              ("sgd", {{"mode": "federated", "deviceCol": "device", "rounds": 1}})):
+            stats = DeepClassifier(layers=[4, 5, 3], solver=solver, maxIter=3, backend="auto", verbose=False,
+                                   **extra).fit(df).summary.trainingStats
+            # every mode: each task's (barrier: each rank's) backend account
+            print("FIT", solver, stats["mode"], stats.get("numWorkers"), "|", " ; ".join(stats["backends"]))
         try:
             DeepClassifier(layers=[4, 5, 3], backend="auto", taskGpus=2, verbose=False).fit(df)
         except ValueError as e:
@@ -471,13 +476,18 @@ def test_training_stage_alone_asks_for_a_gpu_per_task(tmp_path):
     env.pop("SPARK_CONNECT_MODE_ENABLED", None)
     out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=600)
     lines = [ln for ln in out.stdout.splitlines() if ln.split() and ln.split()[0] in ("ETL", "FIT", "TOOMANY")]
-    assert len(lines) == 4, out.stdout[-2000:] + out.stderr[-3000:]
+    assert len(lines) == 5, out.stdout[-2000:] + out.stderr[-3000:]
     assert lines[0] == "ETL ['', '']"  # Spark's default profile: ETL tasks hold no GPU
-    for line, mode, workers in ((lines[1], "treeAggregate", "None"), (lines[2], "barrier", "1")):
+    assert auto_gpu0.endswith("[Spark assigned GPU 0]")
+    if auto_gpu0.startswith("numpy"):
+        assert auto_gpu0.startswith("numpy (passed over: cupy on GPU 0: ")
+    for line, mode, workers in ((lines[1], "treeAggregate", "None"), (lines[2], "barrier", "1"),
+                                (lines[3], "federated", "None")):
         head, accounts = line.split("|", 1)
         assert head.split()[2:] == [mode, workers]
-        assert accounts.strip() and all("[Spark assigned GPU 0]" in a for a in accounts.split(" ; "))
-    assert lines[3] == ("TOOMANY | taskGpus=2 but each executor has spark.executor.resource.gpu.amount=1: set "
+        # "host pid N partition P: <what auto made of the GPU Spark assigned to the task>"
+        assert accounts.strip() and all(a.strip().endswith(": " + auto_gpu0) for a in accounts.split(" ; "))
+    assert lines[4] == ("TOOMANY | taskGpus=2 but each executor has spark.executor.resource.gpu.amount=1: set "
                         "taskGpus <= 1 (0: no GPUs), or give the executors GPUs (spark.executor.resource.gpu.amount "
                         "and a discovery script)")
 

@@ -93,6 +93,38 @@ def test_fedavg_and_cad_round_history_and_bytes(fed_df) -> None:  # noqa: ANN001
         assert ec["bytesDown"] < 0.8 * ef["bytesDown"] and ec["bytesUp"] < 0.8 * ef["bytesUp"]
     assert fedavg.summary.trainingStats["mode"] == "federated"
     assert len(fedavg.summary.objectiveHistory) == 3
+    # where each task computed, resolved per task as in the other modes: "host pid N partition P: numpy"
+    accounts = fedavg.summary.trainingStats["backends"]
+    assert accounts and all(re.fullmatch(r".+ pid \d+ partition \d+: numpy", a) for a in accounts)
+
+
+def test_every_job_of_a_federated_fit_carries_the_fit_tag(spark, fed_df, monkeypatch) -> None:  # noqa: ANN001
+    """As in the other modes, every Spark job of the fit runs under the fit's tag (``spark.interruptTag`` cancels
+    them), a round's job also under a tag naming the round; none is left on the thread afterwards."""
+    from sparkdl_hetero.distributed.config import TrainConfig
+    from sparkdl_hetero.distributed.fit import fit
+    from sparkdl_hetero.nn.objective import Objective
+
+    tags: list[set[str]] = []
+    frame = type(fed_df)
+    collect = frame.collect
+
+    def recording(self):  # noqa: ANN001, ANN202
+        tags.append(set(self.sparkSession.getTags()))
+        return collect(self)
+
+    monkeypatch.setattr(frame, "collect", recording)
+    config = TrainConfig(mode="federated", solver="sgd", stepSize=0.1, batchSize=16, rounds=2, clientFraction=0.5,
+                         localEpochs=1, seed=3, verbose=False)
+    fit(fed_df, "features", "label", Objective(FeedForwardTopology.from_spec(CNN, SHAPE)), config,
+        device_col="device", validation_col="valid")
+    monkeypatch.undo()
+    fit_tags = {t for job in tags for t in job if re.fullmatch(r"sparkdl-hetero-fit-[0-9a-f]{8}", t)}
+    assert len(tags) >= 4 and len(fit_tags) == 1  # conversion, two rounds, the last validation, release
+    (tag,) = fit_tags
+    assert all(tag in job for job in tags), tags
+    assert {f"{tag}-round-1", f"{tag}-round-2", f"{tag}-validation"} <= set().union(*tags)
+    assert not spark.getTags()
 
 
 def test_resume_from_a_checkpoint_gives_the_same_model(fed_df, tmp_path) -> None:  # noqa: ANN001

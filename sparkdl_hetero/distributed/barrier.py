@@ -4,8 +4,10 @@ The validated input is repartitioned into ``numWorkers`` partitions and handed t
 (``mapInArrow(..., barrier=True)``); every task gathers its rows, meets the others once through
 ``BarrierTaskContext.allGather`` (address, port, and rank 0's fresh job secret), opens an authenticated mesh
 (:mod:`.comm`) and from then on never talks to Spark: it runs :func:`.worker.train_worker` (the solvers, the
-all-reduce, batch balancing by :mod:`.balancing`, validation and stragglers are described there). Rank 0 answers
-with the weights, history and every rank's timings.
+all-reduce, batch balancing by :mod:`.balancing`, validation and stragglers are described there). Each task resolves
+its backend for the GPU Spark assigned to it (:func:`.placement.task_backend`, as the treeAggregate tasks do) and
+hands it to the worker. Rank 0 answers with the weights, history, every rank's timings and every rank's backend
+account (the stats' ``backends``, in rank order).
 
 A fit's stats hold ``fixedCost``, where the time around training goes (seconds): the slot check, the input's
 conversion and validation (``prepare``), until rank 0's task starts (the repartition's shuffle included), gathering
@@ -39,7 +41,7 @@ from .config import TrainConfig, TrainingDivergedError, TrainResult
 from .data import Layout, arrow_blocks, prepare
 from .errors import NOT_RETRIABLE, NotRetriableError, failure_summary, from_peer, is_not_retriable
 from .executor import blas_limit
-from .placement import assigned_gpu
+from .placement import assigned_gpu, task_backend
 from .worker import BarrierWorker, train_worker
 
 FAULT_PROPERTY = "sparkdl_hetero.injectFault"
@@ -95,16 +97,19 @@ def _barrier_task(batches: Iterator, objective: Objective, config: TrainConfig, 
     comm = Communicator(rank, world, _task_host(ctx), timeout=config.commTimeout,
                         max_elements=objective.num_weights + objective.topology.num_state + world + 8)
     try:
+        backend, account = task_backend(config.backend)
         secret = new_secret().hex() if rank == 0 else ""
         infos = [json.loads(s) for s in ctx.allGather(json.dumps(
-            {"host": comm.address[0], "port": comm.address[1], "secret": secret, "gpu": assigned_gpu()}))]
+            {"host": comm.address[0], "port": comm.address[1], "secret": secret, "gpu": assigned_gpu(),
+             "backend": account}))]
         comm.connect([(i["host"], i["port"]) for i in infos], bytes.fromhex(infos[0]["secret"]))
         timeline["connected"] = time.time()
         diverged: TrainingDivergedError | None = None
         with blas_limit(max(1, int(ctx.cpus()))):
             try:
                 worker, stop, summaries = train_worker(comm, objective, config, x, y, initial_weights,
-                                                       _fault_step(ctx, rank), w=w, validation=validation)
+                                                       _fault_step(ctx, rank), w=w, validation=validation,
+                                                       backend=backend)
             except TrainingDivergedError as e:  # the loss is all-reduced: every rank stops at the same step
                 diverged = e
     except BaseException as e:  # the driver sees only the traceback text: a deterministic failure says so by type
@@ -123,7 +128,8 @@ def _barrier_task(batches: Iterator, objective: Objective, config: TrainConfig, 
         else:
             meta = {"history": worker.history, "iterations": worker.iteration, "stop": stop,
                     "workers": summaries, "extra": worker.extra, "state": worker.model_state().tolist(),
-                    "taskGpus": [i["gpu"] for i in infos], "timeline": timeline}
+                    "taskGpus": [i["gpu"] for i in infos], "backends": [i["backend"] for i in infos],
+                    "timeline": timeline}
             weights = worker.weights.tobytes()
         yield pa.RecordBatch.from_pylist([{"rank": 0, "meta": json.dumps(meta), "weights": weights}],
                                          schema=pa.schema([("rank", pa.int32()), ("meta", pa.string()),
@@ -140,7 +146,7 @@ def _stats(meta: dict, config: TrainConfig, world: int, seconds: float) -> dict:
             "trainSeconds": max(s["seconds"] for s in workers),
             "trainSamplesPerSecond": samples / max(max(s["seconds"] for s in workers), 1e-9),
             "straggler": slowest["rank"] if world > 1 else None, "workers": workers,
-            "taskGpus": meta["taskGpus"], **meta["extra"]}
+            "taskGpus": meta["taskGpus"], "backends": meta["backends"], **meta["extra"]}
 
 
 def fit_barrier(df: Any, features_col: str, label_col: str, objective: Objective, config: TrainConfig,

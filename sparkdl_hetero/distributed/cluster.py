@@ -173,6 +173,11 @@ def check_barrier_slots(spark: SparkSession, num_workers: int | None,
     return num_workers
 
 
+def fit_tag(fit_id: str) -> str:
+    """The Spark job tag of the fit ``fit_id``'s jobs (every mode's; ``spark.interruptTag`` cancels them)."""
+    return f"sparkdl-hetero-fit-{fit_id[:8]}"
+
+
 @contextmanager
 def tagged(spark: SparkSession, tag: str, label: str = "") -> Iterator[None]:
     """Tag every Spark job this thread starts inside the block with ``tag`` and, when given, ``tag-label`` (what the

@@ -393,7 +393,9 @@ class PartitionedData:
     @property
     def tag(self) -> str:
         """The Spark job tag of this fit's jobs (``spark.interruptTag`` cancels them)."""
-        return f"sparkdl-hetero-fit-{self.fit_id[:8]}"
+        from .cluster import fit_tag
+
+        return fit_tag(self.fit_id)
 
     def partition_sizes(self) -> list[int]:
         return [h.n for h in self.handles]

@@ -60,17 +60,15 @@ def validation_sums(replica: Any, x: np.ndarray, y: np.ndarray, w: np.ndarray | 
     """(loss sum, metric sum, count) over validation rows at the replica's current weights, as float64 -- the
     metric being correct predictions (classification) or each row's mean squared error over its outputs
     (regression), each row weighted by ``w`` when given and the count the sum of the weights. Summed over every
-    worker, they give the global mean loss, accuracy or mean squared error (see :func:`validation_metrics`)."""
+    worker, they give the global mean loss, accuracy or mean squared error (see :func:`validation_metrics`).
+    Inference mode, forward only (the replica's ``loss`` and ``predict``): the figures of the model ``transform``
+    would apply, and the replica's gradient and state stay as they were."""
     regression = not replica.topology.loss_layer.class_labels
     out = np.zeros(3)
     for lo in range(0, len(y), CHUNK_ROWS):
         xb, yb = x[lo:lo + CHUNK_ROWS], y[lo:lo + CHUNK_ROWS]
         wb = None if w is None else w[lo:lo + CHUNK_ROWS]
-        replica.zero_grad()
-        if wb is None:
-            out[0] += replica.compute_gradient(xb, yb) * len(yb)
-        else:
-            out[0] += replica.compute_gradient(xb, yb, sample_weight=wb) * len(yb)
+        out[0] += replica.loss(xb, yb, wb) * len(yb)
         pred = replica.predict(xb)
         if regression:
             per_row = np.mean((pred - np.asarray(yb, np.float64).reshape(len(yb), -1)) ** 2, axis=1)

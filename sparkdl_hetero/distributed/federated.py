@@ -45,6 +45,11 @@ Mentor-guided training (a :class:`~sparkdl_hetero.nn.distill.DistillationObjecti
 device trains the distillation objective (adapters included) locally; CAD's sub-models drop output classes a mentor
 still predicts, so a mentor with CAD is refused.
 
+Placement and jobs as in the other modes: a round's stage asks for the training resources (a GPU per task when
+training uses GPUs, :func:`.cluster.training_resources`), each task resolves its backend for the GPU Spark assigned
+to it (:func:`.placement.task_backend`; the stats' ``backends`` list every task's account), and every job of the fit
+carries the fit's tag (:func:`.cluster.tagged`; ``spark.interruptTag`` cancels them).
+
 Only DataFrame APIs run here (``mapInArrow``, ``repartition``, ``persist``), no SparkContext, so the mode runs under
 Spark Connect.
 """
@@ -63,6 +68,7 @@ from typing import Any
 
 import numpy as np
 
+from ..backends import Backend
 from ..nn.cad import STATS_ROWS_PER_CLASS, ActivationStats, check_cad_layers, critical_paths, stats_rows, submodel
 from ..nn.config import ConfigError
 from ..nn.distill import DistillationObjective
@@ -71,7 +77,7 @@ from ..nn.model import FeedForwardModel
 from ..nn.objective import Objective
 from ..nn.topology import FeedForwardTopology
 from .checkpoint import Checkpoint, load_compatible, save_checkpoint
-from .cluster import task_slots
+from .cluster import fit_tag, tagged, task_slots, training_resources
 from .config import TrainConfig, TrainResult
 from .data import (
     HANDLE_SCHEMA,
@@ -85,14 +91,15 @@ from .data import (
     release_resident,
     resident_blocks,
 )
-from .executor import CHUNK_ROWS, blas_limit
+from .executor import blas_limit, validation_sums
 
 FAULT_PROPERTY = "sparkdl_hetero.injectDeviceFault"
 STATS_DECAY = 0.5  # CAD: factor on the server's statistics before a round's are added (see the module docstring)
 LOCAL_SOLVERS = ("gd", "sgd", "momentum", "adam")
 _DEVICES_SCHEMA = HANDLE_SCHEMA + ", devices string, null_device long, null_valid long"
 _OUT_SCHEMA = ("kind string, part int, device string, rows long, bytes_down long, bytes_up long, seconds double, "
-               "loss double, error string, val_loss double, val_correct double, val_count long, payload binary")
+               "loss double, error string, val_loss double, val_correct double, val_count long, payload binary, "
+               "backend string")
 
 
 # ---- payloads: what a device receives and sends (.npz bytes, never pickle) ----------------------------------
@@ -181,19 +188,19 @@ class _RoundJob:
     attempts: int = 1  # Spark's attempts per task: a failing device is re-raised while attempts are left
 
 
-def _model(job: _RoundJob, topology: FeedForwardTopology | None) -> Any:
-    """A fresh model for ``topology``, or (None) the objective's replica (a mentor's distillation replica)."""
-    from .placement import task_backend
-
+def _model(job: _RoundJob, backend: Backend, topology: FeedForwardTopology | None) -> Any:
+    """A fresh model for ``topology``, or (None) the objective's replica (a mentor's distillation replica), on the
+    task's ``backend``."""
     c = job.config
-    backend, _ = task_backend(c.backend)
     if topology is None:
         return job.objective.replica(backend, np.dtype(c.dtype), c.seed)
     return FeedForwardModel(topology, np.zeros(topology.num_weights), dtype=np.dtype(c.dtype), backend=backend)
 
 
-def _train_device(job: _RoundJob, dev: _Device, x: np.ndarray, y: np.ndarray) -> tuple[bytes, bytes, float, float]:
-    """One device's round: (download bytes, upload bytes, seconds computing, last epoch's mean loss)."""
+def _train_device(job: _RoundJob, dev: _Device, x: np.ndarray, y: np.ndarray,
+                  backend: Backend) -> tuple[bytes, bytes, float, float]:
+    """One device's round on the task's ``backend``: (download bytes, upload bytes, seconds computing, last epoch's
+    mean loss)."""
     topo = job.objective.topology
     classes, filters, seed = job.plans[dev.key]
     sub = submodel(topo, classes, filters) if filters is not None else None
@@ -204,7 +211,7 @@ def _train_device(job: _RoundJob, dev: _Device, x: np.ndarray, y: np.ndarray) ->
     start = time.perf_counter()
     arrays, meta = decode_payload(down)
     w = arrays["weights"]
-    model = _model(job, FeedForwardTopology.from_spec(meta["spec"], meta["inputShape"]) if sub else None)
+    model = _model(job, backend, FeedForwardTopology.from_spec(meta["spec"], meta["inputShape"]) if sub else None)
     up_arrays: dict[str, np.ndarray] = {}
     if job.stats_layers:
         stats = ActivationStats(topo, job.stats_layers)  # CAD refuses mentors: the model is a FeedForwardModel
@@ -243,19 +250,13 @@ def _receive(job: _RoundJob, dev: _Device, up: bytes, agg: RoundAggregator, stat
             stats.counts[i][at] += arrays[f"counts_{i}"][:, None]
 
 
-def _validate(job: _RoundJob, x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
-    """(loss sum, correct predictions) of the global model on validation rows ``x``, ``y``."""
-    topo = job.objective.topology
-    model = _model(job, topo)
+def _validate(job: _RoundJob, backend: Backend, x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+    """(loss sum, correct predictions) of the global model on validation rows ``x``, ``y``
+    (:func:`.executor.validation_sums`, as the other modes validate)."""
+    model = _model(job, backend, job.objective.topology)
     model.set_weights(job.objective.model_weights(job.weights).astype(model.dtype))
-    be = model.backend
-    loss = correct = 0.0
-    for lo in range(0, len(y), CHUNK_ROWS):
-        xb, yb = x[lo:lo + CHUNK_ROWS], y[lo:lo + CHUNK_ROWS]
-        z = model.forward(xb)[-1]
-        loss += float(topo.loss_layer.loss(be, z, model.target(yb), 1.0)[0])
-        correct += float(np.sum(be.to_host(z).argmax(axis=1) == yb))
-    return loss, correct
+    sums = validation_sums(model, x, y, None)
+    return float(sums[0]), float(sums[1])
 
 
 def _round_task(rows: Iterator, job: _RoundJob) -> Iterator:
@@ -264,8 +265,11 @@ def _round_task(rows: Iterator, job: _RoundJob) -> Iterator:
     import pyarrow as pa
     from pyspark import TaskContext
 
+    from .placement import task_backend
+
     ctx = TaskContext.get()
     faulty = set(filter(None, (ctx.getLocalProperty(FAULT_PROPERTY) or "").split(",")))
+    backend, account = task_backend(job.config.backend)
     out: list[dict] = []
     for batch in rows:
         for r in batch.to_pylist():
@@ -290,7 +294,7 @@ def _round_task(rows: Iterator, job: _RoundJob) -> Iterator:
                     try:
                         if dev.key in faulty:
                             raise RuntimeError(f"injected fault on device {dev.key}")
-                        down, up, seconds, loss = _train_device(job, dev, x[lo:hi], y[lo:hi])
+                        down, up, seconds, loss = _train_device(job, dev, x[lo:hi], y[lo:hi], backend)
                         _receive(job, dev, up, agg, stats)
                         received += 1
                     except Exception as e:
@@ -307,7 +311,7 @@ def _round_task(rows: Iterator, job: _RoundJob) -> Iterator:
                     idx = np.concatenate([np.arange(d.start + d.train, d.start + d.train + d.valid) for d in devices]
                                          + [np.zeros(0, np.int64)])
                     if idx.size:
-                        val_loss, val_correct = _validate(job, x[idx], y[idx])
+                        val_loss, val_correct = _validate(job, backend, x[idx], y[idx])
                         val_count = int(idx.size)
             payload = b""
             if received:  # the partition's partial merge: one per task, whatever its number of devices
@@ -316,14 +320,15 @@ def _round_task(rows: Iterator, job: _RoundJob) -> Iterator:
                     partial.update({f"stats/{k}": v for k, v in stats.state_dict().items()})
                 payload = encode_payload(partial, {})
             out.append(_row(kind="partial", part=handle.part, val_loss=val_loss, val_correct=val_correct,
-                            val_count=val_count, payload=payload))
+                            val_count=val_count, payload=payload, backend=account))
     if out:
         yield pa.RecordBatch.from_pylist(out, schema=arrow_schema(_OUT_SCHEMA))
 
 
 def _row(**kw: Any) -> dict:
     row = {"kind": "", "part": -1, "device": "", "rows": 0, "bytes_down": 0, "bytes_up": 0, "seconds": 0.0,
-           "loss": float("nan"), "error": "", "val_loss": 0.0, "val_correct": 0.0, "val_count": 0, "payload": b""}
+           "loss": float("nan"), "error": "", "val_loss": 0.0, "val_correct": 0.0, "val_count": 0, "payload": b"",
+           "backend": ""}
     row.update(kw)
     return row
 
@@ -369,15 +374,21 @@ class DeviceData:
     def report_key(self, key: str) -> int | str:
         return int(key) if self.integer_keys else key
 
+    @property
+    def tag(self) -> str:
+        """The Spark job tag of this fit's jobs (``spark.interruptTag`` cancels them)."""
+        return fit_tag(self.fit_id)
+
     def release(self) -> None:
         """Delete the blocks on the executors (best effort) and unpersist the cached DataFrames."""
         fit_id = self.fit_id
         spark = self.handles_df.sparkSession
         try:
             n = max(1, self.num_partitions)
-            spark.range(0, n * 2, numPartitions=n * 2).mapInArrow(lambda it: _release_task(it, fit_id),
-                                                                   "released long").collect()
-            self.handles_df.mapInArrow(lambda it: _release_task(it, fit_id), "released long").collect()
+            with tagged(spark, self.tag):
+                spark.range(0, n * 2, numPartitions=n * 2).mapInArrow(lambda it: _release_task(it, fit_id),
+                                                                       "released long").collect()
+                self.handles_df.mapInArrow(lambda it: _release_task(it, fit_id), "released long").collect()
         finally:
             release_resident(fit_id)
             self.handles_df.unpersist()
@@ -441,7 +452,8 @@ def prepare_devices(df: Any, features_col: str, label_col: str, device_col: str,
     integer = isinstance(df.schema[device_col].dataType, IntegralType)
     data = DeviceData(fit_id, rows_df, handles_df, {}, [], integer, parts, d, k)
     try:
-        collected = handles_df.collect()
+        with tagged(spark, data.tag):
+            collected = handles_df.collect()
         handles, devices = [], []
         null_device = null_valid = 0
         for row in collected:
@@ -498,6 +510,9 @@ class FederatedTrainer:
         self.stats = ActivationStats(objective.topology, self.layers) if self.cad else None
         self.spark = data.handles_df.sparkSession
         self.attempts = _task_attempts(self.spark)
+        # the rounds' own resources (a GPU per task when training uses GPUs): None, Spark's default profile
+        self.profile = training_resources(self.spark, config.backend, config.taskGpus, config.taskCpus).profile
+        self.backends: set[str] = set()  # every task's backend account
         self.order = {key: i for i, key in enumerate(data.keys)}  # a device's index: its batch order's seed
         self.history: list[dict] = []
         self.losses: list[float] = []
@@ -529,17 +544,21 @@ class FederatedTrainer:
         from pyspark.sql import functions as F
 
         self.jobs += 1
-        rows = self.data.handles_df.mapInArrow(lambda it: _round_task(it, job), _OUT_SCHEMA).collect()
-        missing = sorted({r["part"] for r in rows if r["kind"] == "missing"})
-        if missing:
-            self.fallbacks += len(missing)
-            d, k = self.data.num_features, self.data.num_classes
-            redo = self.data.rows_df.where(F.spark_partition_id().isin(missing))
-            rows = [r for r in rows if r["kind"] != "missing"] + \
-                redo.mapInArrow(lambda it: _fallback_task(it, job, d, k, missing), _OUT_SCHEMA).collect()
-            if any(r["kind"] == "missing" for r in rows):
-                raise RuntimeError(f"{label}: partitions {missing} have no blocks even after converting them again "
-                                   f"on the executor that ran them")
+        with tagged(self.spark, self.data.tag, label):
+            rows = self.data.handles_df.mapInArrow(lambda it: _round_task(it, job), _OUT_SCHEMA,
+                                                   profile=self.profile).collect()
+            missing = sorted({r["part"] for r in rows if r["kind"] == "missing"})
+            if missing:
+                self.fallbacks += len(missing)
+                d, k = self.data.num_features, self.data.num_classes
+                redo = self.data.rows_df.where(F.spark_partition_id().isin(missing))
+                rows = [r for r in rows if r["kind"] != "missing"] + \
+                    redo.mapInArrow(lambda it: _fallback_task(it, job, d, k, missing), _OUT_SCHEMA,
+                                    profile=self.profile).collect()
+                if any(r["kind"] == "missing" for r in rows):
+                    raise RuntimeError(f"{label}: partitions {missing} have no blocks even after converting them "
+                                       f"again on the executor that ran them")
+        self.backends.update(r["backend"] for r in rows if r["backend"])
         return rows
 
     def job(self, weights: np.ndarray, plans: dict, stats: bool, train: bool = True,
@@ -678,7 +697,8 @@ class FederatedTrainer:
             "mode": "federated", "algorithm": c.federatedAlgorithm, "solver": c.solver, "seconds": seconds,
             "roundHistory": [dict(e) for e in self.history], "numDevices": len(self.data.keys),
             "numPartitions": self.data.num_partitions, "validationRows": self.data.validation_rows,
-            "cadLayers": list(self.layers), "jobs": self.jobs, "fallbackPartitions": self.fallbacks})
+            "cadLayers": list(self.layers), "jobs": self.jobs, "fallbackPartitions": self.fallbacks,
+            "backends": sorted(self.backends)})
 
 
 def _preferences_task(batches: Iterator, topology: dict, weights: np.ndarray, layer: int, dtype: str,

@@ -42,6 +42,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..backends import Backend
 from ..nn import solvers
 from ..nn.objective import Objective
 from ..nn.optim import make_updater
@@ -108,15 +109,16 @@ Rows = tuple[np.ndarray, np.ndarray, "np.ndarray | None"]  # features, labels, s
 class BarrierWorker:
     """One rank's training loop (see the module docstring). ``x``/``y`` are this worker's rows, ``w`` their
     sample weights (None: unweighted); ``validation``: this worker's validation rows (x, y, w), instead of
-    ``validationFraction`` of its rows."""
+    ``validationFraction`` of its rows; ``backend``: what the replica computes on (the caller resolves it for the
+    device it was given, e.g. the GPU Spark assigned to the task; None: ``config.backend``)."""
 
     def __init__(self, comm: Communicator, objective: Objective, config: TrainConfig, x: np.ndarray,
                  y: np.ndarray, initial_weights: np.ndarray, fault_step: int = -1, *, w: np.ndarray | None = None,
-                 validation: Rows | None = None) -> None:
+                 validation: Rows | None = None, backend: str | Backend | None = None) -> None:
         self.comm, self.objective, self.config = comm, objective, config
         self.rank, self.world = comm.rank, comm.world_size
         self.dtype = np.dtype(config.dtype)
-        self.replica = objective.replica(config.backend, self.dtype, config.seed)
+        self.replica = objective.replica(config.backend if backend is None else backend, self.dtype, config.seed)
         self.nw = objective.num_weights
         self.ns = objective.topology.num_state
         self.fault_step = fault_step
@@ -429,10 +431,12 @@ class BarrierWorker:
 
 def train_worker(comm: Communicator, objective: Objective, config: TrainConfig, x: np.ndarray, y: np.ndarray,
                  initial_weights: np.ndarray, fault_step: int = -1, *, w: np.ndarray | None = None,
-                 validation: Rows | None = None) -> tuple[BarrierWorker, str, list[dict]]:
+                 validation: Rows | None = None,
+                 backend: str | Backend | None = None) -> tuple[BarrierWorker, str, list[dict]]:
     """Run one rank to the end: restore, train, check the replicas agree, gather every rank's summary (``w``,
-    ``validation``: see :class:`BarrierWorker`)."""
-    worker = BarrierWorker(comm, objective, config, x, y, initial_weights, fault_step, w=w, validation=validation)
+    ``validation``, ``backend``: see :class:`BarrierWorker`)."""
+    worker = BarrierWorker(comm, objective, config, x, y, initial_weights, fault_step, w=w, validation=validation,
+                           backend=backend)
     worker.restore()
     stop = worker.run()
     worker.checkpoint(force=True)

@@ -172,6 +172,11 @@ class DistillationReplica:
         """The mentee's class probabilities (what the trained model will predict)."""
         return self.mentee.predict(x)
 
+    def loss(self, x: np.ndarray, y: np.ndarray, sample_weight: np.ndarray | None = None) -> float:
+        """The mentee's mean loss on the labels in inference mode (:meth:`FeedForwardModel.loss`): validation
+        measures the model the fit returns, as the federated mode's does, not the distillation objective."""
+        return self.mentee.loss(x, y, sample_weight)
+
     def _mentor_outputs(self, x: np.ndarray | Array, on_device: bool) -> list[Array]:
         """The mentor's layer outputs for the batch the mentee got: host rows serve both models; a device batch
         (in the mentee's layout) is re-laid out through the host if the mentor's input shape differs."""

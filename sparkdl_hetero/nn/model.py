@@ -32,9 +32,9 @@ class FeedForwardModel:
     ``weights`` and ``gradient`` are flat device vectors; every layer model holds views into them, so a
     whole-model update is one vector operation and nothing is copied per layer.
 
-    Inputs: :meth:`forward`, :meth:`predict`, :meth:`predict_raw` and :meth:`compute_gradient` take host rows in
-    the user's layout ((batch, features); images flattened as C, H, W). A caller that already holds a device
-    batch in the engine's layout (from :meth:`device_batch`) runs it with :meth:`forward_device`.
+    Inputs: :meth:`forward`, :meth:`predict`, :meth:`predict_raw`, :meth:`loss` and :meth:`compute_gradient` take
+    host rows in the user's layout ((batch, features); images flattened as C, H, W). A caller that already holds a
+    device batch in the engine's layout (from :meth:`device_batch`) runs it with :meth:`forward_device`.
 
     State: :attr:`state` is a third flat device vector (:attr:`num_state` elements, empty for most topologies)
     of values that every training forward pass updates and no gradient trains -- batch normalization's running
@@ -213,11 +213,7 @@ class FeedForwardModel:
         the rows (``sum_i w_i loss_i / len(x)``), so ``scale=len(x)`` accumulates the weighted gradient sum and
         ``len(x) x`` the result is the weighted loss sum -- a caller normalizes by the sum of the weights it
         gathered (Spark's ``weightCol``: the weighted mean). Weights of 1 give the unweighted values."""
-        if sample_weight is not None:
-            sample_weight = np.asarray(sample_weight)
-            if sample_weight.shape != (len(x),):
-                raise ValueError(f"sample_weight must have one value per row ({len(x)}), "
-                                 f"got shape {sample_weight.shape}")
+        sample_weight = _row_weights(sample_weight, len(x))
         if grad_out is not None:
             self.zero_grad()
         n, step = len(x), self.rows_per_pass or len(x)
@@ -233,6 +229,19 @@ class FeedForwardModel:
         if grad_out is not None:
             grad_out += self.get_gradient()
         return loss
+
+    def loss(self, x: np.ndarray, y: np.ndarray, sample_weight: np.ndarray | None = None) -> float:
+        """Mean loss over the host rows ``x`` in inference mode, the model :meth:`predict` evaluates: batch
+        normalization with its running statistics, dropout off. Forward only: no gradient is computed, and the
+        weights, the state and :attr:`gradient` stay as they are (validation). ``sample_weight``: as in
+        :meth:`compute_gradient` (each row's loss times its weight, the mean over the rows)."""
+        if len(x) == 0:
+            raise ValueError("loss needs at least one row, got none")
+        sample_weight = _row_weights(sample_weight, len(x))
+        z = deque(self._outputs(self.device_batch(x), False, self._step_models), maxlen=1).pop()
+        w = None if sample_weight is None else self.backend.asarray(sample_weight, dtype=self.dtype)
+        loss_sum, _ = self.topology.loss_layer.loss(self.backend, z, self.target(y), 0.0, w)
+        return float(loss_sum) / len(x)
 
     def _pass(self, x: np.ndarray, y: np.ndarray, scale: float, sample_weight: np.ndarray | None) -> float:
         models = self._step_models
@@ -265,6 +274,16 @@ class FeedForwardModel:
         if g.ndim == 4:  # (batch, h, w, c) -> the user's (batch, c * h * w)
             g = g.transpose(0, 3, 1, 2)
         return g.reshape(len(x), -1)
+
+
+def _row_weights(sample_weight: np.ndarray | None, rows: int) -> np.ndarray | None:
+    """``sample_weight`` as an array of one value per row (None stays None); a ValueError otherwise."""
+    if sample_weight is None:
+        return None
+    sample_weight = np.asarray(sample_weight)
+    if sample_weight.shape != (rows,):
+        raise ValueError(f"sample_weight must have one value per row ({rows}), got shape {sample_weight.shape}")
+    return sample_weight
 
 
 def rows_per_pass(topology: FeedForwardTopology, backend: Backend, dtype: Any) -> int | None:

@@ -32,6 +32,12 @@ class Replica(Protocol):
     def compute_gradient(self, x: np.ndarray, y: np.ndarray, grad_out: np.ndarray | None = None,
                          scale: float = 1.0, sample_weight: np.ndarray | None = None) -> float: ...
 
+    def loss(self, x: np.ndarray, y: np.ndarray, sample_weight: np.ndarray | None = None) -> float:
+        """The trained model's mean loss over host rows ``x`` in inference mode (batch normalization's running
+        statistics, no dropout), forward only: nothing changes (validation; see
+        :meth:`FeedForwardModel.loss`)."""
+        ...
+
     def predict(self, x: np.ndarray) -> np.ndarray:
         """The trained model's class probabilities for host rows ``x``."""
         ...
