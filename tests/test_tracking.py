@@ -168,3 +168,20 @@ def test_a_logging_failure_warns_and_returns_the_model(spark, mlflow, monkeypatc
     assert model.summary.totalIterations > 0
     data = mlflow.tracking.MlflowClient().get_run(run.info.run_id).data
     assert data.params["maxIter"] == "3"  # the other parts are logged all the same
+
+
+def test_federated_rounds_are_logged_per_round(spark, mlflow) -> None:
+    from sparkdl_hetero.ml import DeepClassifier
+
+    n = 48
+    df = _blobs(spark, n=n, extra={"device": [f"d{i % 3}" for i in range(n)], "valid": [i % 4 == 0 for i in range(n)]})
+    est = DeepClassifier(layers=[2, 3, 2], mode="federated", deviceCol="device", solver="sgd", stepSize=0.2,
+                         batchSize=8, rounds=3, clientFraction=1.0, localEpochs=1, seed=3, verbose=False,
+                         validationIndicatorCol="valid")
+    with mlflow.start_run() as run:
+        model = est.fit(df)
+    client = mlflow.tracking.MlflowClient()
+    rounds = model.summary.roundHistory
+    assert len(rounds) == 3
+    for key in ("validationAccuracy", "validationLoss", "bytesUp", "bytesDown", "trainLoss"):
+        assert _history(client, run.info.run_id, f"round.{key}") == [(r["round"], r[key]) for r in rounds], key
