@@ -1,5 +1,7 @@
 from setuptools import find_packages, setup
 
+# MLflow's tracking client without its server and UI: enough to log to a run (see sparkdl_hetero.ml.tracking)
+MLFLOW = ["mlflow-skinny>=3"]
 CONNECT = ["grpcio>=1.76.0", "grpcio-status>=1.76.0", "googleapis-common-protos>=1.71.0", "zstandard>=0.25.0"]
 
 setup(
@@ -25,9 +27,11 @@ setup(
         "gpu": ["cupy-cuda12x>=13"],
         "plot": ["matplotlib>=3.7"],
         "onnx": ["onnx>=1.15", "onnxruntime>=1.17"],
+        "mlflow": MLFLOW,
         # Spark Connect client (pyspark[connect]'s own pins for pyspark 4.3); the tests run every key scenario
         # through a Connect session too, so the test extra carries them
         "connect": CONNECT,
-        "test": ["pytest>=8", "pytest-timeout>=2.2", "hypothesis>=6.90", "ruff>=0.5", *CONNECT],
+        # and MLflow, whose logging the tests read back from a local store
+        "test": ["pytest>=8", "pytest-timeout>=2.2", "hypothesis>=6.90", "ruff>=0.5", *CONNECT, *MLFLOW],
     },
 )

@@ -23,9 +23,9 @@ busy cores). Solvers:
 
 Validation (the rows of a validation indicator column, which never train): after each epoch of a mini-batch solver
 (every ``validationInterval`` iterations of gd / l-bfgs) one more job sums the validation loss and metric
-(accuracy, or RMSE) over every partition's validation rows; the figures go to the stats' ``validation`` list and,
-for mini-batch solvers, to the progress bar and early stopping: training stops after ``patience`` epochs without an
-improvement of ``tol`` and returns the best validated weights.
+(accuracy, or RMSE) over every partition's validation rows; the figures go to the stats' ``validation`` list, to the
+progress bar and to early stopping (:class:`~sparkdl_hetero.nn.solvers.EarlyStopping`): training stops after
+``patience`` validations without an improvement of ``tol`` and returns the best validated weights.
 
 ``regParam`` adds ``regParam / 2 * ||w||^2`` to the loss; the learning rate follows ``lrSchedule``. Checkpoints
 every ``checkpointInterval`` iterations (mini-batch solvers: steps) when ``checkpointDir`` is set, and a fit
@@ -53,7 +53,7 @@ import numpy as np
 from ..nn import solvers
 from ..nn.model import FeedForwardModel
 from ..nn.objective import Objective
-from ..nn.solvers import Hooks, SolverState
+from ..nn.solvers import EarlyStopping, Hooks, SolverState
 from .checkpoint import Checkpoint, load_compatible, save_checkpoint
 from .cluster import is_connect, tagged, training_resources
 from .config import TrainConfig, TrainResult
@@ -353,28 +353,52 @@ class TreeAggregateTrainer:
         """Run ``config.solver`` from ``state`` over Spark evaluations; returns why it stopped."""
         c = self.config
         hooks = Hooks(checkpoint_due=self.checkpoint_due, checkpoint=self.checkpoint)
-        if c.solver in ("gd", "l-bfgs"):
-            self.progress(c.maxIter, state.iteration, "iteration")
+        full_batch = c.solver in ("gd", "l-bfgs")
+        early = EarlyStopping()
+        if self.data.validation_count:
+            regression = not self.objective.topology.loss_layer.class_labels
 
-            def iteration_end(_state: SolverState, loss: float, _n: float) -> None:
-                if self.data.validation_count and state.iteration % c.validationInterval == 0:
-                    self.validation.append(list(self.validate(state.weights, state.iteration - 1, "iteration")))
-                self.tick(loss)
+            def epoch_end(epoch: int, _loss: float) -> str:
+                """After each epoch (full-batch solvers: each iteration, validating every validationInterval)."""
+                if full_batch and (epoch + 1) % c.validationInterval:
+                    return ""
+                vloss, metric = self.validate(state.weights, epoch, "iteration" if full_batch else "epoch")
+                self.validation.append([vloss, metric])
+                if self.bar is not None:
+                    self.bar.set_postfix(val_loss=f"{vloss:.5g}", **{"val_rmse" if regression else "val_acc":
+                                                                    f"{metric:.4g}"}, refresh=False)
+                return early.update(vloss, c, state.weights, self.model_state,
+                                    "validations" if full_batch else "epochs")
 
-            hooks.iteration_end = iteration_end
-            full = self.job()
+            hooks.epoch_end = epoch_end
+        stop = self.full_batch(state, hooks) if full_batch else self.minibatch(state, hooks)
+        best = early.best()
+        if best is not None:  # the best validated weights, not the last ones
+            state.weights, self.model_state = best
+        return stop
 
-            def evaluate(w: np.ndarray, iteration: int | None) -> tuple[float, np.ndarray, float]:
-                if iteration is None:
-                    label = f"l-bfgs iteration {state.iteration + 1}, evaluation {self.evaluations + 1}"
-                    g, loss, n = self.evaluate(w, full, label)
-                else:
-                    job = self.job(kind="fraction", fraction=c.miniBatchFraction, iteration=iteration)
-                    g, loss, n = self.evaluate(w, job, f"gd iteration {iteration + 1}")
-                return loss, g, n
+    def full_batch(self, state: SolverState, hooks: Hooks) -> str:
+        """gd or l-bfgs over full-batch (gd: sampled) evaluations; returns why it stopped."""
+        c = self.config
+        self.progress(c.maxIter, state.iteration, "iteration")
+        hooks.iteration_end = lambda _state, loss, _n: self.tick(loss)
+        full = self.job()
 
-            solve = solvers.lbfgs if c.solver == "l-bfgs" else solvers.gd
-            return solve(state, c, evaluate, hooks)
+        def evaluate(w: np.ndarray, iteration: int | None) -> tuple[float, np.ndarray, float]:
+            if iteration is None:
+                label = f"l-bfgs iteration {state.iteration + 1}, evaluation {self.evaluations + 1}"
+                g, loss, n = self.evaluate(w, full, label)
+            else:
+                job = self.job(kind="fraction", fraction=c.miniBatchFraction, iteration=iteration)
+                g, loss, n = self.evaluate(w, job, f"gd iteration {iteration + 1}")
+            return loss, g, n
+
+        solve = solvers.lbfgs if c.solver == "l-bfgs" else solvers.gd
+        return solve(state, c, evaluate, hooks)
+
+    def minibatch(self, state: SolverState, hooks: Hooks) -> str:
+        """``config.solver``'s epochs of global mini-batches; returns why it stopped."""
+        c = self.config
         steps_per_epoch = self.steps_per_epoch = max(1, math.ceil(self.data.count / c.batchSize))
         self.progress(solvers.epochs_of(c) * steps_per_epoch, state.iteration, "step")
 
@@ -391,29 +415,7 @@ class TreeAggregateTrainer:
                 self.bar.update(1)
 
         hooks.iteration_end = step_end
-        best = [math.inf, 0, None, None]  # best validation loss, epochs since it improved, its weights and state
-        if self.data.validation_count:
-            regression = not self.objective.topology.loss_layer.class_labels
-
-            def epoch_end(epoch: int, _loss: float) -> str:
-                vloss, metric = self.validate(state.weights, epoch)
-                self.validation.append([vloss, metric])
-                if self.bar is not None:
-                    self.bar.set_postfix(val_loss=f"{vloss:.5g}", **{"val_rmse" if regression else "val_acc":
-                                                                    f"{metric:.4g}"}, refresh=False)
-                if vloss < best[0] - c.tol:
-                    best[:] = [vloss, 0, state.weights.copy(), self.model_state]
-                else:
-                    best[1] += 1
-                if best[1] >= c.patience:
-                    return f"early stopping: validation loss did not improve for {c.patience} epochs"
-                return ""
-
-            hooks.epoch_end = epoch_end
-        stop = solvers.minibatch(state, c, steps_per_epoch, step, hooks, keep_last_good=True)
-        if best[2] is not None and best[1] > 0:  # the best validated weights, not the last ones
-            state.weights, self.model_state = best[2], best[3]
-        return stop
+        return solvers.minibatch(state, c, steps_per_epoch, step, hooks, keep_last_good=True)
 
 
 def train(data: PartitionedData, objective: Objective, config: TrainConfig,

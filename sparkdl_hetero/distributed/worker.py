@@ -25,7 +25,8 @@ exchange per step); local steps average them with the weights. The replicas thus
 (the digests cover it). Validation passes do not move the state.
 
 Full-batch solvers (``gd``, ``l-bfgs``): every rank runs the same solver on the all-reduced full-batch loss and
-gradient (no driver round trip per iteration).
+gradient (no driver round trip per iteration); with validation rows, the all-reduced validation loss every
+``validationInterval`` iterations drives the same early stopping (:class:`~sparkdl_hetero.nn.solvers.EarlyStopping`).
 
 Rank 0 writes checkpoints every ``checkpointInterval`` steps. ``config.straggler`` ({rank: factor}) slows a worker
 by pausing ``(factor - 1)`` x its compute time per step, busy in a ``sched_yield`` loop (see :func:`pause`): a
@@ -38,7 +39,6 @@ import hashlib
 import math
 import os
 import time
-from dataclasses import dataclass
 
 import numpy as np
 
@@ -46,7 +46,7 @@ from ..backends import Backend
 from ..nn import solvers
 from ..nn.objective import Objective
 from ..nn.optim import make_updater
-from ..nn.solvers import Hooks, SolverState
+from ..nn.solvers import EarlyStopping, Hooks, SolverState
 from .balancing import Balancer, BalancerState
 from .checkpoint import Checkpoint, load_compatible, save_checkpoint
 from .comm import Communicator
@@ -93,14 +93,6 @@ class _Cursor:
         if not out:
             return np.zeros(0, np.int64)
         return np.sort(out[0] if len(out) == 1 else np.concatenate(out))  # rows in memory order
-
-
-@dataclass
-class EarlyStopping:
-    """The best validation loss so far and the epochs since it last improved."""
-
-    best_loss: float = math.inf
-    bad_epochs: int = 0
 
 
 Rows = tuple[np.ndarray, np.ndarray, "np.ndarray | None"]  # features, labels, sample weights (None: all 1)
@@ -254,8 +246,7 @@ class BarrierWorker:
             self.balancer_state = self.balancer.snapshot()
         if self.balancer_state is not None:
             out.update(self.balancer_state.to_json())
-        if self.config.solver not in ("gd", "l-bfgs"):
-            out.update(bestLoss=self.early.best_loss, badEpochs=self.early.bad_epochs)
+        out.update(bestLoss=self.early.best_loss, badEpochs=self.early.bad_points)
         return out
 
     def checkpoint(self, force: bool = False) -> None:
@@ -301,9 +292,22 @@ class BarrierWorker:
         self.train_rows, self.val_rows = int(counts[0]), int(counts[1])
         if self.train_rows == 0:
             raise ValueError("no worker has training rows")
-        if self.config.solver in ("gd", "l-bfgs"):
-            return self._full_batch()
-        return self.minibatch()
+        if self.early.weights is None:  # resumed past the best point: the resumed weights stand in for it
+            self.early.weights, self.early.state = self.weights.copy(), self.model_state()
+        stop = self._full_batch() if self.config.solver in ("gd", "l-bfgs") else self.minibatch()
+        best = self.early.best() if self.val_rows else None
+        if best is not None:  # the best validated weights, not the last ones
+            self.weights = best[0]
+            if self.ns:
+                self.replica.set_state(best[1])
+        return stop
+
+    def _validate(self, unit: str) -> str:
+        """One validation point: the all-reduced validation loss and metric, recorded, then early stopping's
+        reason to stop (``unit`` names the points), or ``""``; every rank takes the same decision."""
+        vloss, vmetric = self._validation()
+        self.extra.setdefault("validation", []).append([vloss, vmetric])
+        return self.early.update(vloss, self.config, self.weights, self.model_state(), unit)
 
     def _evaluate(self, w: np.ndarray, _iteration: int | None) -> tuple[float, np.ndarray, float]:
         """The solvers' full-batch callback: sums over every worker's training rows at ``w``."""
@@ -321,11 +325,14 @@ class BarrierWorker:
 
         def timed(_state: SolverState, _loss: float, _count: float) -> None:
             self.step_seconds.append(time.perf_counter() - started[0])
-            if self.val_rows and self.iteration % self.config.validationInterval == 0:
-                self.extra.setdefault("validation", []).append(list(self._validation()))
+
+        def validate(iteration: int, _loss: float) -> str:
+            if not self.val_rows or (iteration + 1) % self.config.validationInterval:
+                return ""
+            return self._validate("validations")
 
         hooks = Hooks(iteration_start=start, iteration_end=timed, checkpoint_due=self._checkpoint_due,
-                      checkpoint=lambda _state: self.checkpoint(force=True))
+                      checkpoint=lambda _state: self.checkpoint(force=True), epoch_end=validate)
         solve = solvers.lbfgs if self.config.solver == "l-bfgs" else solvers.gd
         return solve(self.state, self.config, self._evaluate, hooks, keep_last_good=False)
 
@@ -340,7 +347,6 @@ class BarrierWorker:
         balancer = self.balancer = Balancer(c.batchSize, self.comm.allgather(len(self.y)), c.balance,
                                             self.balancer_state)
         cursor = _Cursor(len(self.y), c.seed, self.rank, self.iteration)
-        best_weights, best_state = self.weights.copy(), self.model_state()
         local = [0.0, 0.0, np.zeros(0)]  # count since the last averaging, this step's start, its throughputs
         epoch_started = [time.perf_counter()]
 
@@ -369,22 +375,12 @@ class BarrierWorker:
             tot = self._allreduce(np.array([loss_sum, count], dtype=np.float64))  # over every worker's samples
             return float(tot[0]), float(tot[1])
 
-        def epoch_end(epoch: int, loss: float) -> str:
-            nonlocal best_weights, best_state
+        def epoch_end(_epoch: int, _loss: float) -> str:
             # the epoch's training steps, validation excluded (a resumed epoch: since the resume)
             self.extra.setdefault("epochSeconds", []).append(time.perf_counter() - epoch_started[0])
-            if self.val_rows:
-                vloss, vacc = self._validation()
-                self.extra.setdefault("validation", []).append([vloss, vacc])
-                if vloss < self.early.best_loss - c.tol:
-                    self.early, best_weights, best_state = EarlyStopping(vloss, 0), self.weights.copy(), \
-                        self.model_state()
-                else:
-                    self.early.bad_epochs += 1
-                if self.early.bad_epochs >= c.patience:
-                    return f"early stopping: validation loss did not improve for {c.patience} epochs"
+            reason = self._validate("epochs") if self.val_rows else ""
             epoch_started[0] = time.perf_counter()
-            return ""
+            return reason
 
         hooks = Hooks(iteration_start=self._maybe_fault, iteration_end=step_end,
                       checkpoint_due=lambda it: it % k == 0 and self._checkpoint_due(it),
@@ -393,10 +389,6 @@ class BarrierWorker:
         stop = solvers.minibatch(self.state, c, steps_per_epoch, step, hooks, updater=updater,
                                  check_finite=k == 1)
         snapshot = balancer.snapshot()
-        if self.val_rows and self.early.bad_epochs > 0:  # the best validated weights, not the last ones
-            self.weights = best_weights
-            if self.ns:
-                self.replica.set_state(best_state)
         self.extra["throughput"] = snapshot.throughput
         self.extra["finalShares"] = snapshot.shares
         self.extra["stepLoss"] = self.state.step_history

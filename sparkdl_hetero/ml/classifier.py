@@ -71,14 +71,7 @@ class DeepClassifier(NetworkSetters, ProbabilisticClassifier, _DeepClassifierPar
         if mentor_topology is not None and mentor_topology.num_state:
             raise ValueError(f"the mentor's topology {mentor_topology.spec!r} has batch normalization, whose "
                              f"running statistics distillation does not use yet; use a mentor without batchnorm")
-        topology, objective, result = fit_network(self, dataset, self._objective)  # plain, or distillation
-        model = DeepClassificationModel(topology, objective.model_weights(result.weights), state=result.state,
-                                        objectiveHistory=result.objectiveHistory, totalIterations=result.iterations)
-        model._resetUid(self.uid)
-        self._copyValues(model)
-        model._set_topology(topology)
-        model._training = (dataset, result.stats)
-        return model
+        return fit_network(self, dataset, DeepClassificationModel, self._objective)  # plain, or distillation
 
 
 class DeepClassificationModel(NetworkModel, ProbabilisticClassificationModel, _DeepClassifierParams,

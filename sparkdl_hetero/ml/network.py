@@ -13,7 +13,6 @@ from pyspark.ml.linalg import Vector, VectorUDT
 from pyspark.sql import Column, DataFrame
 from pyspark.sql.types import ArrayType, NumericType
 
-from ..distributed.config import TrainResult
 from ..nn.model import FeedForwardModel
 from ..nn.topology import FeedForwardTopology
 
@@ -210,16 +209,18 @@ class NetworkSetters:
         return self._set(cadWarmupRounds=value)
 
 
-def fit_network(estimator: Any, dataset: DataFrame, objective_of: Any = None, *, regression: bool = False,
-                check: Any = None) -> tuple[FeedForwardTopology, Any, TrainResult]:
-    """An estimator's fit up to the trained weights: its TrainConfig (every invalid knob fails first), the
-    topology (the input size from the data when nothing else says), the initial weights, the objective
-    (``objective_of(topology)``, default the plain one) and :func:`~sparkdl_hetero.distributed.fit.fit` with the
-    estimator's weight and validation indicator columns. ``check(topology)`` runs before any Spark job over the
-    data. Returns (topology, objective, result); ``result.state`` is the trained model's state."""
+def fit_network(estimator: Any, dataset: DataFrame, model_class: type, objective_of: Any = None, *,
+                regression: bool = False, check: Any = None) -> Any:
+    """An estimator's fit: its TrainConfig (every invalid knob fails first), the topology (the input size from
+    the data when nothing else says), the initial weights, the objective (``objective_of(topology)``, default the
+    plain one), :func:`~sparkdl_hetero.distributed.fit.fit` with the estimator's weight and validation indicator
+    columns, then the ``model_class`` model (the estimator's uid and params, the training summary), logged to the
+    active MLflow run if there is one (:mod:`.tracking`). ``check(topology)`` runs before any Spark job over the
+    data."""
     from ..distributed.data import check_columns
     from ..distributed.fit import fit
     from ..nn.objective import Objective
+    from .tracking import log_fit
 
     config = estimator._train_config()
     features, label = estimator.getFeaturesCol(), estimator.getLabelCol()
@@ -253,7 +254,14 @@ def fit_network(estimator: Any, dataset: DataFrame, objective_of: Any = None, *,
     if result.state.shape != (topology.num_state,):
         raise RuntimeError(f"mode {config.mode!r} returned {result.state.size} model state values, topology "
                            f"{topology.spec!r} has {topology.num_state}")
-    return topology, objective, result
+    model = model_class(topology, objective.model_weights(result.weights), state=result.state,
+                        objectiveHistory=result.objectiveHistory, totalIterations=result.iterations)
+    model._resetUid(estimator.uid)
+    estimator._copyValues(model)
+    model._set_topology(topology)
+    model._training = (dataset, result.stats)
+    log_fit(estimator, model, "validationRMSE" if regression else "validationAccuracy")
+    return model
 
 
 class NetworkModel:

@@ -53,8 +53,9 @@ class _DeepNetworkParams(HasSeed, HasMaxIter, HasTol, HasStepSize, HasSolver, Ha
     """Params of every network estimator and model (the feature, label and prediction column params come from
     pyspark's Predictor / PredictionModel bases). ``weightCol``: per-row weights in the loss, as Spark's
     classifiers define it (finite, >= 0; the loss is the weighted mean). ``validationIndicatorCol``: a boolean
-    column whose true rows never train; the validation loss and metric after each epoch (mini-batch solvers) go to
-    the summary's ``validationHistory`` and drive early stopping (``patience``)."""
+    column whose true rows never train; the validation loss and metric after each epoch (mini-batch solvers; gd and
+    l-bfgs: every ``validationInterval`` iterations) go to the summary's ``validationHistory`` and drive early
+    stopping (``patience``)."""
 
     # ---- Spark's MLP params (same names, same meaning) ----
     layers: Param[list[int]] = _param(

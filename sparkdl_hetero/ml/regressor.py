@@ -145,14 +145,7 @@ class DeepRegressor(NetworkSetters, Predictor, _DeepRegressorParams, PersistentP
                                  f"{'s' if topology.num_outputs != 1 else ''}; make its last affine layer "
                                  f"affine({k})")
 
-        topology, objective, result = fit_network(self, dataset, regression=True, check=check)
-        model = DeepRegressionModel(topology, objective.model_weights(result.weights), state=result.state,
-                                    objectiveHistory=result.objectiveHistory, totalIterations=result.iterations)
-        model._resetUid(self.uid)
-        self._copyValues(model)
-        model._set_topology(topology)
-        model._training = (dataset, result.stats)
-        return model
+        return fit_network(self, dataset, DeepRegressionModel, regression=True, check=check)
 
 
 class DeepRegressionModel(NetworkModel, PredictionModel, _DeepRegressorParams, PersistentParams):

@@ -1,11 +1,15 @@
 """Summaries of the network models: classification (the members of Spark's
 MultilayerPerceptronClassificationSummary) and regression (those of Spark's LinearRegressionSummary).
 
-Classification metrics come from one confusion matrix (a single ``groupBy(label, prediction).count()`` job), with
-Spark's MulticlassMetrics definitions: labels are the distinct values of the label column; a metric whose
-denominator is zero is 0. Regression metrics come from one aggregation job with Spark's RegressionMetrics
+Classification metrics come from one confusion matrix (a single ``groupBy(label, prediction)`` job summing the
+rows' weights), with Spark's MulticlassMetrics definitions: labels are the distinct values of the label column; a
+metric whose denominator is zero is 0. Regression metrics come from one aggregation job with Spark's RegressionMetrics
 definitions; with several outputs, errors are averaged over every (row, output) and r2 / explained variance over
-the outputs.
+the outputs. As in Spark's summaries, when the model's ``weightCol`` is set and the DataFrame has that column, each
+row counts with its weight (MulticlassMetrics / RegressionMetrics with weights: weight sums instead of counts),
+so that a row of weight 2 counts as two rows. One exception: r2's SStot is the weighted sum of squares about the
+weighted mean, where RegressionMetrics takes the unbiased weighted variance times (weight sum - 1), which a
+duplicated row and a weight of 2 do not give alike.
 """
 
 from __future__ import annotations
@@ -44,31 +48,44 @@ class _ModelSummary:
     def labelCol(self) -> str:
         return self._model.getLabelCol()
 
+    @property
+    def weightCol(self) -> str:
+        """The column weighing each row in the metrics: the model's ``weightCol`` when it is set and the DataFrame
+        has that column, as in Spark's summaries; ``""`` otherwise (every row weighs 1)."""
+        m = self._model
+        col = m.getOrDefault(m.weightCol) if m.isDefined(m.weightCol) else ""
+        return col if col and self._dataset is not None and col in self._dataset.columns else ""
+
+    def _weight(self) -> Any:
+        """The rows' weights as a double Column (1.0 without :attr:`weightCol`)."""
+        from pyspark.sql import functions as F
+
+        return F.col(self.weightCol).cast("double") if self.weightCol else F.lit(1.0)
+
 
 class DeepClassificationSummary(_ModelSummary):
     """Metrics of a model on a labeled DataFrame (what ``model.evaluate(df)`` returns)."""
 
     _model: DeepClassificationModel
 
-    @property
-    def weightCol(self) -> str:
-        return ""
-
     @cached_property
     def _confusion(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(labels, predicted values, counts[i, j] of rows with label labels[i] predicted values[j])."""
+        """(labels, predicted values, counts[i, j]: the rows -- their weights' sum -- with label labels[i] predicted
+        values[j])."""
+        from pyspark.sql import functions as F
+
         label, pred = self.labelCol, self.predictionCol
         if label not in self.predictions.columns:
             raise ValueError(f"label column {label!r} not found; the DataFrame has columns "
                              f"{self._dataset.columns if self._dataset is not None else []}")
-        rows = self.predictions.groupBy(label, pred).count().collect()
+        rows = self.predictions.groupBy(label, pred).agg(F.sum(self._weight())).collect()
         if not rows:
             raise ValueError("cannot compute metrics of an empty DataFrame")
         labels = np.array(sorted({float(r[0]) for r in rows}))
         values = np.array(sorted({float(r[0]) for r in rows} | {float(r[1]) for r in rows}))
         counts = np.zeros((labels.size, values.size))
         for r in rows:
-            counts[np.searchsorted(labels, float(r[0])), np.searchsorted(values, float(r[1]))] += r[2]
+            counts[np.searchsorted(labels, float(r[0])), np.searchsorted(values, float(r[1]))] += float(r[2] or 0.0)
         return labels, values, counts
 
     @cached_property
@@ -216,8 +233,9 @@ class DeepRegressionSummary(_ModelSummary):
 
     @cached_property
     def _sums(self) -> np.ndarray:
-        """Per output j: rows, sum of labels, of squared labels, of predictions, of squared predictions, of
-        squared errors, of absolute errors -- an (outputs, 7) array from one aggregation job."""
+        """Per output j: the weights' sum (the rows without weightCol), the weighted sums of labels, of squared
+        labels, of predictions, of squared predictions, of squared errors, of absolute errors, and the rows -- an
+        (outputs, 8) array from one aggregation job."""
         from pyspark.ml.functions import vector_to_array
         from pyspark.ml.linalg import VectorUDT
         from pyspark.sql import functions as F
@@ -235,22 +253,24 @@ class DeepRegressionSummary(_ModelSummary):
                 return vector_to_array(F.col(col), "float64")
             return F.col(col).cast("array<double>")
 
-        pairs = df.select(F.posexplode(F.arrays_zip(as_array(self.labelCol).alias("l"),
+        pairs = df.select(self._weight().alias("w"),
+                          F.posexplode(F.arrays_zip(as_array(self.labelCol).alias("l"),
                                                     as_array(self.predictionCol).alias("p"))).alias("j", "lp"))
-        lab, pred = F.col("lp.l"), F.col("lp.p")
+        w, lab, pred = F.col("w"), F.col("lp.l"), F.col("lp.p")
         err = pred - lab
-        rows = pairs.groupBy("j").agg(F.count(F.lit(1)), F.sum(lab), F.sum(lab * lab), F.sum(pred),
-                                      F.sum(pred * pred), F.sum(err * err), F.sum(F.abs(err))).collect()
+        rows = pairs.groupBy("j").agg(F.sum(w), F.sum(w * lab), F.sum(w * lab * lab), F.sum(w * pred),
+                                      F.sum(w * pred * pred), F.sum(w * err * err), F.sum(w * F.abs(err)),
+                                      F.count(F.lit(1))).collect()
         if not rows:
             raise ValueError("cannot compute metrics of an empty DataFrame")
-        out = np.zeros((max(r[0] for r in rows) + 1, 7))
+        out = np.zeros((max(r[0] for r in rows) + 1, 8))
         for r in rows:
-            out[r[0]] = [float(v) for v in r[1:]]
+            out[r[0]] = [float(v or 0.0) for v in r[1:]]
         return out
 
     @property
     def numInstances(self) -> int:
-        return int(self._sums[0, 0])
+        return int(self._sums[0, 7])
 
     @property
     def meanSquaredError(self) -> float:
@@ -268,14 +288,16 @@ class DeepRegressionSummary(_ModelSummary):
 
     @property
     def r2(self) -> float:
-        """``1 - SSerr / SStot`` (Spark's r2, without its adjustment for an intercept-free model)."""
+        """``1 - SSerr / SStot`` (Spark's r2, without its adjustment for an intercept-free model; weighted sums with
+        :attr:`weightCol`)."""
         n, sl, sll = self._sums[:, 0], self._sums[:, 1], self._sums[:, 2]
         sst = sll - sl * sl / n
         return float(np.mean(1.0 - _div(self._sums[:, 5], sst)))
 
     @property
     def explainedVariance(self) -> float:
-        """``sum (prediction - mean label)^2 / n`` (Spark's RegressionMetrics.explainedVariance)."""
+        """``sum (prediction - mean label)^2 / n`` (Spark's RegressionMetrics.explainedVariance; with
+        :attr:`weightCol`: weighted sum and mean, ``n`` the weights' sum)."""
         n, sl, sp, spp = self._sums[:, 0], self._sums[:, 1], self._sums[:, 3], self._sums[:, 4]
         mean = sl / n
         return float(np.mean((spp - 2 * mean * sp + n * mean * mean) / n))

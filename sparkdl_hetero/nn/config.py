@@ -227,9 +227,12 @@ class TrainConfig:
     balance: bool = knob(True, None, "Barrier mode: per-worker batch shares matched to each worker's speed.")
     validationFraction: float = knob(0.0, Range(0.0, 1.0, hi_open=True),
                                      "Fraction held out for early stopping (0: off).")
-    patience: int = knob(3, _AT_LEAST_1, "Early stopping: evaluations without improvement before stopping.")
+    patience: int = knob(3, _AT_LEAST_1, "Early stopping: validations (mini-batch solvers: epochs; gd, l-bfgs: every "
+                         "validationInterval iterations) without an improvement of tol before stopping; the best "
+                         "validated weights are returned.")
     validationInterval: int = knob(10, _AT_LEAST_1, "Full-batch solvers (gd, l-bfgs): iterations between "
-                                   "validations (mini-batch solvers validate after each epoch).")
+                                   "validations, which early stopping counts (mini-batch solvers validate after "
+                                   "each epoch).")
     commTimeout: float = knob(120.0, _ABOVE_0, "Barrier mode: seconds before a silent peer is an error.")
     straggler: dict[int, float] = knob({}, RankFactors(), "Barrier mode, benchmarking aid: rank -> slow-down "
                                        "factor.")

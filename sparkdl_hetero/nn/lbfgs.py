@@ -58,12 +58,13 @@ def _direction(g: np.ndarray, pairs: deque) -> np.ndarray:
 
 def minimize_lbfgs(fun: Callable[[np.ndarray], tuple[float, np.ndarray]], x0: np.ndarray, max_iter: int,
                    tol: float, history: list[float],
-                   on_iteration: Callable[[np.ndarray, float], None]) -> tuple[np.ndarray, float, str]:
+                   on_iteration: Callable[[np.ndarray, float], str | None]) -> tuple[np.ndarray, float, str]:
     """Minimize ``fun(w) -> (loss, gradient)`` from ``x0`` for at most ``max_iter`` iterations.
 
     ``history`` (resumed fits pass theirs) gets the first evaluation's loss when empty, then the loss after
-    each iteration; ``on_iteration(x, loss)`` runs after each iteration's append, before the convergence test.
-    Returns the last iterate, its loss and why it stopped (``"max iterations"``, a :func:`convergence` reason,
+    each iteration; ``on_iteration(x, loss)`` runs after each iteration's append, before the convergence test, and
+    may return a reason to stop there (early stopping). Returns the last iterate, its loss and why it stopped
+    (``"max iterations"``, ``on_iteration``'s reason, a :func:`convergence` reason,
     or ``"l-bfgs stopped: ..."`` when no step satisfies the line search even along the steepest descent).
     """
     from scipy.optimize import line_search
@@ -106,8 +107,7 @@ def minimize_lbfgs(fun: Callable[[np.ndarray], tuple[float, np.ndarray]], x0: np
         x, f, g = x_new, f_new, g_new
         done += 1
         history.append(f)
-        on_iteration(x, f)
-        stop = convergence(history, g, tol)
+        stop = on_iteration(x, f) or convergence(history, g, tol)
         if stop:
             return x, f, stop
     return x, f, "max iterations"

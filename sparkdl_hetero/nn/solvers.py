@@ -95,9 +95,11 @@ class Hooks:
       loss) and samples (progress bars, timings, weight averaging, throughput measurements);
     - ``checkpoint_due(iteration) -> bool`` and ``checkpoint(state)``: whether to save after this iteration, and
       the save itself (``state.updater_state`` is refreshed first);
+    - ``epoch_end(epoch, loss) -> str``: a reason to stop (early stopping), or ``""``; mini-batch solvers: after
+      each epoch's history entry; full-batch solvers, whose iteration is a pass over every row: after each
+      iteration (``epoch``: its 0-based index), once its checkpoint is written;
     - mini-batch only: ``epoch_loss(loss_sum, count) -> (loss_sum, count)`` the epoch's totals over every worker
-      (when ``count`` is local), and ``epoch_end(epoch, loss) -> str`` after its history entry: a reason to stop
-      (early stopping), or ``""``.
+      (when ``count`` is local).
     """
 
     iteration_start: Callable[[int], None] | None = None
@@ -106,6 +108,38 @@ class Hooks:
     checkpoint: Callable[[SolverState], None] | None = None
     epoch_loss: Callable[[float, float], tuple[float, float]] | None = None
     epoch_end: Callable[[int, float], str] | None = None
+
+
+
+@dataclass
+class EarlyStopping:
+    """Early stopping on the validation loss, one rule for every mode and solver: a validation point improves
+    when its loss is below the best so far by more than ``tol``; after ``patience`` points in a row without an
+    improvement training stops, and the best point's weights and model state are the ones to return."""
+
+    best_loss: float = math.inf
+    bad_points: int = 0  # validation points since the best one
+    weights: np.ndarray | None = None  # the best point's (None: none seen by this process yet)
+    state: np.ndarray | None = None
+
+    def update(self, loss: float, config: Any, weights: np.ndarray, state: np.ndarray, unit: str) -> str:
+        """Record a validation point (copies of ``weights`` and ``state`` when it is the best); returns the reason
+        to stop after ``config.patience`` points without improvement (``unit`` names the points), else ``""``."""
+        if loss < self.best_loss - config.tol:
+            self.best_loss, self.bad_points = loss, 0
+            self.weights, self.state = np.array(weights, dtype=np.float64), np.array(state)
+            return ""
+        self.bad_points += 1
+        if self.bad_points >= config.patience:
+            return f"early stopping: validation loss did not improve for {config.patience} {unit}"
+        return ""
+
+    def best(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """The best point's (weights, state) when training went on past it; None when the last point is the best
+        (or none was recorded)."""
+        if self.bad_points > 0 and self.weights is not None and self.state is not None:
+            return self.weights, self.state
+        return None
 
 
 def _reg(config: Any) -> float:
@@ -149,12 +183,14 @@ def _diverged(config: Any, f: float, iteration: int, good: np.ndarray | None, hi
     return TrainingDivergedError(message, None if good is None else good.copy(), iteration, list(history))
 
 
-def _after(state: SolverState, hooks: Hooks, loss: float, count: float) -> None:
-    """A full-batch iteration's end: its hook, then a checkpoint when due (no updater state to save)."""
+def _after(state: SolverState, hooks: Hooks, loss: float, count: float) -> str:
+    """A full-batch iteration's end: its hook, a checkpoint when due (no updater state to save), then
+    ``epoch_end``'s reason to stop, or ``""``."""
     if hooks.iteration_end is not None:
         hooks.iteration_end(state, loss, count)
     if hooks.checkpoint is not None and (hooks.checkpoint_due is None or hooks.checkpoint_due(state.iteration)):
         hooks.checkpoint(state)
+    return hooks.epoch_end(state.iteration - 1, loss) if hooks.epoch_end is not None else ""
 
 
 def gd(state: SolverState, config: Any, evaluate: Evaluate, hooks: Hooks | None = None, *,
@@ -181,7 +217,9 @@ def gd(state: SolverState, config: Any, evaluate: Evaluate, hooks: Hooks | None 
         updater.step(state.weights, g, learning_rate(config, i, config.maxIter))
         state.iteration += 1
         state.history.append(f)
-        _after(state, hooks, f, n)
+        reason = _after(state, hooks, f, n)
+        if reason:
+            return reason
         diff = float(np.linalg.norm(state.weights - prev))
         if i > 0 and diff < config.tol * max(float(np.linalg.norm(state.weights)), 1.0):
             return "weights converged"
@@ -206,15 +244,16 @@ def lbfgs(state: SolverState, config: Any, evaluate: Evaluate, hooks: Hooks | No
             raise _diverged(config, f, state.iteration + 1, good, state.history, keep_last_good)
         return f, g
 
-    def on_iteration(x: np.ndarray, f: float) -> None:
+    def on_iteration(x: np.ndarray, f: float) -> str:
         nonlocal good
         state.iteration += 1
         state.weights = x
         if keep_last_good:
             good = x.copy()
-        _after(state, hooks, f, 0)
-        if hooks.iteration_start is not None:
+        reason = _after(state, hooks, f, 0)
+        if hooks.iteration_start is not None and not reason:
             hooks.iteration_start(state.iteration)
+        return reason
 
     if hooks.iteration_start is not None:
         hooks.iteration_start(state.iteration)
@@ -288,5 +327,5 @@ def minibatch(state: SolverState, config: Any, steps_per_epoch: int, step: Step,
     return stop
 
 
-__all__ = ["STEP_HISTORY_STEPS", "Evaluate", "Hooks", "SolverState", "Step", "TrainingDivergedError", "epochs_of",
-           "gd", "lbfgs", "mean_objective", "minibatch"]
+__all__ = ["STEP_HISTORY_STEPS", "EarlyStopping", "Evaluate", "Hooks", "SolverState", "Step", "TrainingDivergedError",
+           "epochs_of", "gd", "lbfgs", "mean_objective", "minibatch"]
