@@ -103,7 +103,8 @@ def test_the_distillation_replica_validates_the_mentee_on_the_labels() -> None:
 
 
 # ---- Spark ---------------------------------------------------------------------------------------------------
-def test_a_barrier_fit_validates_the_model_transform_applies(spark) -> None:  # noqa: ANN001
+@pytest.mark.parametrize("mode", ["barrier", "treeAggregate"])
+def test_a_fit_validates_the_model_transform_applies(spark, mode) -> None:  # noqa: ANN001
     """The reported validation loss and accuracy of the fitted batch-norm + dropout model are those of its
     ``transform`` on the validation rows (running statistics, no dropout), not of a training pass."""
     from pyspark.ml.linalg import Vectors
@@ -120,7 +121,7 @@ def test_a_barrier_fit_validates_the_model_transform_applies(spark) -> None:  # 
                                ["features", "label", "isVal"])
     model = DeepClassifier(topology="conv(4,3)-batchnorm-relu-dropout(0.25)-flatten-affine(3)",
                            inputShape=list(SHAPE), solver="adam", stepSize=0.02, epochs=3, batchSize=32,
-                           mode="barrier", seed=4, validationIndicatorCol="isVal", verbose=False).fit(df)
+                           mode=mode, seed=4, validationIndicatorCol="isVal", verbose=False).fit(df)
     rows = model.transform(df.where("isVal")).select("probability", "prediction", "label").collect()
     prob = np.array([r["probability"].toArray() for r in rows])
     labels = np.array([r["label"] for r in rows])

@@ -164,10 +164,11 @@ def _partial(h: Handle, cpus: int, job: _Job, weights: np.ndarray, state: np.nda
             "rss": peak_rss_bytes() if account else 0, "seconds": time.perf_counter() - t0}
 
 
-def _validation_partial(h: Handle, cpus: int, job: _Job, weights: np.ndarray) -> dict:
+def _validation_partial(h: Handle, cpus: int, job: _Job, weights: np.ndarray,
+                        state: np.ndarray | None = None) -> dict:
     """One partition's answer to a validation (a :data:`_VALIDATION_SCHEMA` row): the (loss, metric, count) sums of
-    :func:`.executor.validation_sums` over its validation rows, or ``missing`` when their files are not on this
-    host."""
+    :func:`.executor.validation_sums` over its validation rows at ``weights`` and the model ``state`` (None: the
+    topology has none), or ``missing`` when their files are not on this host."""
     sums = np.zeros(3)
     if h.nv:
         rows = resident_validation(job.fit_id, h)
@@ -175,6 +176,8 @@ def _validation_partial(h: Handle, cpus: int, job: _Job, weights: np.ndarray) ->
             return {"part": h.part, "missing": True, "loss": 0.0, "metric": 0.0, "count": 0.0}
         rep, _ = _replica(job)
         rep.set_weights(weights)
+        if state is not None:  # inference uses the running statistics: the driver's, not this replica's last pass
+            rep.set_state(state)
         with blas_limit(cpus):
             sums = validation_sums(rep, *rows)
     return {"part": h.part, "missing": False, "loss": float(sums[0]), "metric": float(sums[1]),
@@ -287,8 +290,9 @@ class TreeAggregateTrainer:
         """The global (mean loss, accuracy or RMSE) over every partition's validation rows at weights ``w``, after
         ``epoch`` (a 0-based epoch, or iteration of a full-batch solver: ``unit``)."""
         weights = np.ascontiguousarray(w, dtype=self.dtype)
-        rows = self.run_job(partial(_validation_partial, job=self.job(), weights=weights), _VALIDATION_SCHEMA,
-                            f"validation after {unit} {epoch + 1}")
+        state = np.asarray(self.model_state, dtype=self.dtype) if self.model_state.size else None
+        rows = self.run_job(partial(_validation_partial, job=self.job(), weights=weights, state=state),
+                            _VALIDATION_SCHEMA, f"validation after {unit} {epoch + 1}")
         sums = np.array([sum(r[k] for r in rows) for k in ("loss", "metric", "count")], dtype=np.float64)
         return validation_metrics(sums, not self.objective.topology.loss_layer.class_labels)
 
