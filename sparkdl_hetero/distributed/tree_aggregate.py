@@ -184,6 +184,11 @@ def _validation_partial(h: Handle, cpus: int, job: _Job, weights: np.ndarray,
             "count": float(sums[2])}
 
 
+#: Spark's error condition for a local checkpoint's block lost with its executor (a stable identifier, which is
+#: all a job's failure carries of the task's error under both session kinds)
+_LOST_CHECKPOINT = "CHECKPOINT_RDD_BLOCK_ID_NOT_FOUND"
+
+
 def _task_cpus() -> int:
     from pyspark import TaskContext
 
@@ -226,8 +231,9 @@ class TreeAggregateTrainer:
         self.objective_bytes = pickle.dumps(objective)  # once per fit; every task's closure carries these bytes
         self.spark = data.arrow_df.sparkSession
         # A classic session runs the evaluations over the handles as an RDD: a DataFrame job (planning, SQL
-        # execution, Arrow both ways) costs more fixed time per evaluation than an RDD job (see bench/), and a
-        # Connect session, which has no RDD API, pays it.
+        # execution, Arrow both ways) costs more fixed time per evaluation than an RDD job, even over the
+        # checkpoint below (bench/vs_spark_mlp.py; docs/benchmarks.md), and a Connect session, which has no RDD
+        # API, pays it.
         # the training stage's own resources (a GPU per task when training uses GPUs): None, Spark's default
         self.profile = training_resources(self.spark, config.backend, config.taskGpus, config.taskCpus).profile
         self.handles_rdd = None
@@ -235,6 +241,15 @@ class TreeAggregateTrainer:
             self.handles_rdd = data.handles_df.rdd.map(lambda row: Handle(**row.asDict()))
             if self.profile is not None:
                 self.handles_rdd = self.handles_rdd.withResources(self.profile)
+        # A Connect session sends a job's whole plan (here: the handles' lineage back to the user's source) with
+        # every job, and the server resolves it again; the evaluations run over a lineage-free copy of the handle
+        # rows instead (a local checkpoint, stored where the cached handles are, so tasks still run beside their
+        # blocks). A lost checkpoint block (its executor is gone) falls back to the persisted handles, which Spark
+        # recomputes (see run_job).
+        self.eval_df = data.handles_df
+        if self.handles_rdd is None:
+            with tagged(self.spark, data.tag, "checkpoint of the handles"):
+                self.eval_df = data.handles_df.localCheckpoint(eager=True)
         self.validation: list[list[float]] = []  # [loss, metric] after each epoch (validation rows only)
         self.steps_per_epoch = 0  # mini-batch solvers
         # the model's non-trained state (batch normalization's statistics): the row-weighted mean of the tasks'
@@ -250,7 +265,13 @@ class TreeAggregateTrainer:
             if self.handles_rdd is not None:
                 rows = self.handles_rdd.mapPartitions(partial(_rdd_task, answer=answer)).collect()
             else:
-                rows = self.data.handles_df.mapInArrow(task, schema, profile=self.profile).collect()
+                try:
+                    rows = self.eval_df.mapInArrow(task, schema, profile=self.profile).collect()
+                except Exception as e:  # noqa: BLE001 -- re-raised unless it is a lost checkpoint block
+                    if self.eval_df is self.data.handles_df or _LOST_CHECKPOINT not in str(e):
+                        raise
+                    self.eval_df = self.data.handles_df
+                    rows = self.eval_df.mapInArrow(task, schema, profile=self.profile).collect()
             missing = sorted(r["part"] for r in rows if r["missing"])
             if missing:  # partitions whose task ran on a host without their files: recompute them there
                 self.fallbacks += len(missing)
