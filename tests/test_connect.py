@@ -267,6 +267,30 @@ def test_gradient_and_the_rebuild_of_missing_blocks(session):
         data.release()
 
 
+def test_connect_evaluations_survive_a_lost_checkpoint_block(spark, connect):
+    """Under Connect the evaluations run over a local checkpoint of the handle rows; when its blocks are gone (as
+    with their executor), the next evaluation falls back to the persisted handles and gives the same gradient."""
+    df, _, _ = _blobs(connect, 60)
+    objective = Objective(FeedForwardTopology.multilayer_perceptron(LAYERS, softmax_on_top=True))
+    w = objective.initial_weights(2)
+    data = prepare(df, "features", "label", LAYERS[0], LAYERS[-1])
+    persisted = spark.sparkContext._jsc.getPersistentRDDs()  # the one JVM both session kinds share
+    before = set(persisted.keySet())
+    try:
+        trainer = TreeAggregateTrainer(data, objective, TrainConfig(verbose=False))
+        g, loss, n = trainer.evaluate(w, trainer.job(), "over the checkpoint")
+        checkpoints = [i for i in spark.sparkContext._jsc.getPersistentRDDs().keySet() if i not in before]
+        assert checkpoints and trainer.eval_df is not data.handles_df
+        for i in checkpoints:
+            spark.sparkContext._jsc.getPersistentRDDs().get(i).unpersist(True)
+        g2, loss2, n2 = trainer.evaluate(w, trainer.job(), "after the blocks are lost")
+        assert trainer.eval_df is data.handles_df and n2 == n
+        np.testing.assert_array_equal(g2, g)
+        assert loss2 == loss
+    finally:
+        data.release()
+
+
 def _weighted_blobs(session, n: int = 80):
     """Blobs with a weight column ``w`` and a validation indicator ``v``, in 2 partitions; the rows as arrays with
     the partition each is in (the features rounded to float32, as training reads them)."""
