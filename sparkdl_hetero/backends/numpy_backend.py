@@ -12,6 +12,8 @@ reference :class:`~.array_module.ArrayModuleBackend` over NumPy instead, without
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import functools
 from typing import Any
 
@@ -39,6 +41,30 @@ _CONV_BLOCK_BYTES = 1 << 20
 # GEMM outputs at least this many columns wide fill whole SIMD-register-wide blocks (16 float32 values with AVX-512)
 # of BLAS kernels; narrower ones run through slower edge paths
 _WIDE = 16
+
+
+# glibc's malloc returns freed memory above this much at the top of its heap to the system, and serves allocations of
+# at least _MMAP_BYTES with fresh mappings (see _steady_heap)
+_TRIM_BYTES = 128 << 20
+_MMAP_BYTES = 32 << 20  # glibc's largest allowed value on 64-bit systems
+
+
+@functools.cache
+def _steady_heap() -> bool:
+    """Keep the memory one training step frees for the next step's arrays (glibc only; True when set).
+
+    A step allocates and frees the same arrays every time -- activations, columns, deltas: MBs each. By default,
+    glibc serves allocations above a moving threshold (128 KiB at first) with fresh mappings and gives the top of
+    its heap back to the system once more than twice that is free, so every step faults its arrays' pages in
+    again, zeroed by the kernel -- thousands of page faults per step for a ResNet with batch normalization, whose
+    cost grows with the number of threads touching new pages. Fixed thresholds keep arrays up to ``_MMAP_BYTES``
+    on the heap and up to ``_TRIM_BYTES`` of free heap for reuse. Another C library: nothing changes."""
+    try:
+        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
+    return bool(mallopt(m_mmap_threshold, _MMAP_BYTES)) and bool(mallopt(m_trim_threshold, _TRIM_BYTES))
 
 
 @functools.cache
@@ -113,6 +139,7 @@ class NumpyBackend(ArrayModuleBackend):
 
     def __init__(self) -> None:
         super().__init__(np)
+        _steady_heap()
 
     def describe(self) -> str:
         return self.name
