@@ -5,7 +5,9 @@ epoch in a process of its own, and the processes alternate -- ours, PyTorch, our
 so that both see the same drift of machine load; the figure is each engine's median over its rounds (the range is
 printed beside it). Separate processes, because in one process each engine's idle worker threads (OpenBLAS's after
 ours, OpenMP's after PyTorch's) keep spinning into the other's turn: with 2 threads the in-process ratio moved from
-0.38x to 0.93x with the number of batches per turn.
+0.38x to 0.93x with the number of batches per turn. With more than one thread, OpenBLAS's idle workers also spin
+within our own process; ``OPENBLAS_THREAD_TIMEOUT=4`` in the environment makes them sleep at once (the header says
+which was measured; see docs/benchmarks.md).
 Models: ``mlp`` (Spark's [784,100,10]), ``lenet`` (LeNet-5), and on 3x32x32 inputs (Fashion-MNIST padded to 32x32,
 its channel repeated 3 times) ``vgg`` (the VGG-style network of issue 15) and ``resnet8`` (ResNet-8 with batch
 normalization). Goals (ours / PyTorch): MLP >= 0.8x, LeNet-5 >= 2x, VGG >= 1.0x. After the epochs, the peak RSS of
@@ -19,6 +21,7 @@ shared lock, e.g.
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 import time
@@ -236,8 +239,10 @@ def main() -> None:
     with threadpool_limits(limits=a.threads):
         blas = "; ".join(f"{i['internal_api']} {i.get('version')} {i.get('architecture')} threads={i['num_threads']}"
                          for i in threadpool_info() if i["user_api"] == "blas")
+        timeout = os.environ.get("OPENBLAS_THREAD_TIMEOUT", "unset")
         print(f"# {a.samples} samples/epoch, batch {a.batch}, Adam lr {a.lr}, float32, {a.threads} threads, "
-              f"{a.rounds} rounds of one process per engine, alternating; BLAS: {blas}")
+              f"{a.rounds} rounds of one process per engine, alternating; BLAS: {blas}; "
+              f"OPENBLAS_THREAD_TIMEOUT={timeout}")
         if torch is None:
             print("# torch is not installed: only our figures (pip install torch==2.13.0 for the comparison)")
         for name in a.models.split(","):

@@ -1,10 +1,14 @@
 """The NumPy backend against its reference (the plain array-module code): every op agrees within the rounding of
 its arithmetic, a model's gradient is the same through both; the debugging switch; the activation registry
-against the kernels' ACT_* codes; the backend seam's host_memory; the layers' commute rule."""
+against the kernels' ACT_* codes; the backend seam's host_memory; the layers' commute rule; training steps that
+reuse freed memory."""
 
 from __future__ import annotations
 
+import platform
 import re
+import subprocess
+import sys
 from importlib import resources
 
 import numpy as np
@@ -206,3 +210,31 @@ def test_convolution_in_blocks_of_images_equals_the_reference(n, h, c, f, k, str
     _close(gw1, gw2, np.float32, y.shape[0] + 1, cols.T @ np.abs(dy) + 1)
     _close(gb1, gb2, np.float32, y.shape[0] + 1, np.abs(dy).sum(0) + 1)
     _close(dx1, dx2, np.float32, k * k * f, REF.col2im(np.abs(dy) @ np.abs(w).T, x.shape, k, k, stride, pad))
+
+
+_FAULTS_SCRIPT = """
+import resource, sys
+import numpy as np
+from sparkdl_hetero.backends import numpy_backend
+from sparkdl_hetero.nn import FeedForwardModel, FeedForwardTopology
+if sys.argv[1] == "default":
+    numpy_backend._steady_heap = lambda: False  # glibc's own thresholds
+model = FeedForwardModel(FeedForwardTopology.from_spec("resnet8", (3, 32, 32)), seed=0)
+rng = np.random.default_rng(0)
+x, y = rng.random((64, 3 * 32 * 32), dtype=np.float32), rng.integers(0, 10, 64)
+for _ in range(2):
+    model.compute_gradient(x, y)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(4):
+    model.compute_gradient(x, y)
+print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) // 4)
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="the malloc thresholds are glibc's")
+def test_training_steps_reuse_the_memory_the_previous_step_freed():
+    # a ResNet-8 step at batch 64 frees MBs of arrays; with glibc's default thresholds the next step faulted
+    # their pages in again (thousands of minor faults per step), the backend's thresholds keep them
+    per_step = int(subprocess.run([sys.executable, "-c", _FAULTS_SCRIPT, "steady"], check=True,
+                                  capture_output=True, text=True).stdout)
+    assert per_step < 100, f"{per_step} minor page faults per training step"
