@@ -56,9 +56,10 @@ def _steady_heap() -> bool:
     A step allocates and frees the same arrays every time -- activations, columns, deltas: MBs each. By default,
     glibc serves allocations above a moving threshold (128 KiB at first) with fresh mappings and gives the top of
     its heap back to the system once more than twice that is free, so every step faults its arrays' pages in
-    again, zeroed by the kernel -- thousands of page faults per step for a ResNet with batch normalization, whose
-    cost grows with the number of threads touching new pages. Fixed thresholds keep arrays up to ``_MMAP_BYTES``
-    on the heap and up to ``_TRIM_BYTES`` of free heap for reuse. Another C library: nothing changes."""
+    again, zeroed by the kernel (a network whose batch normalization runs on the whole batch pays it on every
+    layer). Fixed thresholds keep arrays up to ``_MMAP_BYTES`` on the heap and up to ``_TRIM_BYTES`` of free heap
+    for reuse. The setting is the process's: set once, by the first NumPy backend. Another C library: nothing
+    changes."""
     try:
         mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
     except (OSError, AttributeError):
