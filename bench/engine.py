@@ -144,6 +144,17 @@ class Torch:
         return float(np.mean(pred == y))
 
 
+def make_engine(engine: str, name: str, batch: int, lr: float, seed: int, threads: int) -> Any:
+    """``Ours`` or ``Torch`` (``engine``: "ours" or "torch") for model ``name``; PyTorch on ``threads`` threads."""
+    if engine == "torch":
+        import torch
+
+        torch.set_num_threads(threads)
+        torch.set_num_interop_threads(1)
+        return Torch(name, batch, lr, seed)
+    return Ours(name, batch, lr, seed)
+
+
 def _status_mb(field: str) -> float:
     """A memory field of this process' /proc status (Linux) in MiB: VmRSS (now), VmHWM (peak). Not getrusage's
     ru_maxrss, which a process inherits from its parent across exec."""
@@ -158,13 +169,7 @@ def rss_child(engine: str, name: str, batch: int, threads: int) -> None:
         rng = np.random.default_rng(0)
         x = rng.random((5 * batch, topology(name).num_inputs), dtype=np.float32)
         y = rng.integers(0, 10, 5 * batch)
-        if engine == "torch":
-            import torch
-
-            torch.set_num_threads(threads)
-            eng: Any = Torch(name, batch, 1e-3, 0)
-        else:
-            eng = Ours(name, batch, 1e-3, 0)
+        eng = make_engine(engine, name, batch, 1e-3, 0, threads)
         before = _status_mb("VmRSS")
         eng.run(x, y)
     print(f"{before:.1f} {_status_mb('VmHWM'):.1f}")
@@ -185,14 +190,7 @@ def epoch_child(engine: str, name: str, a: argparse.Namespace) -> None:
     if name in RGB32:
         x, x_test = rgb32(x), rgb32(x_test)
     with threadpool_limits(limits=a.threads):
-        if engine == "torch":
-            import torch
-
-            torch.set_num_threads(a.threads)
-            torch.set_num_interop_threads(1)
-            eng: Any = Torch(name, a.batch, a.lr, a.seed)
-        else:
-            eng = Ours(name, a.batch, a.lr, a.seed)
+        eng = make_engine(engine, name, a.batch, a.lr, a.seed, a.threads)
         eng.run(x[:4 * a.batch], y[:4 * a.batch])  # warm-up: allocations, thread pools
         order = np.random.default_rng(a.seed).permutation(len(x))
         x, y = x[order], y[order]
